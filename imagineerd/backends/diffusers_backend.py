@@ -1,0 +1,186 @@
+"""The built-in backend: Hugging Face diffusers, Stable Diffusion 1.5 and SDXL.
+
+The model is loaded once, on the worker thread, and kept resident. ``model.name`` may be a
+local diffusers folder, a single ``.safetensors``/``.ckpt`` checkpoint, or a Hugging Face repo
+id (downloaded into ``model.cache_dir``). torch and diffusers are imported only when the
+backend is created, so that merely loading plugins (the CLI, the tests of other parts) stays
+fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .. import hookimpl
+from ..errors import BackendError, ConfigError
+from . import GenerationRequest, StepCallback
+
+log = logging.getLogger(__name__)
+
+#: Scheduler id -> (diffusers class name, extra config). Labels live in ``jobs.SCHEDULERS``.
+SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+}
+
+_OFFLINE_HINT = (
+    "If this machine cannot reach huggingface.co, download the model on one that can and set "
+    "model.name in config.yaml to its local folder (a diffusers folder with model_index.json) "
+    "or to a single .safetensors/.ckpt file."
+)
+
+
+def pick_device(setting: str) -> str:
+    import torch
+
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(setting: str, device: str) -> Any:
+    import torch
+
+    if setting == "auto":
+        # fp16 halves memory and doubles speed on GPUs; CPUs have no fast fp16 kernels.
+        return torch.float32 if device == "cpu" else torch.float16
+    return getattr(torch, setting)
+
+
+def detect_arch(name: str, setting: str = "auto") -> str:
+    """``sd15`` or ``sdxl``: from ``model.arch``, the folder's model_index.json, or the
+    checkpoint's tensor names (SDXL checkpoints carry a second text encoder)."""
+    if setting != "auto":
+        return setting
+    path = Path(name)
+    index = path / "model_index.json"
+    if index.is_file():
+        pipeline = json.loads(index.read_text()).get("_class_name", "")
+        return "sdxl" if "XL" in pipeline else "sd15"
+    if path.is_file() and path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            keys = handle.keys()
+            return "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd15"
+    if "xl" in name.lower():
+        return "sdxl"
+    return "sd15"
+
+
+class DiffusersBackend:
+    """Runs a StableDiffusion(XL)Pipeline; one instance per worker (per device)."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        import torch
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        self.settings = settings
+        name = settings["name"]
+        self.device = pick_device(settings.get("device", "auto"))
+        self.dtype = pick_dtype(settings.get("dtype", "auto"), self.device)
+        self.arch = detect_arch(name, settings.get("arch", "auto"))
+        self.model_label = (
+            Path(name.rstrip("/")).stem if Path(name).exists() else name.split("/")[-1]
+        )
+        cls = StableDiffusionXLPipeline if self.arch == "sdxl" else StableDiffusionPipeline
+        path = Path(name)
+        kwargs: dict[str, Any] = {"dtype": self.dtype}
+        if self.arch == "sd15":
+            # Like A1111 and ComfyUI, we do not run the NSFW safety checker.
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        log.info("loading %s model %s on %s (%s)", self.arch, name, self.device, self.dtype)
+        try:
+            if path.is_file():
+                pipe = cls.from_single_file(str(path), **kwargs)
+            elif path.is_dir():
+                if not (path / "model_index.json").is_file():
+                    raise BackendError(
+                        f"model folder {path} has no model_index.json; point model.name at a "
+                        "diffusers folder, a .safetensors/.ckpt file or a Hugging Face repo id"
+                    )
+                pipe = cls.from_pretrained(str(path), **kwargs)
+            else:
+                if name.startswith(("/", ".", "~")) or name.endswith((".safetensors", ".ckpt")):
+                    raise BackendError(
+                        f"model file or folder {name} does not exist; fix model.name in config.yaml"
+                    )
+                pipe = cls.from_pretrained(
+                    name, cache_dir=settings.get("cache_dir") or None, **kwargs
+                )
+        except BackendError:
+            raise
+        except Exception as exc:  # diffusers/hub raise many types (OSError, HTTP errors, ...)
+            raise BackendError(f"could not load model {name!r}: {exc}. {_OFFLINE_HINT}") from exc
+        pipe.set_progress_bar_config(disable=True)
+        try:
+            pipe.to(self.device)
+        except Exception as exc:
+            raise BackendError(f"could not move model to device {self.device!r}: {exc}") from exc
+        self.pipe = pipe
+        self._base_scheduler_config = dict(pipe.scheduler.config)
+        self._schedulers: dict[str, Any] = {}
+        self._torch = torch
+
+    def scheduler(self, key: str) -> Any:
+        """A scheduler instance per id, built once from the model's own scheduler config."""
+        if key not in self._schedulers:
+            import diffusers
+
+            class_name, extra = SCHEDULER_CLASSES[key]
+            cls = getattr(diffusers, class_name)
+            self._schedulers[key] = cls.from_config(self._base_scheduler_config, **extra)
+        return self._schedulers[key]
+
+    def generate(self, batch: list[GenerationRequest], on_step: StepCallback) -> list[Image.Image]:
+        first = batch[0]
+        shared = {(r.width, r.height, r.steps, r.scheduler, r.guidance_scale) for r in batch}
+        if len(shared) != 1:
+            raise ValueError("a batch must share width, height, steps, scheduler and guidance")
+        self.pipe.scheduler = self.scheduler(first.scheduler)
+        # One CPU generator per image: a seed gives the same image alone or in a batch, and
+        # the same on any device (the noise is drawn on the CPU, then moved).
+        generators = [self._torch.Generator("cpu").manual_seed(r.seed) for r in batch]
+
+        def step_end(pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
+            on_step(index + 1, pipe.num_timesteps)
+            return tensors
+
+        with self._torch.inference_mode():
+            result = self.pipe(
+                prompt=[r.prompt for r in batch],
+                negative_prompt=[r.negative_prompt for r in batch],
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance_scale,
+                width=first.width,
+                height=first.height,
+                generator=generators,
+                callback_on_step_end=step_end,
+                output_type="pil",
+            )
+        return list(result.images)
+
+
+def _factory(settings: dict[str, Any]) -> DiffusersBackend:
+    if not settings.get("name"):
+        raise ConfigError("model.name is empty", field="model.name")
+    return DiffusersBackend(settings)
+
+
+@hookimpl
+def imagineerd_register_backends(registry: Any) -> None:
+    registry.add("diffusers", _factory)

@@ -1,0 +1,175 @@
+"""The ``imagineerd`` command: serve, generate, make-test-model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from . import __version__
+from .errors import ImagineerdError
+
+log = logging.getLogger("imagineerd")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # diffusers/transformers are chatty at INFO; their warnings still show.
+    for noisy in ("diffusers", "transformers", "huggingface_hub", "PIL"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from . import config as config_mod
+    from .daemon import Daemon
+
+    config = config_mod.load(args.config)
+    if args.host:
+        config.data["server"]["host"] = args.host
+    if args.port:
+        config.data["server"]["port"] = args.port
+    daemon = Daemon(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info(
+            "received %s; stopping (a running job goes back to the queue)",
+            signal.Signals(signum).name,
+        )
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon.start()
+    services = []
+    try:
+        from .http.server import HttpService
+
+        services.append(HttpService(daemon, config))
+    except ImportError:  # pragma: no cover - the HTTP frontend is part of the package
+        pass
+    for service in services:
+        service.start()
+    log.info("imagineerd %s serving; config %s", __version__, config.path)
+    stop.wait()
+    for service in reversed(services):
+        service.stop()
+    daemon.stop()
+    log.info("stopped cleanly")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from . import config as config_mod
+    from .daemon import Daemon
+    from .jobs import COMPLETED
+
+    config = config_mod.load(args.config)
+    request = {"prompt": args.prompt}
+    for name in (
+        "seed",
+        "steps",
+        "width",
+        "height",
+        "guidance_scale",
+        "negative_prompt",
+        "scheduler",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            request[name] = value
+    daemon = Daemon(config)
+    spec = daemon.validate(request)  # before the queue, so a typo costs no model load
+    daemon.start(workers=False)
+    from .worker import Worker
+
+    worker = Worker(daemon)
+    job = daemon.submit_spec(spec, source="cli")
+    # Run the queue in this process until our job is done (jobs queued before it run first,
+    # exactly as the server would run them).
+    while True:
+        claimed = daemon.store.claim_next(started_at=daemon.now_iso())
+        if claimed is None:
+            break
+        worker.process(claimed)
+        if claimed.id == job.id:
+            break
+    done = daemon.job(job.id)
+    daemon.stop()
+    if done.status != COMPLETED:
+        print(f"job {done.id} {done.status}: {done.error or ''}", file=sys.stderr)
+        return 1
+    print(done.output_path)
+    return 0
+
+
+def cmd_make_test_model(args: argparse.Namespace) -> int:
+    from .backends.testmodel import make_test_model
+
+    path = make_test_model(args.directory, arch=args.arch, full_size=args.full_size)
+    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    print(
+        f"wrote {'full-size' if args.full_size else 'tiny'} {args.arch} test model to {path} "
+        f"({size / 1e6:.1f} MB); set model.name to this folder in config.yaml"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagineerd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"imagineerd {__version__}")
+    parser.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the daemon: workers, HTTP API and UI, inbox")
+    serve.add_argument("--config", default="config.yaml", help="config file (default: %(default)s)")
+    serve.add_argument("--host", help="listen address (overrides server.host)")
+    serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="generate one image in this process; prints its path")
+    gen.add_argument("prompt")
+    gen.add_argument("--config", default="config.yaml")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--guidance-scale", dest="guidance_scale", type=float)
+    gen.add_argument("--negative-prompt", dest="negative_prompt")
+    gen.add_argument("--scheduler", help="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim, ...")
+    gen.set_defaults(func=cmd_generate)
+
+    tm = sub.add_parser(
+        "make-test-model", help="write a random-weight SD1.5/SDXL pipeline (for tests, benchmarks)"
+    )
+    tm.add_argument("directory")
+    tm.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15")
+    tm.add_argument(
+        "--full-size",
+        action="store_true",
+        help="the real architecture (GB of random weights) instead of a tiny one",
+    )
+    tm.set_defaults(func=cmd_make_test_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return args.func(args)
+    except ImagineerdError as exc:
+        print(f"imagineerd: error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Configuration: load and validate ``config.yaml``, save changes atomically.
+
+Every key has a default (``DEFAULTS``) and a checker (``_SCHEMA``); a file may set any subset.
+Unknown keys are errors, not silently ignored, because a misspelt key that does nothing is the
+hardest configuration bug to find. Relative paths are relative to the config file's folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import jobs
+from .errors import ConfigError, ValidationError
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "server": {
+        "host": "0.0.0.0",
+        "port": 5000,
+    },
+    "paths": {"outputs": "outputs", "inbox": "inbox", "state": "state"},
+    "model": {
+        "backend": "diffusers",
+        "name": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "arch": "auto",
+        "device": "auto",
+        "dtype": "auto",
+        "cache_dir": "",
+    },
+    "generation": {
+        "steps": 30,
+        "guidance_scale": 7.5,
+        "width": 512,
+        "height": 512,
+        "negative_prompt": "",
+        "scheduler": "euler",
+    },
+    "inbox": {"enabled": True, "settle_seconds": 2.0, "rescan_seconds": 30.0},
+    "queue": {"max_attempts": 3},
+}
+
+
+def _str(*, nonempty: bool = False, choices: tuple[str, ...] | None = None) -> Callable:
+    def check(key: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be text, got {value!r}", field=key)
+        if nonempty and not value.strip():
+            raise ConfigError(f"{key} must not be empty", field=key)
+        if choices is not None and value not in choices:
+            raise ConfigError(
+                f"{key} must be one of {', '.join(choices)}, got {value!r}", field=key
+            )
+        return value
+
+    return check
+
+
+def _int(lo: int, hi: int) -> Callable:
+    def check(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ConfigError(
+                f"{key} must be a whole number from {lo} to {hi}, got {value!r}", field=key
+            )
+        return value
+
+    return check
+
+
+def _float(lo: float, hi: float) -> Callable:
+    def check(key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+            raise ConfigError(
+                f"{key} must be a number from {lo:g} to {hi:g}, got {value!r}", field=key
+            )
+        return float(value)
+
+    return check
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}", field=key)
+    return value
+
+
+def _device(key: str, value: Any) -> str:
+    if isinstance(value, str) and (value in ("auto", "cpu", "mps") or value.startswith("cuda")):
+        return value
+    raise ConfigError(f"{key} must be auto, cpu, mps, cuda or cuda:N, got {value!r}", field=key)
+
+
+def _job_field(name: str) -> Callable:
+    """Config's generation defaults obey exactly the job bounds (one validator, jobs.py)."""
+
+    def check(key: str, value: Any) -> Any:
+        try:
+            return jobs.CHECKS[name](value)
+        except ValidationError as exc:
+            raise ConfigError(f"{key}: {exc.message}", field=key) from None
+
+    return check
+
+
+_SCHEMA: dict[str, dict[str, Callable]] = {
+    "server": {"host": _str(nonempty=True), "port": _int(0, 65535)},
+    "paths": {
+        "outputs": _str(nonempty=True),
+        "inbox": _str(nonempty=True),
+        "state": _str(nonempty=True),
+    },
+    "model": {
+        "backend": _str(nonempty=True),
+        "name": _str(nonempty=True),
+        "arch": _str(choices=("auto", "sd15", "sdxl")),
+        "device": _device,
+        "dtype": _str(choices=("auto", "float32", "float16", "bfloat16")),
+        "cache_dir": _str(),
+    },
+    "generation": {name: _job_field(name) for name in jobs.DEFAULTABLE},
+    "inbox": {
+        "enabled": _bool,
+        "settle_seconds": _float(0, 3600),
+        "rescan_seconds": _float(1, 86400),
+    },
+    "queue": {"max_attempts": _int(1, 100)},
+}
+
+
+def validate(data: Any) -> dict[str, dict[str, Any]]:
+    """Merge ``data`` over the defaults and check every key; return the full config dict."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError("the configuration must be a mapping of sections (server:, model:, ...)")
+    merged = copy.deepcopy(DEFAULTS)
+    for section, values in data.items():
+        if section not in _SCHEMA:
+            raise ConfigError(
+                f"unknown section {section!r}; known sections: {', '.join(_SCHEMA)}",
+                field=str(section),
+            )
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{section} must be a mapping of keys", field=section)
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            if key not in _SCHEMA[section]:
+                raise ConfigError(
+                    f"unknown key {dotted}; known keys in {section}: {', '.join(_SCHEMA[section])}",
+                    field=dotted,
+                )
+            merged[section][key] = _SCHEMA[section][key](dotted, value)
+    return merged
+
+
+class Config:
+    """A validated configuration and the file it came from (``None`` for defaults only)."""
+
+    def __init__(self, data: Mapping[str, Any] | None = None, path: Path | None = None) -> None:
+        self.data = validate(data)
+        self.path = Path(path).resolve() if path is not None else None
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent if self.path is not None else Path.cwd()
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.data[section]
+
+    def resolve(self, value: str) -> Path:
+        """A path from the config, made absolute against the config file's folder."""
+        path = Path(os.path.expanduser(value))
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    def path_for(self, name: str) -> Path:
+        """``paths.<name>`` as an absolute path (outputs, inbox, state)."""
+        return self.resolve(self.data["paths"][name])
+
+    def model_settings(self) -> dict[str, Any]:
+        """The ``model:`` section as a backend receives it.
+
+        ``name`` is made absolute when it names an existing local path relative to the config
+        file; ``cache_dir`` defaults to ``<state>/models``.
+        """
+        settings = dict(self.data["model"])
+        local = self.resolve(settings["name"])
+        if local.exists():
+            settings["name"] = str(local)
+        cache = settings["cache_dir"]
+        settings["cache_dir"] = str(
+            self.resolve(cache) if cache else self.path_for("state") / "models"
+        )
+        return settings
+
+
+def load(path: str | os.PathLike) -> Config:
+    """Read and validate a config file; errors name the file, the key and the problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} not found; copy config.yaml from the imagineerd folder "
+            "or pass --config PATH"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    try:
+        return Config(data, path)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc.message}", field=exc.field) from None
+
+
+def save(config: Config) -> None:
+    """Write ``config.data`` back to its file atomically, keeping the file's comments.
+
+    ruamel.yaml's round-trip mode is used because a config file whose comments vanish on the
+    first save from the web UI is a config file nobody can read any more. Only values that
+    differ from what the file holds are written; keys left at their default stay out.
+    """
+    from ruamel.yaml import YAML
+
+    if config.path is None:
+        raise ConfigError("this configuration has no file to save to")
+    rt = YAML()
+    rt.preserve_quotes = True
+    try:
+        doc = rt.load(config.path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        doc = {}
+    for section, values in config.data.items():
+        file_section = doc.get(section)
+        for key, value in values.items():
+            current = file_section.get(key) if isinstance(file_section, Mapping) else None
+            if (
+                current == value
+                or (file_section is None or key not in file_section)
+                and (DEFAULTS[section][key] == value)
+            ):
+                continue
+            if not isinstance(file_section, Mapping):
+                doc[section] = file_section = {}
+            file_section[key] = value
+    buffer = io.StringIO()
+    rt.dump(doc, buffer)
+    atomic_write_text(config.path, buffer.getvalue())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

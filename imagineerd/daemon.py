@@ -1,0 +1,370 @@
+"""The daemon: the one object every frontend talks to.
+
+Frontends call :meth:`Daemon.submit`, :meth:`cancel`, :meth:`interrupt`, :meth:`job`,
+:meth:`list_jobs`, :meth:`health` and subscribe to :attr:`events`; they never touch the store
+or a backend. Data flows one way: validate -> store (queued) -> worker -> backend -> outputs ->
+store (finished) -> events and hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from . import __version__, jobs, outputs
+from .backends import build_registry
+from .config import Config
+from .errors import Conflict, Gone, NotFound
+from .events import EventBus
+from .jobs import COMPLETED, FAILED, QUEUED, RUNNING, Job
+from .plugins import get_plugin_manager
+from .store import SQLiteStore, Store
+from .worker import SHUTDOWN, Worker
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "imagineerd.db"
+
+
+def iso(when: datetime) -> str:
+    # Always with microseconds, as the seed's examples show ("2025-10-13T14:32:15.123456").
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+class Daemon:
+    """Owns the queue, the workers and the event bus.
+
+    ``clock`` returns the current local time (injected so tests can pin it); ``store``
+    defaults to the SQLite store under ``paths.state``.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        plugin_manager: Any = None,
+        store: Store | None = None,
+        clock: Callable[[], datetime] = datetime.now,
+    ) -> None:
+        self.config = config
+        self.pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
+        self.registry = build_registry(self.pm)
+        # Looked up now so an unknown model.backend fails at start-up, naming the choices.
+        self.backend_factory = self.registry.get(config["model"]["backend"])
+        self.outputs_dir = config.path_for("outputs")
+        self.state_dir = config.path_for("state")
+        for folder in (self.outputs_dir, self.state_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.store: Store = store if store is not None else SQLiteStore(self.state_dir / DB_NAME)
+        self.clock = clock
+        self.events = EventBus()
+        self.stopping = threading.Event()
+        self.workers: list[Worker] = []
+        self._work = threading.Condition()
+        self._lock = threading.Lock()
+        self._progress: dict[int, tuple[int, int]] = {}
+        self._interrupts: dict[int, str] = {}
+        self._started = False
+
+    # -- life cycle ----------------------------------------------------------------------
+    def now_iso(self) -> str:
+        return iso(self.clock())
+
+    def start(self, *, workers: bool = True) -> None:
+        """Recover from an unclean stop, then start the worker(s)."""
+        self.recover()
+        if workers:
+            worker = Worker(self)
+            self.workers.append(worker)
+            worker.start()
+        self._started = True
+
+    def recover(self) -> None:
+        """Finish what a crash left: partial images are removed; a job that was ``running``
+        and whose image was already written is completed; others go back to the head of the
+        queue (or fail after ``queue.max_attempts`` interruptions)."""
+        for path in outputs.remove_partial_files(self.outputs_dir):
+            log.warning("removed partial output %s", path)
+        for job in self.store.running():
+            found = outputs.find_output_for_job(self.outputs_dir, job.id)
+            if found is not None:
+                meta = outputs.read_metadata(found)["imagineerd"] or {}
+                self.store.finish(
+                    job.id,
+                    COMPLETED,
+                    completed_at=meta.get("completed_at") or self.now_iso(),
+                    duration_seconds=meta.get("duration_seconds"),
+                    output_path=self.output_ref(found),
+                )
+                log.warning("job %s had finished its image before the stop; completed", job.id)
+        for job in self.store.recover(
+            max_attempts=self.config["queue"]["max_attempts"], completed_at=self.now_iso()
+        ):
+            if job.status == FAILED:
+                log.error("job %s failed: %s", job.id, job.error)
+                self._hook("imagineerd_job_finished", job=self.job_view(job))
+            else:
+                log.warning(
+                    "job %s was interrupted by a stop; back at the head of the queue", job.id
+                )
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop taking jobs; a running job is interrupted at its next step and put back in the
+        queue (without counting an attempt); then close the store."""
+        self.stopping.set()
+        with self._lock:
+            for job in self.store.running() if self._started else []:
+                self._interrupts[job.id] = SHUTDOWN
+        self.wake()
+        for worker in self.workers:
+            worker.join(timeout)
+            if worker.is_alive():
+                log.error("%s did not stop within %ss", worker.name, timeout)
+        self.store.close()
+
+    def wake(self) -> None:
+        with self._work:
+            self._work.notify_all()
+
+    def wait_for_work(self, timeout: float) -> None:
+        with self._work:
+            self._work.wait(timeout)
+
+    # -- frontends -----------------------------------------------------------------------
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        return self.config["generation"]
+
+    def validate(self, data: Any) -> jobs.JobSpec:
+        return jobs.validate(data, self.generation_defaults)
+
+    def submit(self, data: Any, *, source: str = "api", source_name: str | None = None) -> Job:
+        """Validate a raw request and queue it; raises ``ValidationError`` naming the field."""
+        return self.submit_spec(self.validate(data), source=source, source_name=source_name)
+
+    def submit_spec(
+        self, spec: jobs.JobSpec, *, source: str = "api", source_name: str | None = None
+    ) -> Job:
+        job = self.store.add(
+            spec, submitted_at=self.now_iso(), source=source, source_name=source_name
+        )
+        view = self.job_view(job)
+        self.events.publish("job.submitted", view)
+        self._hook("imagineerd_job_submitted", job=view)
+        self.wake()
+        return job
+
+    def job(self, job_id: int) -> Job:
+        job = self.store.get(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
+        return job
+
+    def cancel(self, job_id: int) -> Job:
+        """Cancel a queued job. 404 unknown, 409 running, 410 already finished."""
+        job = self.job(job_id)
+        if job.status == QUEUED:
+            cancelled = self.store.cancel_queued(job_id, completed_at=self.now_iso())
+            if cancelled is not None:
+                view = self.job_view(cancelled)
+                self.events.publish("job.cancelled", view)
+                self._hook("imagineerd_job_finished", job=view)
+                return cancelled
+            job = self.job(job_id)  # a worker claimed it meanwhile
+        if job.status == RUNNING:
+            raise Conflict(
+                f"job {job_id} is running and cannot be cancelled; "
+                f"POST /api/jobs/{job_id}/interrupt stops it at the next step"
+            )
+        raise Gone(f"job {job_id} is already {job.status}")
+
+    def interrupt(self, job_id: int) -> Job:
+        """Stop a running job at its next step (it ends ``cancelled``)."""
+        job = self.job(job_id)
+        if job.status == RUNNING:
+            with self._lock:
+                self._interrupts.setdefault(job_id, "interrupted by request")
+            return job
+        if job.status == QUEUED:
+            raise Conflict(
+                f"job {job_id} is queued, not running; DELETE /api/jobs/{job_id} cancels it"
+            )
+        raise Gone(f"job {job_id} is already {job.status}")
+
+    def job_view(self, job: Job) -> dict[str, Any]:
+        """A job as the API shows it: the record plus queue position, ETA and live progress."""
+        view = job.to_dict()
+        if job.status in (QUEUED, RUNNING):
+            view["queue_position"] = self.store.queue_position(job)
+            view["estimated_time_remaining"] = self.estimate_remaining(job, view["queue_position"])
+        if job.status == RUNNING:
+            step, total = self._progress.get(job.id, (0, job.spec.steps))
+            view["progress"] = progress_dict(step, total)
+        elif job.progress_total:
+            view["progress"] = progress_dict(job.progress_step, job.progress_total)
+        return view
+
+    def estimate_remaining(self, job: Job, position: int) -> float | None:
+        """Seconds until ``job`` completes: the mean duration of recent similar jobs, times the
+        work ahead (the running job's remaining fraction plus one per queued job ahead)."""
+        durations = self.store.recent_durations(job.spec)
+        if not durations:
+            return None
+        mean = statistics.fmean(durations)
+        if job.status == RUNNING:
+            step, total = self._progress.get(job.id, (0, job.spec.steps))
+            return round(mean * (1 - step / max(total, 1)), 1)
+        running = self.store.running()
+        ahead = sum(
+            1 - self._progress.get(r.id, (0, 1))[0] / max(self._progress.get(r.id, (0, 1))[1], 1)
+            for r in running
+        )
+        return round(mean * (ahead + position), 1)
+
+    def list_jobs(
+        self, *, limit: int = 50, before: int | None = None, queued_limit: int = 1000
+    ) -> dict[str, Any]:
+        running = self.store.running()
+        queued = self.store.queued(queued_limit)
+        history = self.store.history(limit, before)
+        return {
+            "current": self.job_view(running[0]) if running else None,
+            # Positions follow from the order; asking the store per job would be O(n^2).
+            "queued": [dict(j.to_dict(), queue_position=i + 1) for i, j in enumerate(queued)],
+            "history": [self.job_view(j) for j in history],
+        }
+
+    def health(self) -> dict[str, Any]:
+        counts = self.store.counts()
+        worker = self.workers[0] if self.workers else None
+        return {
+            "status": "ok",
+            "queue_size": counts[QUEUED],
+            "current_job": counts[RUNNING] > 0,
+            "total_completed": counts[COMPLETED],
+            "total_failed": counts[FAILED],
+            "version": __version__,
+            "backend": {
+                "name": self.config["model"]["backend"],
+                "model": self.config["model"]["name"],
+                "state": worker.backend_state if worker else "no worker",
+                "error": worker.backend_error if worker else None,
+            },
+        }
+
+    # -- called by workers ---------------------------------------------------------------
+    def job_started(self, job: Job) -> None:
+        self._progress[job.id] = (0, job.spec.steps)
+        self.events.publish("job.started", self.job_view(job))
+
+    def report_progress(self, job_id: int, step: int, total: int) -> None:
+        # A dict store and a non-blocking publish: nothing here may slow a denoising step.
+        self._progress[job_id] = (step, total)
+        self.events.publish("job.progress", {"id": job_id, **progress_dict(step, total)})
+
+    def interrupt_reason(self, job_id: int) -> str | None:
+        return self._interrupts.get(job_id)
+
+    def clear_interrupt(self, job_id: int) -> None:
+        with self._lock:
+            self._interrupts.pop(job_id, None)
+        self._progress.pop(job_id, None)
+
+    def job_finished(
+        self,
+        job: Job,
+        status: str,
+        *,
+        duration_seconds: float | None = None,
+        output_path: str | None = None,
+        error: str | None = None,
+    ) -> Job:
+        done = self.store.finish(
+            job.id,
+            status,
+            completed_at=self.now_iso(),
+            duration_seconds=duration_seconds,
+            output_path=output_path,
+            error=error,
+            progress=self._progress.get(job.id),
+        )
+        view = self.job_view(done)
+        self.events.publish(f"job.{status}", view)
+        self._hook("imagineerd_job_finished", job=view)
+        return done
+
+    def job_requeued(self, job: Job) -> None:
+        requeued = self.store.requeue(job.id, count_attempt=False)
+        self.events.publish("job.requeued", self.job_view(requeued))
+
+    def save_output(
+        self, job: Job, image: Image.Image, *, duration: float, model_label: str
+    ) -> str:
+        """Write the job's PNG with both metadata chunks; return the path the API shows."""
+        spec = job.spec
+        now = self.clock()
+        params = {
+            "Steps": spec.steps,
+            "Sampler": spec.sampler_label,
+            "CFG scale": spec.guidance_scale,
+            "Seed": spec.seed,
+            "Size": f"{spec.width}x{spec.height}",
+            "Model": model_label,
+            "Version": f"imagineerd {__version__}",
+        }
+        record = {
+            "id": job.id,
+            **spec.to_dict(),
+            "sampler": spec.sampler_label,
+            "model": self.config["model"]["name"],
+            "backend": self.config["model"]["backend"],
+            "source": job.source,
+            "source_name": job.source_name,
+            "submitted_at": job.submitted_at,
+            "started_at": job.started_at,
+            "completed_at": iso(now),
+            "duration_seconds": duration,
+            "version": __version__,
+        }
+        text = {
+            "parameters": outputs.infotext(spec.prompt, spec.negative_prompt, params),
+            "imagineerd": json.dumps(record, ensure_ascii=False, sort_keys=True),
+        }
+        path = outputs.save_png(
+            image, self.outputs_dir, outputs.output_name(job.id, spec.prompt, now), text
+        )
+        return self.output_ref(path)
+
+    def output_ref(self, path: Path) -> str:
+        """``outputs/<name>.png`` (relative to the config folder) as the seed shows it."""
+        try:
+            return (
+                Path(os.path.relpath(path, self.config.base_dir)).as_posix()
+                if Path(path).resolve().is_relative_to(self.config.base_dir)
+                else str(path)
+            )
+        except ValueError:
+            return str(path)
+
+    def _hook(self, name: str, **kwargs: Any) -> None:
+        try:
+            getattr(self.pm.hook, name)(**kwargs)
+        except Exception:
+            log.exception("plugin hook %s failed", name)
+
+
+def progress_dict(step: int, total: int) -> dict[str, Any]:
+    return {
+        "step": step,
+        "total": total,
+        "percent": round(100.0 * step / total, 1) if total else 0.0,
+    }

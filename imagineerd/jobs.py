@@ -1,0 +1,234 @@
+"""Job specs: the one validator every frontend (API, inbox, CLI) goes through, and job records.
+
+A *spec* is what the user asked for (prompt and generation parameters, fully resolved: omitted
+values come from config's ``generation:`` section and an omitted seed is drawn at random, so the
+stored spec reproduces the image). A *job* is a spec plus its life in the queue.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ValidationError
+
+SEED_MAX = 2_147_483_647
+PROMPT_MAX = 2000
+
+#: Scheduler ids accepted in config and jobs, with the AUTOMATIC1111 label written into PNG
+#: metadata. The diffusers backend maps each id to a scheduler class.
+SCHEDULERS: dict[str, str] = {
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "ddim": "DDIM",
+    "unipc": "UniPC",
+    "heun": "Heun",
+}
+_SCHEDULER_BY_LABEL = {label.lower(): key for key, label in SCHEDULERS.items()}
+
+#: Job statuses. ``queued -> running -> completed | failed | cancelled``; ``queued -> cancelled``.
+QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = (
+    "queued",
+    "running",
+    "completed",
+    "failed",
+    "cancelled",
+)
+STATUSES = (QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED)
+FINISHED = (COMPLETED, FAILED, CANCELLED)
+
+#: Parameters a job may carry; everything but ``prompt`` and ``seed`` has a config default.
+PARAMETERS = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "width",
+    "height",
+    "guidance_scale",
+    "scheduler",
+)
+DEFAULTABLE = ("negative_prompt", "steps", "width", "height", "guidance_scale", "scheduler")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_int(name: str, value: Any, lo: int, hi: int, *, multiple_of: int = 1) -> int:
+    """Return ``value`` as an int within ``[lo, hi]`` or raise a message naming ``name``."""
+    # bool is an int subclass in Python; "true" is never a meaningful step count.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(
+            f"{name} must be a whole number from {lo} to {hi}, got {_describe(value)}",
+            field=name,
+        )
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValidationError(
+                f"{name} must be a whole number from {lo} to {hi}, got {_describe(value)}",
+                field=name,
+            )
+        value = int(value)
+    if not lo <= value <= hi:
+        raise ValidationError(f"{name} must be from {lo} to {hi}, got {value}", field=name)
+    if value % multiple_of:
+        below = value - value % multiple_of
+        raise ValidationError(
+            f"{name} must be divisible by {multiple_of}, got {value} "
+            f"(nearest: {below} or {below + multiple_of})",
+            field=name,
+        )
+    return value
+
+
+def check_float(name: str, value: Any, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(
+            f"{name} must be a number from {lo:g} to {hi:g}, got {_describe(value)}", field=name
+        )
+    value = float(value)
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise ValidationError(f"{name} must be from {lo:g} to {hi:g}, got {value:g}", field=name)
+    return value
+
+
+def check_text(name: str, value: Any, *, required: bool, max_len: int = PROMPT_MAX) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(f"{name} must be text, got {_describe(value)}", field=name)
+    if "\x00" in value:
+        raise ValidationError(f"{name} must not contain NUL characters", field=name)
+    value = value.strip()
+    if required and not value:
+        raise ValidationError(f"{name} must not be empty", field=name)
+    if len(value) > max_len:
+        raise ValidationError(
+            f"{name} must be at most {max_len} characters after trimming, got {len(value)}",
+            field=name,
+        )
+    return value
+
+
+def check_scheduler(name: str, value: Any) -> str:
+    """Accept a scheduler id (``dpmpp_2m``) or its A1111 label (``DPM++ 2M``); return the id."""
+    if isinstance(value, str):
+        key = value.strip().lower()
+        if key in SCHEDULERS:
+            return key
+        if key in _SCHEDULER_BY_LABEL:
+            return _SCHEDULER_BY_LABEL[key]
+    raise ValidationError(
+        f"{name} must be one of {', '.join(SCHEDULERS)}, got {_describe(value)}", field=name
+    )
+
+
+#: One checker per parameter; ``validate`` and config's ``generation:`` section share them.
+CHECKS = {
+    "prompt": lambda v: check_text("prompt", v, required=True),
+    "negative_prompt": lambda v: check_text("negative_prompt", v, required=False),
+    "seed": lambda v: check_int("seed", v, 0, SEED_MAX),
+    "steps": lambda v: check_int("steps", v, 1, 150),
+    "width": lambda v: check_int("width", v, 64, 2048, multiple_of=8),
+    "height": lambda v: check_int("height", v, 64, 2048, multiple_of=8),
+    "guidance_scale": lambda v: check_float("guidance_scale", v, 0.0, 30.0),
+    "scheduler": lambda v: check_scheduler("scheduler", v),
+}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A fully resolved, valid generation request."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    width: int
+    height: int
+    guidance_scale: float
+    scheduler: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def sampler_label(self) -> str:
+        return SCHEDULERS[self.scheduler]
+
+
+def validate(
+    data: Any, defaults: Mapping[str, Any], *, rng: random.Random | None = None
+) -> JobSpec:
+    """Check a raw request (a JSON object, a YAML mapping, CLI options) and resolve it.
+
+    ``defaults`` is config's ``generation:`` section. ``None`` for an optional field means
+    "use the default" so clients may send explicit nulls. Raises :class:`ValidationError`
+    naming the first offending field.
+    """
+    if not isinstance(data, Mapping):
+        raise ValidationError(
+            f"a job must be an object with at least a prompt, got {type(data).__name__}"
+        )
+    unknown = [key for key in data if key not in PARAMETERS]
+    if unknown:
+        raise ValidationError(
+            f"unknown field {unknown[0]!r}; allowed fields: {', '.join(PARAMETERS)}",
+            field=str(unknown[0]),
+        )
+    if data.get("prompt") is None:
+        raise ValidationError("prompt is required", field="prompt")
+    values: dict[str, Any] = {}
+    for name in PARAMETERS:
+        raw = data.get(name)
+        if raw is None and name == "seed":
+            raw = (rng or random).randint(0, SEED_MAX)
+        elif raw is None:
+            raw = defaults[name]
+        values[name] = CHECKS[name](raw)
+    return JobSpec(**values)
+
+
+@dataclass
+class Job:
+    """A job record as the store keeps it."""
+
+    id: int
+    status: str
+    spec: JobSpec
+    submitted_at: str
+    source: str = "api"
+    source_name: str | None = None
+    started_at: str | None = None
+    completed_at: str | None = None
+    duration_seconds: float | None = None
+    output_path: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    progress_step: int = 0
+    progress_total: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job as the API shows it (the seed's field names), without live fields."""
+        body: dict[str, Any] = {"id": self.id, "status": self.status}
+        body.update(self.spec.to_dict())
+        body["submitted_at"] = self.submitted_at
+        body["source"] = self.source
+        if self.source_name is not None:
+            body["source_name"] = self.source_name
+        for key in ("started_at", "completed_at", "duration_seconds", "output_path", "error"):
+            value = getattr(self, key)
+            if value is not None:
+                body[key] = value
+        body["attempts"] = self.attempts
+        return body

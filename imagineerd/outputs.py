@@ -1,0 +1,145 @@
+"""Output images: names, atomic writes and the metadata every PNG carries.
+
+Each PNG has two text chunks:
+
+``parameters``
+    AUTOMATIC1111's "infotext", which Civitai, A1111's PNG Info and most tools read.
+``imagineerd``
+    The job as exact JSON, so an image can be re-run exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+import unicodedata
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+TEMP_PREFIX = ".imagineerd-"
+_SLUG_MAX = 48
+
+
+def slugify(text: str, max_len: int = _SLUG_MAX) -> str:
+    """ASCII, lower-case, words joined by ``_``: safe on every file system and share."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "_", ascii_text.lower()).strip("_")
+    return slug[:max_len].rstrip("_") or "image"
+
+
+def output_name(job_id: int, prompt: str, when: datetime) -> str:
+    """``YYYYMMDD_HHMMSS_<slug>_<job id>.png``; the id makes it unique, case-insensitively too."""
+    return f"{when:%Y%m%d_%H%M%S}_{slugify(prompt)}_{job_id}.png"
+
+
+def _infotext_value(value: Any) -> str:
+    text = str(value)
+    # A1111's parser splits on ", " and ": "; such values are written as JSON strings.
+    if any(ch in text for ch in ",:\n") or text.startswith('"'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def infotext(prompt: str, negative_prompt: str, params: Mapping[str, Any]) -> str:
+    """The A1111 ``parameters`` text: prompt, optional negative line, then ``Key: value`` pairs."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{key}: {_infotext_value(value)}" for key, value in params.items()))
+    return "\n".join(lines)
+
+
+# A1111's own pattern (modules/infotext_utils.py) for the key-value line.
+_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(text: str) -> dict[str, Any]:
+    """Parse an A1111 infotext back into ``{"prompt", "negative_prompt", <Key>: value}``."""
+    *head, last = text.strip().split("\n")
+    if len(_PAIR.findall(last)) < 3:  # no parameter line: everything is prompt
+        head, last = head + [last], ""
+    prompt_lines, negative_lines, in_negative = [], [], False
+    for line in head:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:") :].strip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    result: dict[str, Any] = {
+        "prompt": "\n".join(prompt_lines),
+        "negative_prompt": "\n".join(negative_lines),
+    }
+    for key, value in _PAIR.findall(last):
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            value = json.loads(value)
+        result[key.strip()] = value
+    return result
+
+
+def save_png(image: Image.Image, directory: Path, name: str, text: Mapping[str, str]) -> Path:
+    """Write ``image`` as ``directory/name`` with text chunks, atomically.
+
+    The bytes go to a hidden temporary file that is fsynced and then renamed, so nobody on the
+    share ever sees half a PNG and a crash leaves at worst a temp file, removed at start-up.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".png.tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format="PNG", pnginfo=info)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        final = directory / name
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return final
+
+
+def remove_partial_files(directory: Path) -> list[Path]:
+    """Delete temp files left by a write that a crash interrupted; return what was removed."""
+    removed = []
+    if directory.is_dir():
+        for path in directory.rglob(f"{TEMP_PREFIX}*.tmp"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The text chunks of a PNG: ``parameters`` (str) and ``imagineerd`` (parsed JSON)."""
+    with Image.open(path) as image:
+        chunks = dict(image.text) if hasattr(image, "text") else {}
+    meta: dict[str, Any] = {"parameters": chunks.get("parameters")}
+    raw = chunks.get("imagineerd")
+    try:
+        meta["imagineerd"] = json.loads(raw) if raw else None
+    except ValueError:
+        meta["imagineerd"] = None
+    return meta
+
+
+def find_output_for_job(directory: Path, job_id: int) -> Path | None:
+    """A complete output already written for ``job_id`` (a crash after the rename but before
+    the store was updated): found by name and confirmed by the job id in its metadata."""
+    for path in sorted(directory.glob(f"*_{job_id}.png")):
+        try:
+            meta = read_metadata(path)
+        except (OSError, SyntaxError, ValueError):
+            continue
+        if (meta.get("imagineerd") or {}).get("id") == job_id:
+            return path
+    return None

@@ -1,0 +1,379 @@
+"""Durable job storage.
+
+:class:`Store` is the contract the daemon relies on; :class:`SQLiteStore` implements it on one
+SQLite file (WAL journal, ``synchronous=FULL``: a job acknowledged to a client survives a power
+cut). Another backend (PostgreSQL, for several machines sharing a queue) implements the same
+methods with the same atomicity and nothing else changes.
+
+Queue order is the ``seq`` column, not the id: recovery puts an interrupted job back *at the
+head* of the queue by giving it a ``seq`` below every other one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+from .jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, Job, JobSpec
+
+
+class Store(Protocol):
+    def add(
+        self,
+        spec: JobSpec,
+        *,
+        submitted_at: str,
+        source: str = "api",
+        source_name: str | None = None,
+    ) -> Job: ...
+    def get(self, job_id: int) -> Job | None: ...
+    def claim_next(self, *, started_at: str) -> Job | None: ...
+    def finish(
+        self,
+        job_id: int,
+        status: str,
+        *,
+        completed_at: str,
+        duration_seconds: float | None = None,
+        output_path: str | None = None,
+        error: str | None = None,
+        progress: tuple[int, int] | None = None,
+    ) -> Job: ...
+    def cancel_queued(self, job_id: int, *, completed_at: str) -> Job | None: ...
+    def requeue(self, job_id: int, *, count_attempt: bool) -> Job: ...
+    def running(self) -> list[Job]: ...
+    def queued(self, limit: int | None = None) -> list[Job]: ...
+    def history(self, limit: int, before: int | None = None) -> list[Job]: ...
+    def queue_position(self, job: Job) -> int: ...
+    def counts(self) -> dict[str, int]: ...
+    def recent_durations(self, spec: JobSpec, limit: int = 20) -> list[float]: ...
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq              INTEGER NOT NULL,
+    status           TEXT NOT NULL,
+    spec             TEXT NOT NULL,
+    source           TEXT NOT NULL DEFAULT 'api',
+    source_name      TEXT,
+    submitted_at     TEXT NOT NULL,
+    started_at       TEXT,
+    completed_at     TEXT,
+    duration_seconds REAL,
+    output_path      TEXT,
+    error            TEXT,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    progress_step    INTEGER NOT NULL DEFAULT 0,
+    progress_total   INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+SCHEMA_VERSION = "1"
+
+
+def _row_to_job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        status=row["status"],
+        spec=JobSpec(**json.loads(row["spec"])),
+        submitted_at=row["submitted_at"],
+        source=row["source"],
+        source_name=row["source_name"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        duration_seconds=row["duration_seconds"],
+        output_path=row["output_path"],
+        error=row["error"],
+        attempts=row["attempts"],
+        progress_step=row["progress_step"],
+        progress_total=row["progress_total"],
+    )
+
+
+class SQLiteStore:
+    """The job store on one SQLite file; safe to use from many threads.
+
+    Each thread gets its own connection (sqlite3 connections must not be shared across
+    threads mid-transaction). Every state transition is a single ``BEGIN IMMEDIATE``
+    transaction that checks the current status in its ``WHERE`` clause, so two workers can
+    never claim the same job and a job cannot be cancelled and started at once.
+    """
+
+    def __init__(self, path: str | Path, *, timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._timeout = timeout
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        db = self._db()
+        db.executescript(_SCHEMA)  # runs in its own implicit transaction
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+
+    # -- connections ---------------------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            if self._closed:
+                raise RuntimeError("the job store is closed")
+            # isolation_level=None: we issue BEGIN ourselves, so transactions are explicit.
+            db = sqlite3.connect(
+                self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+            )
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
+            self._local.db = db
+            with self._lock:
+                self._connections.append(db)
+        return db
+
+    class _Tx:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.db.execute("BEGIN IMMEDIATE")
+            return self.db
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def _write(self) -> _Tx:
+        return self._Tx(self._db())
+
+    def _one(self, sql: str, args: Iterable = ()) -> Job | None:
+        row = self._db().execute(sql, tuple(args)).fetchone()
+        return _row_to_job(row) if row else None
+
+    def _many(self, sql: str, args: Iterable = ()) -> list[Job]:
+        return [_row_to_job(row) for row in self._db().execute(sql, tuple(args))]
+
+    # -- transitions ---------------------------------------------------------------------
+    def add(
+        self,
+        spec: JobSpec,
+        *,
+        submitted_at: str,
+        source: str = "api",
+        source_name: str | None = None,
+    ) -> Job:
+        """Insert a new job as ``queued`` at the tail of the queue (one transaction)."""
+        with self._write() as db:
+            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+            cur = db.execute(
+                "INSERT INTO jobs (seq, status, spec, source, source_name, submitted_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (seq, QUEUED, json.dumps(spec.to_dict()), source, source_name, submitted_at),
+            )
+            job_id = cur.lastrowid
+        return self.get(job_id)
+
+    def claim_next(self, *, started_at: str) -> Job | None:
+        """Atomically move the head of the queue to ``running`` (attempts + 1) and return it."""
+        with self._write() as db:
+            row = db.execute(
+                "SELECT id FROM jobs WHERE status = ? ORDER BY seq LIMIT 1", (QUEUED,)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET status = ?, started_at = ?, attempts = attempts + 1,"
+                " progress_step = 0, progress_total = 0 WHERE id = ? AND status = ?",
+                (RUNNING, started_at, row["id"], QUEUED),
+            )
+        return self.get(row["id"])
+
+    def finish(
+        self,
+        job_id: int,
+        status: str,
+        *,
+        completed_at: str,
+        duration_seconds: float | None = None,
+        output_path: str | None = None,
+        error: str | None = None,
+        progress: tuple[int, int] | None = None,
+    ) -> Job:
+        """Atomically move a ``running`` job to ``completed``, ``failed`` or ``cancelled``."""
+        assert status in (COMPLETED, FAILED, CANCELLED)
+        step, total = progress if progress else (None, None)
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE jobs SET status = ?, completed_at = ?, duration_seconds = ?,"
+                " output_path = ?, error = ?,"
+                " progress_step = COALESCE(?, progress_step),"
+                " progress_total = COALESCE(?, progress_total)"
+                " WHERE id = ? AND status = ?",
+                (
+                    status,
+                    completed_at,
+                    duration_seconds,
+                    output_path,
+                    error,
+                    step,
+                    total,
+                    job_id,
+                    RUNNING,
+                ),
+            )
+            if cur.rowcount != 1:
+                raise RuntimeError(f"job {job_id} is not running; cannot mark it {status}")
+        return self.get(job_id)
+
+    def cancel_queued(self, job_id: int, *, completed_at: str) -> Job | None:
+        """Atomically move a ``queued`` job to ``cancelled``; ``None`` if it was not queued."""
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE jobs SET status = ?, completed_at = ? WHERE id = ? AND status = ?",
+                (CANCELLED, completed_at, job_id, QUEUED),
+            )
+        return self.get(job_id) if cur.rowcount == 1 else None
+
+    def requeue(self, job_id: int, *, count_attempt: bool) -> Job:
+        """Put a ``running`` job back at the head of the queue (one transaction).
+
+        ``count_attempt=False`` (a clean shutdown) gives back the attempt the claim counted;
+        only interruptions we did not choose count towards ``queue.max_attempts``.
+        """
+        with self._write() as db:
+            head = db.execute(
+                "SELECT COALESCE(MIN(seq), 1) - 1 FROM jobs WHERE status = ?", (QUEUED,)
+            ).fetchone()[0]
+            cur = db.execute(
+                "UPDATE jobs SET status = ?, seq = ?, started_at = NULL,"
+                " attempts = attempts - ?, progress_step = 0, progress_total = 0"
+                " WHERE id = ? AND status = ?",
+                (QUEUED, head, 0 if count_attempt else 1, job_id, RUNNING),
+            )
+            if cur.rowcount != 1:
+                raise RuntimeError(f"job {job_id} is not running; cannot requeue it")
+        return self.get(job_id)
+
+    def recover(self, *, max_attempts: int, completed_at: str) -> list[Job]:
+        """Start-up recovery, in one transaction: every ``running`` job (its process died)
+        goes back to the head of the queue in its original order, or fails once it has been
+        interrupted ``max_attempts`` times. Returns the jobs touched, as they are now.
+        """
+        with self._write() as db:
+            rows = db.execute(
+                "SELECT id, attempts FROM jobs WHERE status = ? ORDER BY seq", (RUNNING,)
+            ).fetchall()
+            head = db.execute(
+                "SELECT COALESCE(MIN(seq), 1) FROM jobs WHERE status = ?", (QUEUED,)
+            ).fetchone()[0]
+            requeue = [row["id"] for row in rows if row["attempts"] < max_attempts]
+            for offset, job_id in enumerate(requeue):
+                db.execute(
+                    "UPDATE jobs SET status = ?, seq = ?, started_at = NULL,"
+                    " progress_step = 0, progress_total = 0 WHERE id = ?",
+                    (QUEUED, head - len(requeue) + offset, job_id),
+                )
+            for row in rows:
+                if row["attempts"] >= max_attempts:
+                    db.execute(
+                        "UPDATE jobs SET status = ?, completed_at = ?, error = ? WHERE id = ?",
+                        (
+                            FAILED,
+                            completed_at,
+                            f"the daemon stopped unexpectedly while this job ran, "
+                            f"{row['attempts']} times; giving up so the queue can go on "
+                            f"(queue.max_attempts is {max_attempts})",
+                            row["id"],
+                        ),
+                    )
+        return [self.get(row["id"]) for row in rows]
+
+    def set_progress(self, job_id: int, step: int, total: int) -> None:
+        """Record progress of a running job (not needed for correctness; for display)."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE jobs SET progress_step = ?, progress_total = ? WHERE id = ?",
+                (step, total, job_id),
+            )
+
+    # -- queries -------------------------------------------------------------------------
+    def get(self, job_id: int) -> Job | None:
+        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+
+    def running(self) -> list[Job]:
+        return self._many("SELECT * FROM jobs WHERE status = ? ORDER BY started_at", (RUNNING,))
+
+    def queued(self, limit: int | None = None) -> list[Job]:
+        return self._many(
+            "SELECT * FROM jobs WHERE status = ? ORDER BY seq LIMIT ?",
+            (QUEUED, -1 if limit is None else limit),
+        )
+
+    def history(self, limit: int, before: int | None = None) -> list[Job]:
+        """Finished jobs, newest (highest id) first; ``before`` pages on by id."""
+        return self._many(
+            "SELECT * FROM jobs WHERE status IN (?, ?, ?) AND id < ? ORDER BY id DESC LIMIT ?",
+            (COMPLETED, FAILED, CANCELLED, before if before is not None else 2**63 - 1, limit),
+        )
+
+    def queue_position(self, job: Job) -> int:
+        """1-based place of a queued job, 0 for a running one, -1 for a finished one."""
+        if job.status == RUNNING:
+            return 0
+        if job.status != QUEUED:
+            return -1
+        row = (
+            self._db()
+            .execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < "
+                "(SELECT seq FROM jobs WHERE id = ?)",
+                (QUEUED, job.id),
+            )
+            .fetchone()
+        )
+        return row[0] + 1
+
+    def counts(self) -> dict[str, int]:
+        rows = self._db().execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+        counts = {status: 0 for status in (QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED)}
+        counts.update({status: n for status, n in rows})
+        return counts
+
+    def recent_durations(self, spec: JobSpec, limit: int = 20) -> list[float]:
+        """Durations of the latest completed jobs; those of the same size and steps first."""
+        rows = (
+            self._db()
+            .execute(
+                "SELECT duration_seconds, spec FROM jobs WHERE status = ? AND duration_seconds"
+                " IS NOT NULL ORDER BY id DESC LIMIT 200",
+                (COMPLETED,),
+            )
+            .fetchall()
+        )
+        similar, other = [], []
+        for duration, raw in rows:
+            s = json.loads(raw)
+            if (s["width"], s["height"], s["steps"]) == (spec.width, spec.height, spec.steps):
+                similar.append(duration)
+            else:
+                # Scale by work (pixels x steps): a rough but honest estimate for a new size.
+                work = s["width"] * s["height"] * s["steps"]
+                other.append(duration * spec.width * spec.height * spec.steps / work)
+        return (similar or other)[:limit]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for db in self._connections:
+                # Closing from another thread than the one that used it last may complain.
+                with contextlib.suppress(sqlite3.ProgrammingError):
+                    db.close()
+            self._connections.clear()
+        self._local = threading.local()

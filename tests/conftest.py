@@ -1,0 +1,83 @@
+"""Shared fixtures: real tiny models, real config files, real daemons on temp folders."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from imagineerd import config as config_mod
+from imagineerd.daemon import Daemon
+
+# Keep torch from grabbing both cores per process and from probing the network for models.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight SD1.5 pipeline in diffusers' folder format."""
+    from imagineerd.backends.testmodel import make_test_model
+
+    return make_test_model(tmp_path_factory.mktemp("models") / "tiny-sd15", arch="sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from imagineerd.backends.testmodel import make_test_model
+
+    return make_test_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", arch="sdxl")
+
+
+def write_config(directory: Path, model_path: Path | str, **sections: dict[str, Any]) -> Path:
+    """A config.yaml in ``directory`` for fast CPU runs: 64x64, 2 steps, given model."""
+    data: dict[str, Any] = {
+        "model": {"name": str(model_path), "device": "cpu"},
+        "generation": {"width": 64, "height": 64, "steps": 2},
+        "server": {"host": "127.0.0.1", "port": 0},
+        "inbox": {"enabled": False},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, tiny_model: Path) -> Callable[..., config_mod.Config]:
+    def make(**sections: dict[str, Any]) -> config_mod.Config:
+        return config_mod.load(write_config(tmp_path, tiny_model, **sections))
+
+    return make
+
+
+@pytest.fixture
+def daemon(make_config: Callable[..., config_mod.Config]) -> Iterator[Daemon]:
+    """A started daemon with one worker on the tiny model; always stopped."""
+    d = Daemon(make_config())
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.02) -> Any:
+    """Poll until ``predicate()`` is truthy; fail the test with a clear message otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def wait_finished(d: Daemon, job_id: int, timeout: float = 60.0):
+    return wait_for(lambda: (j := d.job(job_id)).finished and j, timeout)

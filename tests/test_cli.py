@@ -1,0 +1,89 @@
+"""The real ``imagineerd`` command in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from imagineerd import __version__, outputs
+
+from .conftest import write_config
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "imagineerd", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_version():
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"imagineerd {__version__}"
+
+
+def test_generate_prints_the_output_path(tmp_path: Path, tiny_model: Path):
+    config = write_config(tmp_path, tiny_model)
+    result = run(
+        "generate",
+        "a boat, at sea",
+        "--seed",
+        "9",
+        "--steps",
+        "3",
+        "--scheduler",
+        "DDIM",
+        "--config",
+        str(config),
+    )
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / result.stdout.strip()
+    info = outputs.parse_infotext(outputs.read_metadata(path)["parameters"])
+    assert (info["Seed"], info["Steps"], info["Sampler"]) == ("9", "3", "DDIM")
+
+
+def test_generate_rejects_bad_values_naming_the_field(tmp_path: Path, tiny_model: Path):
+    config = write_config(tmp_path, tiny_model)
+    result = run("generate", "x", "--width", "100", "--config", str(config))
+    assert result.returncode == 2
+    assert "width must be divisible by 8" in result.stderr
+    assert not list((tmp_path / "outputs").glob("*.png"))
+
+
+def test_bad_config_refuses_to_start(tmp_path: Path):
+    config = tmp_path / "config.yaml"
+    config.write_text("server:\n  port: many\n")
+    result = run("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert "server.port must be a whole number" in result.stderr
+
+
+def test_make_test_model_writes_a_loadable_folder(tmp_path: Path):
+    result = run("make-test-model", str(tmp_path / "m"), "--arch", "sdxl")
+    assert result.returncode == 0, result.stderr
+    assert "tiny sdxl test model" in result.stdout
+    assert (tmp_path / "m" / "model_index.json").is_file()
+    assert (tmp_path / "m" / "text_encoder_2" / "model.safetensors").is_file()
+
+
+def test_full_size_architectures_have_the_real_parameter_counts():
+    """Counted on the meta device: no memory, no weights, but the real module tree."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from imagineerd.backends.testmodel import unet_config
+
+    counts = {}
+    for arch in ("sd15", "sdxl"):
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**unet_config(arch, full_size=True))
+        counts[arch] = sum(p.numel() for p in unet.parameters())
+    assert 855e6 < counts["sd15"] < 865e6  # SD1.5 UNet: 859.5M
+    assert 2.55e9 < counts["sdxl"] < 2.58e9  # SDXL UNet: 2.567B

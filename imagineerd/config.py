@@ -19,12 +19,17 @@ from typing import Any
 import yaml
 
 from . import jobs
-from .errors import ConfigError, ValidationError
+from .errors import ConfigError, Conflict, ValidationError
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "server": {
         "host": "0.0.0.0",
         "port": 5000,
+        "threads": 16,
+        "max_event_streams": 8,
+        "max_body_bytes": 1048576,
+        "auth_token": "",
+        "cors_origins": [],
     },
     "paths": {"outputs": "outputs", "inbox": "inbox", "state": "state"},
     "model": {
@@ -97,6 +102,16 @@ def _device(key: str, value: Any) -> str:
     raise ConfigError(f"{key} must be auto, cpu, mps, cuda or cuda:N, got {value!r}", field=key)
 
 
+def _origins(key: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(
+            f'{key} must be a list of origins like [http://nas.local:8080] (or ["*"]), '
+            f"got {value!r}",
+            field=key,
+        )
+    return list(value)
+
+
 def _job_field(name: str) -> Callable:
     """Config's generation defaults obey exactly the job bounds (one validator, jobs.py)."""
 
@@ -110,7 +125,15 @@ def _job_field(name: str) -> Callable:
 
 
 _SCHEMA: dict[str, dict[str, Callable]] = {
-    "server": {"host": _str(nonempty=True), "port": _int(0, 65535)},
+    "server": {
+        "host": _str(nonempty=True),
+        "port": _int(0, 65535),
+        "threads": _int(2, 256),
+        "max_event_streams": _int(0, 1000),
+        "max_body_bytes": _int(1024, 1 << 30),
+        "auth_token": _str(),
+        "cors_origins": _origins,
+    },
     "paths": {
         "outputs": _str(nonempty=True),
         "inbox": _str(nonempty=True),
@@ -132,6 +155,21 @@ _SCHEMA: dict[str, dict[str, Callable]] = {
     },
     "queue": {"max_attempts": _int(1, 100)},
 }
+
+
+#: Sections whose keys take effect while running; a change to any other key needs a restart.
+LIVE_SECTIONS = ("generation", "queue")
+
+
+def restart_required(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Dotted keys that differ between two full configs and only apply after a restart."""
+    return [
+        f"{section}.{key}"
+        for section, values in new.items()
+        if section not in LIVE_SECTIONS
+        for key, value in values.items()
+        if old[section][key] != value
+    ]
 
 
 def validate(data: Any) -> dict[str, dict[str, Any]]:
@@ -241,6 +279,13 @@ def save(config: Config) -> None:
         doc = rt.load(config.path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         doc = {}
+    except Exception as exc:  # ruamel raises several parser/scanner error types
+        raise Conflict(
+            f"{config.path} on disk is no longer valid YAML ({exc}); fix or replace the file, "
+            "then save again"
+        ) from None
+    if not isinstance(doc, Mapping):
+        raise Conflict(f"{config.path} on disk is not a mapping of sections; fix it first")
     for section, values in config.data.items():
         file_section = doc.get(section)
         for key, value in values.items():

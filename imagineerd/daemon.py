@@ -8,6 +8,7 @@ store (finished) -> events and hooks.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Any
 from PIL import Image
 
 from . import __version__, jobs, outputs
+from . import config as config_mod
 from .backends import build_registry
 from .config import Config
 from .errors import Conflict, Gone, NotFound
@@ -67,6 +69,7 @@ class Daemon:
         self.store: Store = store if store is not None else SQLiteStore(self.state_dir / DB_NAME)
         self.clock = clock
         self.events = EventBus()
+        self.gallery = outputs.Gallery(self.outputs_dir, self.state_dir / "thumbnails")
         self.stopping = threading.Event()
         self.workers: list[Worker] = []
         self._work = threading.Condition()
@@ -74,6 +77,9 @@ class Daemon:
         self._progress: dict[int, tuple[int, int]] = {}
         self._interrupts: dict[int, str] = {}
         self._started = False
+        # What config.yaml says now; differs from ``config`` by keys that need a restart.
+        self.saved_config: dict[str, Any] = copy.deepcopy(config.data)
+        self._config_lock = threading.RLock()
 
     # -- life cycle ----------------------------------------------------------------------
     def now_iso(self) -> str:
@@ -260,6 +266,32 @@ class Daemon:
                 "error": worker.backend_error if worker else None,
             },
         }
+
+    def update_config(self, data: Any) -> dict[str, Any]:
+        """Validate a full configuration, save it atomically to config.yaml, apply the live
+        sections (``generation``, ``queue``) at once; return the saved config and the keys
+        that take effect only after a restart."""
+        with self._config_lock:
+            new = config_mod.Config(data, self.config.path)
+            config_mod.save(new)
+            self.saved_config = copy.deepcopy(new.data)
+            for section in config_mod.LIVE_SECTIONS:
+                self.config.data[section] = copy.deepcopy(new.data[section])
+            restart = config_mod.restart_required(self.config.data, new.data)
+        self.events.publish("config.changed", {"restart_required": restart})
+        return {"config": new.data, "restart_required": restart}
+
+    def pending_restart(self) -> list[str]:
+        """Saved config keys that differ from the running ones until the next restart."""
+        return config_mod.restart_required(self.config.data, self.saved_config)
+
+    def update_generation(self, values: Any) -> dict[str, Any]:
+        """Change some generation defaults (validated with the job bounds) and save."""
+        config_mod.validate({"generation": values})  # errors name generation.<key>
+        with self._config_lock:
+            merged = copy.deepcopy(self.saved_config)
+            merged["generation"].update(values)
+            return self.update_config(merged)
 
     # -- called by workers ---------------------------------------------------------------
     def job_started(self, job: Job) -> None:

@@ -81,3 +81,55 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: floa
 
 def wait_finished(d: Daemon, job_id: int, timeout: float = 60.0):
     return wait_for(lambda: (j := d.job(job_id)).finished and j, timeout)
+
+
+class Api:
+    """A real daemon plus a real Waitress server on a loopback port."""
+
+    def __init__(self, daemon: Daemon, service: Any) -> None:
+        import requests
+
+        self.daemon = daemon
+        self.service = service
+        self.url = service.url
+        self.http = requests.Session()
+
+    def __call__(self, method: str, path: str, **kwargs: Any):
+        kwargs.setdefault("timeout", 30)
+        return self.http.request(method, self.url + path, **kwargs)
+
+    def wait_job(self, job_id: int, timeout: float = 60.0) -> dict:
+        return wait_for(
+            lambda: (
+                (body := self("GET", f"/api/jobs/{job_id}").json())["status"]
+                in ("completed", "failed", "cancelled")
+                and body
+            ),
+            timeout,
+        )
+
+
+@pytest.fixture
+def start_api(make_config: Callable[..., config_mod.Config]) -> Iterator[Callable[..., Api]]:
+    from imagineerd.http.server import HttpService
+
+    started: list[tuple[Daemon, Any]] = []
+
+    def start(workers: bool = True, **sections: dict[str, Any]) -> Api:
+        config = make_config(**sections)
+        daemon = Daemon(config)
+        daemon.start(workers=workers)
+        service = HttpService(daemon, config)
+        service.start()
+        started.append((daemon, service))
+        return Api(daemon, service)
+
+    yield start
+    for daemon, service in reversed(started):
+        service.stop()
+        daemon.stop()
+
+
+@pytest.fixture
+def api(start_api: Callable[..., Api]) -> Api:
+    return start_api()

@@ -1,0 +1,139 @@
+"""``create_app(daemon, config)``: the Falcon application.
+
+Collaborators are injected: the daemon (the only thing resources talk to) and the config.
+Middleware, outermost first: access log, CORS (only when origins are configured), the body
+size limit, the bearer token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import falcon
+
+from ..config import Config
+from ..daemon import Daemon
+from ..errors import ImagineerdError
+from . import errors, resources
+
+access_log = logging.getLogger("imagineerd.access")
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+class AccessLog:
+    """One line per request in the Combined Log Format (what log analysers expect)."""
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.started = time.monotonic()
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool
+    ) -> None:
+        status = resp.status_code if hasattr(resp, "status_code") else resp.status
+        length = resp.headers.get("content-length", "-")
+        when = datetime.now().astimezone().strftime("%d/%b/%Y:%H:%M:%S %z")
+        access_log.info(
+            '%s - - [%s] "%s %s %s" %s %s "%s" "%s"',
+            req.remote_addr or "-",
+            when,
+            req.method,
+            req.relative_uri,
+            req.env.get("SERVER_PROTOCOL", "HTTP/1.1"),
+            status,
+            length,
+            req.referer or "-",
+            req.user_agent or "-",
+        )
+
+
+class BodyLimit:
+    """413 from the declared length, before the application reads the body. (Waitress sets
+    the length of a chunked body once it has de-chunked it, within its own hard cap.)"""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        length = req.content_length
+        if length is not None and length > self.limit:
+            raise falcon.HTTPContentTooLarge(
+                description=f"request body is {length} bytes; the limit is {self.limit} bytes "
+                "(server.max_body_bytes)"
+            )
+
+
+class BearerAuth:
+    """When a token is set, every /api/* route except /api/health needs it.
+
+    Browsers cannot add headers to ``EventSource`` or ``<img>`` requests, so GET requests
+    may pass the token as ``?token=`` instead of the ``Authorization`` header.
+    """
+
+    def __init__(self, token: str) -> None:
+        self.token = token.encode()
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if not self.token or req.method == "OPTIONS":
+            return
+        if not req.path.startswith("/api/") or req.path == "/api/health":
+            return
+        supplied = ""
+        header = req.get_header("Authorization") or ""
+        if header.lower().startswith("bearer "):
+            supplied = header[7:].strip()
+        elif req.method == "GET":
+            supplied = req.get_param("token") or ""
+        if not hmac.compare_digest(supplied.encode(), self.token):
+            raise falcon.HTTPUnauthorized(
+                title="Unauthorized",
+                description="this server needs a token: send 'Authorization: Bearer <token>'",
+                challenges=["Bearer"],
+            )
+
+
+def auth_token(config: Config) -> str:
+    return os.environ.get("IMAGINEERD_AUTH_TOKEN") or config["server"]["auth_token"]
+
+
+def create_app(daemon: Daemon, config: Config, *, streams: Any = None) -> falcon.App:
+    server = config["server"]
+    middleware: list[Any] = [AccessLog()]
+    if server["cors_origins"]:
+        middleware.append(
+            falcon.CORSMiddleware(allow_origins=server["cors_origins"], expose_headers=["Location"])
+        )
+    middleware += [BodyLimit(server["max_body_bytes"]), BearerAuth(auth_token(config))]
+    app = falcon.App(middleware=middleware)
+    app.req_options.strip_url_path_trailing_slash = True
+    # Only JSON is parsed; anything else is a 415 in the one error shape.
+    app.req_options.media_handlers = falcon.media.Handlers(
+        {falcon.MEDIA_JSON: falcon.media.JSONHandler()}
+    )
+
+    app.add_error_handler(Exception, errors.handle_unexpected)
+    app.add_error_handler(ImagineerdError, errors.handle_domain_error)
+    app.set_error_serializer(errors.serialize_http_error)
+
+    jobs = resources.Jobs(daemon)
+    outputs = resources.Outputs(daemon)
+    config_resource = resources.ConfigResource(daemon)
+    app.add_route("/api/generate", resources.Generate(daemon))
+    app.add_route("/api/jobs", jobs)
+    app.add_route("/api/jobs/{job_id:int}", jobs, suffix="item")
+    app.add_route("/api/jobs/{job_id:int}/interrupt", jobs, suffix="interrupt")
+    app.add_route("/api/config", config_resource)
+    app.add_route("/api/config/generation", config_resource, suffix="generation")
+    app.add_route("/api/outputs", outputs)
+    app.add_route("/api/outputs/{filename:path}", outputs, suffix="item")
+    app.add_route("/api/health", resources.Health(daemon))
+    app.add_route("/api/events", resources.Events(daemon, streams))
+    ui = resources.StaticFiles(STATIC_DIR)
+    app.add_route("/", ui)
+    app.add_route("/{filename:path}", ui, suffix="item")
+    return app

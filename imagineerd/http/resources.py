@@ -1,0 +1,280 @@
+"""REST resources, one class per noun. They talk to the daemon only."""
+
+from __future__ import annotations
+
+import copy
+import json
+import mimetypes
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import falcon
+
+from ..daemon import Daemon
+from ..errors import NotFound, ValidationError
+from ..events import Subscription
+
+REDACTED = "********"
+
+
+def read_json_object(req: falcon.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    if not req.content_length and req.content_length is not None:
+        raise ValidationError("the request body is empty; send a JSON object")
+    ctype = (req.content_type or "").split(";")[0].strip().lower()
+    if ctype and ctype != falcon.MEDIA_JSON:
+        raise falcon.HTTPUnsupportedMediaType(
+            description=f"send the body as {falcon.MEDIA_JSON}, not {ctype}"
+        )
+    raw = req.bounded_stream.read()
+    if not raw.strip():
+        raise ValidationError("the request body is empty; send a JSON object")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValidationError("the request body is not valid UTF-8") from None
+    except ValueError as exc:
+        raise ValidationError(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValidationError(f"the request body must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+def int_param(req: falcon.Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = req.get_param(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationError(f"{name} must be a whole number, got {raw!r}", field=name) from None
+    if not lo <= value <= hi:
+        raise ValidationError(f"{name} must be from {lo} to {hi}, got {value}", field=name)
+    return value
+
+
+class Generate:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        job = self.daemon.submit(read_json_object(req), source="api")
+        view = self.daemon.job_view(job)
+        resp.status = falcon.HTTP_201
+        resp.location = f"/api/jobs/{job.id}"
+        resp.media = {
+            "id": job.id,
+            "status": job.status,
+            "submitted_at": job.submitted_at,
+            "queue_position": view.get("queue_position", 0),
+            "prompt": job.spec.prompt,
+            "seed": job.spec.seed,
+        }
+
+
+class Jobs:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        limit = int_param(req, "limit", 50, 1, 500)
+        before = int_param(req, "before", None, 1, 2**62)
+        # One more than asked tells whether another page exists.
+        body = self.daemon.list_jobs(limit=limit + 1, before=before)
+        more = len(body["history"]) > limit
+        body["history"] = body["history"][:limit]
+        body["next_before"] = body["history"][-1]["id"] if more else None
+        resp.media = body
+
+    def on_get_item(self, req: falcon.Request, resp: falcon.Response, job_id: int) -> None:
+        resp.media = self.daemon.job_view(self.daemon.job(job_id))
+
+    def on_delete_item(self, req: falcon.Request, resp: falcon.Response, job_id: int) -> None:
+        self.daemon.cancel(job_id)
+        resp.media = {"message": "Job cancelled successfully"}
+
+    def on_post_interrupt(self, req: falcon.Request, resp: falcon.Response, job_id: int) -> None:
+        self.daemon.interrupt(job_id)
+        resp.status = falcon.HTTP_202
+        resp.media = {"message": "Job will stop at its next step", "id": job_id}
+
+
+def redacted(config: dict[str, Any]) -> dict[str, Any]:
+    shown = copy.deepcopy(config)
+    if shown["server"]["auth_token"]:
+        shown["server"]["auth_token"] = REDACTED
+    return shown
+
+
+class ConfigResource:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def _answer(self, resp: falcon.Response, result: dict[str, Any]) -> None:
+        restart = result["restart_required"]
+        resp.media = {
+            "message": "Configuration saved"
+            + (f"; restart to apply {', '.join(restart)}" if restart else ""),
+            "restart_required": restart,
+            "config": redacted(result["config"]),
+        }
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = redacted(self.daemon.saved_config)
+        body["restart_required"] = self.daemon.pending_restart()
+        resp.media = body
+
+    def on_put(self, req: falcon.Request, resp: falcon.Response) -> None:
+        data = read_json_object(req)
+        data.pop("restart_required", None)  # accept back what GET returned
+        server = data.get("server")
+        if isinstance(server, dict) and server.get("auth_token") == REDACTED:
+            server["auth_token"] = self.daemon.saved_config["server"]["auth_token"]
+        self._answer(resp, self.daemon.update_config(data))
+
+    def on_put_generation(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self._answer(resp, self.daemon.update_generation(read_json_object(req)))
+
+
+class Outputs:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        limit = int_param(req, "limit", 50, 1, 500)
+        before = req.get_param("before")
+        images = self.daemon.gallery.list(limit=limit + 1, before=before)
+        more = len(images) > limit
+        images = images[:limit]
+        resp.media = {"outputs": images, "next_before": images[-1]["filename"] if more else None}
+
+    def on_get_item(self, req: falcon.Request, resp: falcon.Response, filename: str) -> None:
+        thumb = int_param(req, "thumb", None, 16, 1024)
+        gallery = self.daemon.gallery
+        path = gallery.thumbnail(filename, thumb) if thumb else gallery.resolve(filename)
+        stat = path.stat()
+        etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
+        resp.etag = etag
+        resp.last_modified = None
+        # Names are unique per job, so an image never changes under its name.
+        resp.cache_control = ["public", "max-age=86400"]
+        if req.get_header("If-None-Match") == etag:
+            resp.status = falcon.HTTP_304
+            return
+        resp.content_type = "image/jpeg" if thumb else "image/png"
+        resp.set_stream(path.open("rb"), stat.st_size)
+
+
+class Health:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = self.daemon.health()
+
+
+class StreamLimiter:
+    """Counts open event streams (each holds a server thread) and ends them on shutdown."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> bool:
+        with self._lock:
+            if self.open >= self.limit or self.stopping.is_set():
+                return False
+            self.open += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.open -= 1
+
+
+class Events:
+    """``GET /api/events``: Server-Sent Events. ``Last-Event-ID`` (header, or
+    ``?last_event_id=``) replays recent events a reconnecting client missed."""
+
+    HEARTBEAT_SECONDS = 15.0
+
+    def __init__(self, daemon: Daemon, limiter: StreamLimiter | None) -> None:
+        self.daemon = daemon
+        self.limiter = limiter or StreamLimiter(8)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        raw = req.get_header("Last-Event-ID") or req.get_param("last_event_id")
+        try:
+            last = int(raw) if raw else None
+        except ValueError:
+            raise ValidationError(
+                f"Last-Event-ID must be a number, got {raw!r}", field="Last-Event-ID"
+            ) from None
+        if not self.limiter.acquire():
+            raise falcon.HTTPServiceUnavailable(
+                description=f"too many open event streams ({self.limiter.limit}, "
+                "server.max_event_streams); close a tab or raise the limit",
+                retry_after=5,
+            )
+        subscription = self.daemon.events.subscribe(last)
+        resp.content_type = "text/event-stream"
+        resp.cache_control = ["no-cache"]
+        resp.set_header("X-Accel-Buffering", "no")  # nginx: do not buffer the stream
+        # Waitress tells us when the client went away (needs channel_request_lookahead), so a
+        # closed tab frees its thread within a second instead of at the next heartbeat.
+        gone = req.env.get("waitress.client_disconnected") or (lambda: False)
+        resp.stream = self._stream(subscription, gone)
+
+    def _stream(self, sub: Subscription, gone: Callable[[], bool]) -> Iterator[bytes]:
+        try:
+            yield b"retry: 2000\n\n"
+            idle = 0.0
+            while not (self.limiter.stopping.is_set() or self.daemon.stopping.is_set() or gone()):
+                try:
+                    event = sub.get(timeout=1.0)
+                except Subscription.Dropped:
+                    return  # fell behind; the client reconnects with Last-Event-ID
+                if event is None:
+                    idle += 1.0
+                    if idle >= self.HEARTBEAT_SECONDS:
+                        idle = 0.0
+                        yield b": keep-alive\n\n"  # finds dead connections, keeps proxies open
+                    continue
+                idle = 0.0
+                data = json.dumps(event.data, separators=(",", ":"))
+                yield f"id: {event.id}\nevent: {event.type}\ndata: {data}\n\n".encode()
+        finally:
+            sub.close()
+            self.limiter.release()
+
+
+class StaticFiles:
+    """The web UI: files of ``static/`` only (no symlinks out), ``index.html`` at ``/``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self._send(resp, "index.html")
+
+    def on_get_item(self, req: falcon.Request, resp: falcon.Response, filename: str) -> None:
+        if filename.startswith("api/") or filename == "api":
+            raise NotFound(f"no API route {req.path}")
+        self._send(resp, filename)
+
+    def _send(self, resp: falcon.Response, filename: str) -> None:
+        parts = filename.split("/")
+        if any(p in ("", ".", "..") or p.startswith(".") for p in parts) or "\x00" in filename:
+            raise NotFound(f"no file {filename!r}")
+        path = (self.root / filename).resolve()
+        if not path.is_relative_to(self.root) or not path.is_file():
+            raise NotFound(f"no file {filename!r}")
+        resp.content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if path.suffix == ".js":
+            resp.content_type = "text/javascript; charset=utf-8"
+        resp.cache_control = ["no-cache"]  # small files; always fresh after an upgrade
+        resp.data = path.read_bytes()

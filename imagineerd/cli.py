@@ -47,13 +47,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     daemon.start()
-    services = []
-    try:
-        from .http.server import HttpService
+    from .http.server import HttpService
 
-        services.append(HttpService(daemon, config))
-    except ImportError:  # pragma: no cover - the HTTP frontend is part of the package
-        pass
+    services: list = [HttpService(daemon, config)]
+    if config["inbox"]["enabled"]:
+        from .inbox import Inbox
+
+        services.append(Inbox(daemon, config))
     for service in services:
         service.start()
     log.info("imagineerd %s serving; config %s", __version__, config.path)
@@ -109,6 +109,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_smb_conf(args: argparse.Namespace) -> int:
+    from . import config as config_mod
+    from .smb import smb_conf
+
+    config = config_mod.load(args.config)
+    print(smb_conf(config, guest=args.guest, user=args.user, share=args.share), end="")
+    return 0
+
+
 def cmd_make_test_model(args: argparse.Namespace) -> int:
     from .backends.testmodel import make_test_model
 
@@ -146,6 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", dest="negative_prompt")
     gen.add_argument("--scheduler", help="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim, ...")
     gen.set_defaults(func=cmd_generate)
+
+    smb = sub.add_parser("smb-conf", help="print Samba share sections for this install")
+    smb.add_argument("--config", default="config.yaml")
+    smb.add_argument(
+        "--guest",
+        action="store_true",
+        help="let anyone connect without a password (default: valid users only)",
+    )
+    smb.add_argument("--user", help="account the inbox share writes as (default: you)")
+    smb.add_argument("--share", default="Imagineer", help="share name (default: %(default)s)")
+    smb.set_defaults(func=cmd_smb_conf)
 
     tm = sub.add_parser(
         "make-test-model", help="write a random-weight SD1.5/SDXL pipeline (for tests, benchmarks)"

@@ -48,7 +48,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "negative_prompt": "",
         "scheduler": "euler",
     },
-    "inbox": {"enabled": True, "settle_seconds": 2.0, "rescan_seconds": 30.0},
+    "inbox": {
+        "enabled": True,
+        "settle_seconds": 2.0,
+        "rescan_seconds": 30.0,
+        "polling": False,
+        "max_file_bytes": 1048576,
+        "max_jobs_per_file": 1000,
+        "outputs_subfolder": False,
+    },
+    "presets": {},
     "queue": {"max_attempts": 3},
 }
 
@@ -152,13 +161,18 @@ _SCHEMA: dict[str, dict[str, Callable]] = {
         "enabled": _bool,
         "settle_seconds": _float(0, 3600),
         "rescan_seconds": _float(1, 86400),
+        "polling": _bool,
+        "max_file_bytes": _int(1, 1 << 30),
+        "max_jobs_per_file": _int(1, 100000),
+        "outputs_subfolder": _bool,
     },
+    "presets": {},  # free-form names; checked by _presets
     "queue": {"max_attempts": _int(1, 100)},
 }
 
 
 #: Sections whose keys take effect while running; a change to any other key needs a restart.
-LIVE_SECTIONS = ("generation", "queue")
+LIVE_SECTIONS = ("generation", "queue", "presets")
 
 
 def restart_required(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -168,7 +182,7 @@ def restart_required(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str
         for section, values in new.items()
         if section not in LIVE_SECTIONS
         for key, value in values.items()
-        if old[section][key] != value
+        if old[section].get(key) != value
     ]
 
 
@@ -180,6 +194,9 @@ def validate(data: Any) -> dict[str, dict[str, Any]]:
         raise ConfigError("the configuration must be a mapping of sections (server:, model:, ...)")
     merged = copy.deepcopy(DEFAULTS)
     for section, values in data.items():
+        if section == "presets":
+            merged["presets"] = _presets(values)
+            continue
         if section not in _SCHEMA:
             raise ConfigError(
                 f"unknown section {section!r}; known sections: {', '.join(_SCHEMA)}",
@@ -198,6 +215,46 @@ def validate(data: Any) -> dict[str, dict[str, Any]]:
                 )
             merged[section][key] = _SCHEMA[section][key](dotted, value)
     return merged
+
+
+#: Inbox subfolders the daemon itself uses; they cannot name a preset.
+RESERVED_FOLDERS = ("done", "failed")
+PRESET_FIELDS = (*jobs.DEFAULTABLE, "seed")
+
+
+def _presets(value: Any) -> dict[str, dict[str, Any]]:
+    """``presets: {name: {job field: value}}``; each value obeys the job bounds."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError("presets must be a mapping of preset names", field="presets")
+    presets = {}
+    for name, fields in value.items():
+        key = f"presets.{name}"
+        if (
+            not isinstance(name, str)
+            or not name
+            or name.startswith(".")
+            or "/" in name
+            or "\\" in name
+            or name.lower() in RESERVED_FOLDERS
+        ):
+            raise ConfigError(
+                f"{key}: a preset name must be a plain folder name, not done or failed", field=key
+            )
+        if not isinstance(fields, Mapping):
+            raise ConfigError(f"{key} must be a mapping of job fields", field=key)
+        checked = {}
+        for field, raw in fields.items():
+            dotted = f"{key}.{field}"
+            if field not in PRESET_FIELDS:
+                raise ConfigError(
+                    f"unknown key {dotted}; a preset may set {', '.join(PRESET_FIELDS)}",
+                    field=dotted,
+                )
+            checked[field] = _job_field(field)(dotted, raw)
+        presets[name] = checked
+    return presets
 
 
 class Config:
@@ -288,6 +345,10 @@ def save(config: Config) -> None:
         raise Conflict(f"{config.path} on disk is not a mapping of sections; fix it first")
     for section, values in config.data.items():
         file_section = doc.get(section)
+        if section == "presets":  # free-form: the section is replaced as a whole
+            if (file_section or {}) != values and (values or file_section is not None):
+                doc["presets"] = values
+            continue
         for key, value in values.items():
             current = file_section.get(key) if isinstance(file_section, Mapping) else None
             if (

@@ -293,6 +293,37 @@ class Daemon:
             merged["generation"].update(values)
             return self.update_config(merged)
 
+    # -- inbox claims (see store.py for why each step is its own transaction) -----------
+    def create_claim(self, original: str, claimed: str) -> int:
+        return self.store.create_claim(original, claimed, created_at=self.now_iso())
+
+    def submit_claim(self, claim_id: int, specs: list[jobs.JobSpec], source_name: str) -> list[Job]:
+        """Queue all jobs of one inbox file at once (all or none, never twice)."""
+        queued = self.store.submit_claim(
+            claim_id, specs, submitted_at=self.now_iso(), source="inbox", source_name=source_name
+        )
+        for job in queued:
+            view = self.job_view(job)
+            self.events.publish("job.submitted", view)
+            self._hook("imagineerd_job_submitted", job=view)
+        self.wake()
+        return queued
+
+    def update_claim(self, claim_id: int, state: str, **paths: str) -> None:
+        self.store.update_claim(claim_id, state, **paths)
+
+    def delete_claim(self, claim_id: int) -> None:
+        self.store.delete_claim(claim_id)
+
+    def open_claims(self) -> list[dict[str, Any]]:
+        return self.store.open_claims()
+
+    def claim(self, claim_id: int) -> dict[str, Any] | None:
+        return self.store.get_claim(claim_id)
+
+    def claim_jobs(self, claim_id: int) -> list[Job]:
+        return self.store.claim_jobs(claim_id)
+
     # -- called by workers ---------------------------------------------------------------
     def job_started(self, job: Job) -> None:
         self._progress[job.id] = (0, job.spec.steps)
@@ -371,9 +402,10 @@ class Daemon:
             "parameters": outputs.infotext(spec.prompt, spec.negative_prompt, params),
             "imagineerd": json.dumps(record, ensure_ascii=False, sort_keys=True),
         }
-        path = outputs.save_png(
-            image, self.outputs_dir, outputs.output_name(job.id, spec.prompt, now), text
-        )
+        folder = self.outputs_dir
+        if job.source == "inbox" and job.source_name and self.config["inbox"]["outputs_subfolder"]:
+            folder = folder / outputs.slugify(Path(job.source_name).stem)
+        path = outputs.save_png(image, folder, outputs.output_name(job.id, spec.prompt, now), text)
         return self.output_ref(path)
 
     def output_ref(self, path: Path) -> str:

@@ -51,6 +51,17 @@ def imagineerd_job_finished(job: dict[str, Any]) -> None:
     """
 
 
+@hookspec
+def imagineerd_prompt_file_suffixes() -> list[str]:
+    """File name suffixes the inbox takes, lower case with the dot (e.g. ``[".csv"]``).
+
+    Called once when the inbox starts; the results of all plugins are combined. Files with
+    other suffixes are left alone (and reported once in the log). Files taken are handed to
+    :func:`imagineerd_parse_prompt_file`. The built-in plugins return ``.yaml``, ``.yml`` and
+    ``.txt``.
+    """
+
+
 @hookspec(firstresult=True)
 def imagineerd_parse_prompt_file(path: Path, text: str) -> list[dict[str, Any]] | None:
     """Turn a prompt file dropped into the inbox into raw job requests.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import ValidationError
@@ -57,6 +57,9 @@ DEFAULTABLE = ("negative_prompt", "steps", "width", "height", "guidance_scale", 
 
 
 def _describe(value: Any) -> str:
+    if isinstance(value, list | tuple | dict | set):
+        # Never repr() a container: a hostile one (YAML aliases) can be enormous.
+        return f"a {'mapping' if isinstance(value, dict) else 'list'} of {len(value)} items"
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -212,7 +215,7 @@ class Job:
     attempts: int = 0
     progress_step: int = 0
     progress_total: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    claim_id: int | None = None
 
     @property
     def finished(self) -> bool:

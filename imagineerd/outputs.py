@@ -137,7 +137,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
 def find_output_for_job(directory: Path, job_id: int) -> Path | None:
     """A complete output already written for ``job_id`` (a crash after the rename but before
     the store was updated): found by name and confirmed by the job id in its metadata."""
-    for path in sorted(directory.glob(f"*_{job_id}.png")):
+    for path in sorted(directory.rglob(f"*_{job_id}.png")):
         try:
             meta = read_metadata(path)
         except (OSError, SyntaxError, ValueError):

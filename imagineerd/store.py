@@ -52,6 +52,28 @@ class Store(Protocol):
     def queue_position(self, job: Job) -> int: ...
     def counts(self) -> dict[str, int]: ...
     def recent_durations(self, spec: JobSpec, limit: int = 20) -> list[float]: ...
+    def create_claim(self, original: str, claimed: str, *, created_at: str) -> int: ...
+    def submit_claim(
+        self,
+        claim_id: int,
+        specs: list[JobSpec],
+        *,
+        submitted_at: str,
+        source: str,
+        source_name: str,
+    ) -> list[Job]: ...
+    def update_claim(
+        self,
+        claim_id: int,
+        state: str,
+        *,
+        final_path: str | None = None,
+        note_path: str | None = None,
+    ) -> None: ...
+    def delete_claim(self, claim_id: int) -> None: ...
+    def get_claim(self, claim_id: int) -> dict | None: ...
+    def open_claims(self) -> list[dict]: ...
+    def claim_jobs(self, claim_id: int) -> list[Job]: ...
     def close(self) -> None: ...
 
 
@@ -71,9 +93,20 @@ CREATE TABLE IF NOT EXISTS jobs (
     error            TEXT,
     attempts         INTEGER NOT NULL DEFAULT 0,
     progress_step    INTEGER NOT NULL DEFAULT 0,
-    progress_total   INTEGER NOT NULL DEFAULT 0
+    progress_total   INTEGER NOT NULL DEFAULT 0,
+    claim_id         INTEGER REFERENCES claims (id)
 );
 CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (claim_id) WHERE claim_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS claims (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    original    TEXT NOT NULL,
+    claimed     TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    final_path  TEXT,
+    note_path   TEXT
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 SCHEMA_VERSION = "1"
@@ -95,6 +128,7 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         attempts=row["attempts"],
         progress_step=row["progress_step"],
         progress_total=row["progress_total"],
+        claim_id=row["claim_id"],
     )
 
 
@@ -171,14 +205,25 @@ class SQLiteStore:
     ) -> Job:
         """Insert a new job as ``queued`` at the tail of the queue (one transaction)."""
         with self._write() as db:
-            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
-            cur = db.execute(
-                "INSERT INTO jobs (seq, status, spec, source, source_name, submitted_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (seq, QUEUED, json.dumps(spec.to_dict()), source, source_name, submitted_at),
-            )
-            job_id = cur.lastrowid
+            job_id = self._insert(db, spec, submitted_at, source, source_name, None)
         return self.get(job_id)
+
+    @staticmethod
+    def _insert(
+        db: sqlite3.Connection,
+        spec: JobSpec,
+        submitted_at: str,
+        source: str,
+        source_name: str | None,
+        claim_id: int | None,
+    ) -> int:
+        seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+        cur = db.execute(
+            "INSERT INTO jobs (seq, status, spec, source, source_name, submitted_at, claim_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (seq, QUEUED, json.dumps(spec.to_dict()), source, source_name, submitted_at, claim_id),
+        )
+        return cur.lastrowid
 
     def claim_next(self, *, started_at: str) -> Job | None:
         """Atomically move the head of the queue to ``running`` (attempts + 1) and return it."""
@@ -302,6 +347,73 @@ class SQLiteStore:
                 "UPDATE jobs SET progress_step = ?, progress_total = ? WHERE id = ?",
                 (step, total, job_id),
             )
+
+    # -- claims: files taken from the inbox ---------------------------------------------
+    # A claim is recorded *before* the file is renamed out of the drop area and its jobs are
+    # inserted in the same transaction that marks it submitted, so a crash at any point
+    # leaves a state that start-up can finish without losing or doubling a job.
+    def create_claim(self, original: str, claimed: str, *, created_at: str) -> int:
+        """Record the intent to claim ``original`` by renaming it to ``claimed``."""
+        with self._write() as db:
+            cur = db.execute(
+                "INSERT INTO claims (original, claimed, state, created_at) VALUES (?, ?, ?, ?)",
+                (original, claimed, "claiming", created_at),
+            )
+            return cur.lastrowid
+
+    def submit_claim(
+        self,
+        claim_id: int,
+        specs: list[JobSpec],
+        *,
+        submitted_at: str,
+        source: str,
+        source_name: str,
+    ) -> list[Job]:
+        """Queue every job of a claimed file and mark the claim ``submitted``, atomically.
+        Idempotent: a claim already submitted returns its jobs and inserts nothing."""
+        with self._write() as db:
+            state = db.execute("SELECT state FROM claims WHERE id = ?", (claim_id,)).fetchone()[
+                "state"
+            ]
+            if state == "claiming":
+                for spec in specs:
+                    self._insert(db, spec, submitted_at, source, source_name, claim_id)
+                db.execute("UPDATE claims SET state = 'submitted' WHERE id = ?", (claim_id,))
+        return self.claim_jobs(claim_id)
+
+    def update_claim(
+        self,
+        claim_id: int,
+        state: str,
+        *,
+        final_path: str | None = None,
+        note_path: str | None = None,
+    ) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE claims SET state = ?, final_path = COALESCE(?, final_path),"
+                " note_path = COALESCE(?, note_path) WHERE id = ?",
+                (state, final_path, note_path, claim_id),
+            )
+
+    def delete_claim(self, claim_id: int) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM claims WHERE id = ? AND state = 'claiming'", (claim_id,))
+
+    def get_claim(self, claim_id: int) -> dict | None:
+        row = self._db().execute("SELECT * FROM claims WHERE id = ?", (claim_id,)).fetchone()
+        return dict(row) if row else None
+
+    def open_claims(self) -> list[dict]:
+        """Claims a crash may have left half-way: ``claiming`` or ``submitted``."""
+        rows = self._db().execute(
+            "SELECT * FROM claims WHERE state IN ('claiming', 'submitted') ORDER BY id"
+        )
+        return [dict(row) for row in rows]
+
+    def claim_jobs(self, claim_id: int) -> list[Job]:
+        return self._many("SELECT * FROM jobs WHERE claim_id = ? ORDER BY id", (claim_id,))
 
     # -- queries -------------------------------------------------------------------------
     def get(self, job_id: int) -> Job | None:

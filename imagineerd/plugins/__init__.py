@@ -14,7 +14,11 @@ log = logging.getLogger(__name__)
 
 #: Built-in plugins, registered before third-party entry points. Their hookimpls use
 #: ``trylast=True`` where a third party should be able to take precedence.
-DEFAULT_PLUGINS = ("imagineerd.backends.diffusers_backend",)
+DEFAULT_PLUGINS = (
+    "imagineerd.backends.diffusers_backend",
+    "imagineerd.plugins.yaml_prompts",
+    "imagineerd.plugins.txt_prompts",
+)
 
 
 def get_plugin_manager(

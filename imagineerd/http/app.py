@@ -132,6 +132,7 @@ def create_app(daemon: Daemon, config: Config, *, streams: Any = None) -> falcon
     app.add_route("/api/outputs", outputs)
     app.add_route("/api/outputs/{filename:path}", outputs, suffix="item")
     app.add_route("/api/health", resources.Health(daemon))
+    app.add_route("/api/options", resources.Options(daemon))
     app.add_route("/api/events", resources.Events(daemon, streams))
     ui = resources.StaticFiles(STATIC_DIR)
     app.add_route("/", ui)

@@ -15,6 +15,7 @@ import falcon
 from ..daemon import Daemon
 from ..errors import NotFound, ValidationError
 from ..events import Subscription
+from ..jobs import PROMPT_MAX, SCHEDULERS, SEED_MAX
 
 REDACTED = "********"
 
@@ -165,6 +166,37 @@ class Outputs:
             return
         resp.content_type = "image/jpeg" if thumb else "image/png"
         resp.set_stream(path.open("rb"), stat.st_size)
+
+
+class Options:
+    """``GET /api/options``: what a client needs to build a form: schedulers with their
+    labels, the parameter bounds, and common sizes."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {
+            "schedulers": [{"id": key, "label": label} for key, label in SCHEDULERS.items()],
+            "limits": {
+                "prompt": {"max_length": PROMPT_MAX},
+                "seed": {"min": 0, "max": SEED_MAX},
+                "steps": {"min": 1, "max": 150},
+                "width": {"min": 64, "max": 2048, "multiple_of": 8},
+                "height": {"min": 64, "max": 2048, "multiple_of": 8},
+                "guidance_scale": {"min": 0, "max": 30},
+            },
+            "sizes": [
+                {"label": "Square 512", "width": 512, "height": 512},
+                {"label": "Square 768", "width": 768, "height": 768},
+                {"label": "Square 1024 (SDXL)", "width": 1024, "height": 1024},
+                {"label": "Portrait 512x768", "width": 512, "height": 768},
+                {"label": "Landscape 768x512", "width": 768, "height": 512},
+                {"label": "Portrait 832x1216 (SDXL)", "width": 832, "height": 1216},
+                {"label": "Landscape 1216x832 (SDXL)", "width": 1216, "height": 832},
+            ],
+            "generation": self.daemon.config["generation"],
+        }
 
 
 class Health:

@@ -1,0 +1,560 @@
+// imagineerd web UI. Plain ES module, no build step: it uses only the public REST API and
+// the event stream (/api/events), so everything it does a script can do too.
+
+const $ = (selector, root = document) => root.querySelector(selector);
+const TOKEN_KEY = "imagineerd.token";
+
+const state = {
+  token: localStorage.getItem(TOKEN_KEY) || "",
+  options: null,
+  current: null,        // the running job (with .progress)
+  queued: [],
+  history: [],
+  stepClock: null,      // {id, step, at, firstAt}: for a live ETA from the step rate
+  gallery: [],
+  galleryCursor: undefined,  // undefined: not loaded yet; null: no more pages
+  galleryLoading: false,
+  lastSeed: null,
+  events: null,
+};
+
+// ---------------------------------------------------------------------------------- API
+class ApiError extends Error {
+  constructor(status, body) {
+    super(body && body.error ? body.error : `HTTP ${status}`);
+    this.status = status;
+    this.field = body && body.field;
+  }
+}
+
+let tokenPrompt = null;
+
+async function api(method, path, body) {
+  for (;;) {
+    const headers = {};
+    if (state.token) headers.Authorization = `Bearer ${state.token}`;
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const response = await fetch(path, {
+      method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    if (response.status === 401) {
+      await askToken(state.token ? "That token was not accepted." : "");
+      continue;
+    }
+    const data = response.status === 204 ? null : await response.json().catch(() => null);
+    if (!response.ok) throw new ApiError(response.status, data);
+    return data;
+  }
+}
+
+function withToken(url) {
+  if (!state.token) return url;
+  return `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(state.token)}`;
+}
+
+function askToken(message) {
+  // One dialog for all the requests that hit 401 at the same time.
+  if (tokenPrompt) return tokenPrompt;
+  const dialog = $("#token-dialog");
+  $("#token-error").textContent = message;
+  tokenPrompt = new Promise((resolve) => {
+    $("#token-form").onsubmit = (event) => {
+      event.preventDefault();
+      const value = $("#token-input").value.trim();
+      if (!value) return;
+      state.token = value;
+      localStorage.setItem(TOKEN_KEY, value);
+      dialog.close();
+      tokenPrompt = null;
+      connectEvents();
+      resolve();
+    };
+  });
+  dialog.addEventListener("cancel", (event) => event.preventDefault(), { once: true });
+  if (!dialog.open) dialog.showModal();
+  $("#token-input").focus();
+  return tokenPrompt;
+}
+
+// ---------------------------------------------------------------------------------- tabs
+const TABS = ["create", "queue", "gallery", "settings"];
+
+function showTab(name, { focus = false } = {}) {
+  if (!TABS.includes(name)) name = "create";
+  for (const tab of TABS) {
+    const selected = tab === name;
+    const button = $(`#tab-${tab}`);
+    button.setAttribute("aria-selected", String(selected));
+    button.tabIndex = selected ? 0 : -1;
+    $(`#view-${tab}`).hidden = !selected;
+    if (selected && focus) button.focus();
+  }
+  if (location.hash !== `#${name}`) history.replaceState(null, "", `#${name}`);
+  if (name === "gallery" && state.galleryCursor === undefined) loadGallery();
+  if (name === "settings") loadSettings();
+}
+
+function setupTabs() {
+  for (const tab of TABS) $(`#tab-${tab}`).addEventListener("click", () => showTab(tab));
+  $("nav[role=tablist]").addEventListener("keydown", (event) => {
+    const index = TABS.findIndex((t) => $(`#tab-${t}`).getAttribute("aria-selected") === "true");
+    const step = { ArrowRight: 1, ArrowLeft: -1 }[event.key];
+    if (step) showTab(TABS[(index + step + TABS.length) % TABS.length], { focus: true });
+  });
+  window.addEventListener("hashchange", () => showTab(location.hash.slice(1)));
+}
+
+// ------------------------------------------------------------------------------- helpers
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key === "class") node.className = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined) node.append(child);
+  }
+  return node;
+}
+
+function showErrors(form, error, prefix = "") {
+  clearErrors(form);
+  const field = error.field ? error.field.replace(prefix, "") : null;
+  const slot = field && $(`[data-error-for="${field}"]`, form);
+  if (slot) {
+    slot.textContent = error.message;
+    slot.closest(".field").classList.add("invalid");
+    const input = form.elements[field];
+    if (input) input.focus();
+    return true;
+  }
+  return false;
+}
+
+function clearErrors(form) {
+  for (const slot of form.querySelectorAll("[data-error-for]")) slot.textContent = "";
+  for (const field of form.querySelectorAll(".field.invalid")) field.classList.remove("invalid");
+}
+
+function formatSeconds(seconds) {
+  if (seconds === null || seconds === undefined || !isFinite(seconds)) return "…";
+  if (seconds < 10) return `${Math.max(0, seconds).toFixed(1)}s`;
+  seconds = Math.round(seconds);
+  return seconds < 60 ? `${seconds}s` : `${Math.floor(seconds / 60)}m ${seconds % 60}s`;
+}
+
+function summary(job) {
+  return `${job.width}×${job.height} · ${job.steps} steps · seed ${job.seed}`;
+}
+
+// -------------------------------------------------------------------------------- create
+function fillSelects(options) {
+  for (const select of [$("#scheduler"), $("#set-scheduler")]) {
+    select.replaceChildren(...options.schedulers.map((s) => el("option", { value: s.id }, s.label)));
+  }
+  $("#size-preset").append(...options.sizes.map(
+    (s, i) => el("option", { value: String(i) }, `${s.label}`)));
+}
+
+function applyDefaults(generation) {
+  const form = $("#create-form");
+  for (const name of ["steps", "width", "height", "guidance_scale", "scheduler", "negative_prompt"]) {
+    form.elements[name].value = generation[name];
+  }
+  syncSizePreset();
+}
+
+function syncSizePreset() {
+  const width = Number($("#width").value), height = Number($("#height").value);
+  const index = state.options.sizes.findIndex((s) => s.width === width && s.height === height);
+  $("#size-preset").value = index >= 0 ? String(index) : "";
+}
+
+function readForm(form) {
+  const data = {};
+  for (const name of ["prompt", "negative_prompt", "scheduler"]) data[name] = form.elements[name].value;
+  for (const name of ["seed", "steps", "width", "height", "guidance_scale"]) {
+    const raw = form.elements[name].value.trim();
+    // An empty number means "server default" (or a random seed); a non-number is sent as
+    // text so the server's message names the field.
+    if (raw !== "") data[name] = isNaN(Number(raw)) ? raw : Number(raw);
+  }
+  return data;
+}
+
+async function submitCreate(event) {
+  event.preventDefault();
+  const form = $("#create-form");
+  const status = $("#create-status");
+  clearErrors(form);
+  const data = readForm(form);
+  const copies = Math.min(16, Math.max(1, Number($("#copies").value) || 1));
+  const button = $("#generate");
+  button.disabled = true;
+  status.className = "status";
+  try {
+    const ids = [];
+    for (let i = 0; i < copies; i++) {
+      const body = { ...data };
+      // N copies differ by seed: consecutive seeds from the one given, else random ones.
+      if (body.seed !== undefined && typeof body.seed === "number") body.seed += i;
+      const job = await api("POST", "/api/generate", body);
+      ids.push(job.id);
+      state.lastSeed = job.seed;
+      upsertQueued({ ...body, ...job, steps: body.steps ?? state.options.generation.steps,
+        width: body.width ?? state.options.generation.width,
+        height: body.height ?? state.options.generation.height });
+    }
+    status.textContent = ids.length === 1
+      ? `Queued job #${ids[0]}.` : `Queued ${ids.length} jobs (#${ids[0]}–#${ids.at(-1)}).`;
+    renderQueue();
+  } catch (error) {
+    if (!(error instanceof ApiError) || !showErrors(form, error)) {
+      status.textContent = error.message;
+      status.className = "status bad";
+    } else {
+      status.textContent = "";
+    }
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function setupCreate() {
+  const form = $("#create-form");
+  form.addEventListener("submit", submitCreate);
+  form.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) form.requestSubmit();
+  });
+  form.addEventListener("input", (event) => {
+    const field = event.target.closest(".field");
+    if (field && field.classList.contains("invalid")) {
+      field.classList.remove("invalid");
+      const slot = $("[data-error-for]", field);
+      if (slot) slot.textContent = "";
+    }
+  });
+  $("#seed-random").addEventListener("click", () => {
+    $("#seed").value = String(Math.floor(Math.random() * 2147483648));
+  });
+  $("#seed-last").addEventListener("click", () => {
+    if (state.lastSeed !== null) $("#seed").value = String(state.lastSeed);
+  });
+  $("#size-preset").addEventListener("change", (event) => {
+    const size = state.options.sizes[Number(event.target.value)];
+    if (event.target.value !== "" && size) {
+      $("#width").value = size.width;
+      $("#height").value = size.height;
+    }
+  });
+  $("#width").addEventListener("input", syncSizePreset);
+  $("#height").addEventListener("input", syncSizePreset);
+}
+
+// --------------------------------------------------------------------------------- queue
+function upsertQueued(job) {
+  if (state.current && state.current.id === job.id) return;
+  if (state.history.some((j) => j.id === job.id)) return;
+  const index = state.queued.findIndex((j) => j.id === job.id);
+  if (index >= 0) state.queued[index] = { ...state.queued[index], ...job };
+  else state.queued.push(job);
+}
+
+async function refreshJobs() {
+  const body = await api("GET", "/api/jobs?limit=20");
+  state.current = body.current;
+  state.queued = body.queued;
+  state.history = body.history;
+  if (state.current && state.current.progress) noteStep(state.current.id, state.current.progress.step);
+  renderQueue();
+}
+
+function noteStep(id, step) {
+  const now = performance.now();
+  if (!state.stepClock || state.stepClock.id !== id) state.stepClock = { id, firstStep: step, firstAt: now };
+  state.stepClock.step = step;
+  state.stepClock.at = now;
+}
+
+function eta(job) {
+  const clock = state.stepClock;
+  const progress = job.progress || { step: 0, total: job.steps };
+  if (clock && clock.id === job.id && clock.step > clock.firstStep) {
+    const perStep = (clock.at - clock.firstAt) / 1000 / (clock.step - clock.firstStep);
+    return perStep * (progress.total - progress.step);
+  }
+  return job.estimated_time_remaining ?? null;
+}
+
+function runningCard(job) {
+  const progress = job.progress || { step: 0, total: job.steps, percent: 0 };
+  return el("div", { class: "card running-job", "data-job": job.id },
+    el("div", { class: "sub" }, `Running · job #${job.id}`),
+    el("div", { class: "prompt-text" }, job.prompt),
+    el("div", { class: "progress", role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100",
+      "aria-valuenow": String(progress.percent), "aria-label": "progress" },
+    el("div", { style: `width:${progress.percent}%` })),
+    el("div", { class: "row" },
+      el("span", { class: "progress-text" },
+        `Step ${progress.step}/${progress.total} · ${Math.round(progress.percent)}% · ETA ${formatSeconds(eta(job))}`),
+      el("span", { style: "flex:1" }),
+      el("button", { type: "button", class: "danger", onclick: () => interrupt(job.id) }, "Stop")));
+}
+
+function renderQueue() {
+  const running = $("#running");
+  running.replaceChildren(state.current ? runningCard(state.current)
+    : el("p", { class: "empty" }, "Nothing is running."));
+  const createRunning = $("#create-running");
+  createRunning.hidden = !state.current;
+  createRunning.replaceChildren(...(state.current ? [runningCard(state.current)] : []));
+
+  $("#queued").replaceChildren(...state.queued.map((job, i) => el("li", { "data-job": job.id },
+    el("span", { class: "pos" }, String(i + 1)),
+    el("div", { class: "text" }, el("div", { class: "prompt-text" }, job.prompt),
+      el("div", { class: "sub" }, `#${job.id} · ${summary(job)}`)),
+    el("button", { type: "button", class: "danger", onclick: () => cancel(job.id),
+      "aria-label": `Cancel job ${job.id}` }, "Cancel"))));
+  $("#queued-empty").hidden = state.queued.length > 0;
+  const count = state.queued.length + (state.current ? 1 : 0);
+  $("#queue-count").hidden = count === 0;
+  $("#queue-count").textContent = String(count);
+
+  $("#history").replaceChildren(...state.history.slice(0, 20).map((job) => el("li", { "data-job": job.id },
+    el("div", { class: "text" }, el("div", { class: "prompt-text" }, job.prompt),
+      el("div", { class: "sub" }, `#${job.id} · ${summary(job)}`
+        + (job.duration_seconds ? ` · ${formatSeconds(job.duration_seconds)}` : "")),
+      job.error ? el("div", { class: "error" }, job.error) : null),
+    el("span", { class: `state ${job.status}` }, job.status))));
+}
+
+function renderProgress() {
+  // Cheap per-step update: only the running cards, not the whole queue.
+  const job = state.current;
+  if (!job) return;
+  for (const card of document.querySelectorAll(`.running-job[data-job="${job.id}"]`)) {
+    card.replaceWith(runningCard(job));
+  }
+}
+
+async function cancel(id) {
+  try {
+    await api("DELETE", `/api/jobs/${id}`);
+    state.queued = state.queued.filter((j) => j.id !== id);
+    renderQueue();
+  } catch (error) {
+    alert(error.message);
+    refreshJobs();
+  }
+}
+
+async function interrupt(id) {
+  try {
+    await api("POST", `/api/jobs/${id}/interrupt`);
+  } catch (error) {
+    alert(error.message);
+  }
+}
+
+// -------------------------------------------------------------------------------- events
+function connectEvents() {
+  if (state.events) state.events.close();
+  const source = new EventSource(withToken("/api/events"));
+  state.events = source;
+  const indicator = $("#connection");
+  // After every (re)connect the true state comes from the API; events then keep it current.
+  source.onopen = () => {
+    indicator.classList.add("live");
+    indicator.title = "live updates: connected";
+    refreshJobs().catch(() => {});
+  };
+  source.onerror = () => {
+    indicator.classList.remove("live");
+    indicator.title = "live updates: reconnecting…";
+  };
+  const on = (type, handler) => source.addEventListener(type, (e) => handler(JSON.parse(e.data)));
+  on("job.submitted", (job) => { upsertQueued(job); renderQueue(); });
+  on("job.started", (job) => {
+    state.queued = state.queued.filter((j) => j.id !== job.id);
+    state.current = job;
+    noteStep(job.id, 0);
+    renderQueue();
+  });
+  on("job.progress", (p) => {
+    if (!state.current || state.current.id !== p.id) return;
+    state.current.progress = { step: p.step, total: p.total, percent: p.percent };
+    noteStep(p.id, p.step);
+    renderProgress();
+  });
+  for (const type of ["job.completed", "job.failed", "job.cancelled"]) {
+    on(type, (job) => {
+      state.queued = state.queued.filter((j) => j.id !== job.id);
+      if (state.current && state.current.id === job.id) state.current = null;
+      state.history = [job, ...state.history.filter((j) => j.id !== job.id)].slice(0, 20);
+      renderQueue();
+      if (type === "job.completed") refreshGalleryHead();
+    });
+  }
+  on("job.requeued", () => refreshJobs());
+  on("config.changed", () => {
+    loadOptions().catch(() => {});
+    if (!$("#view-settings").hidden) loadSettings();
+  });
+}
+
+// ------------------------------------------------------------------------------- gallery
+function thumb(item) {
+  return el("button", { type: "button", class: "thumb", "data-file": item.filename,
+    title: item.prompt || item.filename, onclick: () => openViewer(item) },
+  el("img", { src: withToken(item.thumbnail_url), alt: item.prompt || item.filename, loading: "lazy" }));
+}
+
+async function loadGallery() {
+  if (state.galleryLoading || state.galleryCursor === null) return;
+  state.galleryLoading = true;
+  try {
+    const cursor = state.galleryCursor;
+    const body = await api("GET", `/api/outputs?limit=24${cursor ? `&before=${encodeURIComponent(cursor)}` : ""}`);
+    state.gallery.push(...body.outputs);
+    state.galleryCursor = body.next_before;
+    $("#gallery").append(...body.outputs.map(thumb));
+    $("#gallery-empty").hidden = state.gallery.length > 0;
+  } finally {
+    state.galleryLoading = false;
+  }
+}
+
+async function refreshGalleryHead() {
+  if (state.galleryCursor === undefined) return; // not opened yet: it loads fresh later
+  const body = await api("GET", "/api/outputs?limit=10");
+  const known = new Set(state.gallery.map((i) => i.filename));
+  const fresh = body.outputs.filter((i) => !known.has(i.filename));
+  state.gallery.unshift(...fresh);
+  $("#gallery").prepend(...fresh.map(thumb));
+  $("#gallery-empty").hidden = state.gallery.length > 0;
+}
+
+function setupGallery() {
+  const observer = new IntersectionObserver((entries) => {
+    if (entries.some((e) => e.isIntersecting) && !$("#view-gallery").hidden) loadGallery();
+  }, { rootMargin: "400px" });
+  observer.observe($("#gallery-more"));
+  $("#viewer-copy").addEventListener("click", async () => {
+    const text = $("#viewer").dataset.prompt || "";
+    try {
+      await navigator.clipboard.writeText(text);
+    } catch {
+      // Clipboard API needs HTTPS or localhost; fall back to a selection copy.
+      const area = el("textarea", {}, text);
+      document.body.append(area);
+      area.select();
+      document.execCommand("copy");
+      area.remove();
+    }
+    $("#viewer-copy").textContent = "Copied";
+    setTimeout(() => { $("#viewer-copy").textContent = "Copy prompt"; }, 1500);
+  });
+}
+
+function openViewer(item) {
+  const dialog = $("#viewer");
+  dialog.dataset.prompt = item.prompt || "";
+  $("#viewer-image").src = withToken(item.url);
+  $("#viewer-image").alt = item.prompt || item.filename;
+  const rows = [
+    ["Prompt", item.prompt], ["Negative prompt", item.negative_prompt || "—"],
+    ["Seed", item.seed], ["Steps", item.steps], ["Size", `${item.width}×${item.height}`],
+    ["Guidance", item.guidance_scale], ["Sampler", item.sampler], ["Model", item.model],
+    ["Duration", item.duration_seconds ? formatSeconds(item.duration_seconds) : null],
+    ["Created", item.completed_at || item.created], ["Job", item.job_id ? `#${item.job_id}` : null],
+    ["File", item.filename],
+  ].filter(([, v]) => v !== null && v !== undefined);
+  $("#viewer-meta").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, String(v))]));
+  $("#viewer-download").href = withToken(item.url);
+  $("#viewer-download").setAttribute("download", item.filename.split("/").pop());
+  $("#viewer-open").href = withToken(item.url);
+  $("#viewer-reuse").onclick = () => {
+    const form = $("#create-form");
+    for (const name of ["prompt", "negative_prompt", "seed", "steps", "width", "height", "guidance_scale", "scheduler"]) {
+      if (item[name] !== undefined && item[name] !== null) form.elements[name].value = item[name];
+    }
+    syncSizePreset();
+    dialog.close();
+    showTab("create");
+    $("#prompt").focus();
+  };
+  dialog.showModal();
+}
+
+// ------------------------------------------------------------------------------ settings
+async function loadSettings() {
+  const config = await api("GET", "/api/config");
+  const form = $("#settings-form");
+  for (const name of ["steps", "guidance_scale", "width", "height", "scheduler", "negative_prompt"]) {
+    form.elements[name].value = config.generation[name];
+  }
+  const rows = [];
+  for (const [section, values] of Object.entries(config)) {
+    if (section === "generation" || section === "restart_required") continue;
+    if (typeof values !== "object" || values === null) continue;
+    for (const [key, value] of Object.entries(values)) {
+      rows.push(el("dt", {}, `${section}.${key}`), el("dd", {}, typeof value === "object" ? JSON.stringify(value) : String(value)));
+    }
+  }
+  $("#config-view").replaceChildren(...rows);
+  const restart = config.restart_required || [];
+  $("#restart-note").hidden = restart.length === 0;
+  $("#restart-note").textContent = `Saved but not yet in effect (restart the server): ${restart.join(", ")}`;
+}
+
+async function saveSettings(event) {
+  event.preventDefault();
+  const form = $("#settings-form");
+  const status = $("#settings-status");
+  clearErrors(form);
+  const body = { negative_prompt: form.elements.negative_prompt.value, scheduler: form.elements.scheduler.value };
+  for (const name of ["steps", "guidance_scale", "width", "height"]) {
+    const raw = form.elements[name].value.trim();
+    body[name] = raw === "" || isNaN(Number(raw)) ? raw : Number(raw);
+  }
+  try {
+    const result = await api("PUT", "/api/config/generation", body);
+    status.textContent = result.message;
+    status.className = "status";
+    state.options.generation = result.config.generation;
+    applyDefaults(result.config.generation);
+  } catch (error) {
+    if (!(error instanceof ApiError) || !showErrors(form, error, "generation.")) {
+      status.textContent = error.message;
+      status.className = "status bad";
+    } else {
+      status.textContent = "";
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------- boot
+async function loadOptions() {
+  state.options = await api("GET", "/api/options");
+  return state.options;
+}
+
+async function main() {
+  setupTabs();
+  setupCreate();
+  setupGallery();
+  $("#settings-form").addEventListener("submit", saveSettings);
+  const options = await loadOptions();
+  fillSelects(options);
+  applyDefaults(options.generation);
+  showTab(location.hash.slice(1) || "create");
+  connectEvents();
+  // Keep the ETA ticking between steps of a slow job.
+  setInterval(() => { if (state.current) renderProgress(); }, 1000);
+}
+
+main().catch((error) => {
+  document.body.prepend(el("p", { class: "status bad", role: "alert" }, `Could not start: ${error.message}`));
+});

@@ -1,0 +1,230 @@
+"""The web UI in a real Chromium (Debian's), driven by Playwright, against a real server.
+
+.ci/run installs Debian's chromium; elsewhere the test is skipped when it is missing.
+IMAGINEERD_SCREENSHOTS=1 writes the README's screenshots to docs/screenshots/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not os.path.exists(CHROMIUM):
+    if os.environ.get("CI"):
+        raise RuntimeError("CI must install Debian's chromium (see .ci/run)")
+    pytest.skip("chromium not installed (apt install chromium)", allow_module_level=True)
+
+from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
+
+from .conftest import Api, wait_for  # noqa: E402
+
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+# The flags a closed network needs: no background calls to Google's services.
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser) -> Page:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, errors  # no uncaught JavaScript errors in any test
+
+
+def shot(page: Page, name: str, tmp_path: Path) -> None:
+    folder = SCREENSHOTS if os.environ.get("IMAGINEERD_SCREENSHOTS") else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / f"{name}.png"), full_page=False)
+
+
+def test_submit_watch_progress_and_see_the_image_in_the_gallery(start_api, page: Page, tmp_path):
+    api: Api = start_api()
+    page.goto(api.url)
+    expect(page.locator("#steps")).to_have_value("2")  # defaults come from the server
+    page.fill("#prompt", "a lighthouse at dusk")
+    page.fill("#steps", "60")
+    page.fill("#seed", "1234")
+    page.locator("#prompt").press("Control+Enter")
+    expect(page.locator("#create-status")).to_contain_text("Queued job #1")
+    bar = page.locator("#create-running .progress > div")
+    expect(page.locator("#create-running")).to_be_visible(timeout=30000)
+    # The bar moves: a width above 0 and below 100 while running.
+    wait_for(lambda: 0 < _width(bar) < 100, 30)
+    expect(page.locator("#create-running .progress-text")).to_contain_text("Step ")
+    shot(page, "create-desktop", tmp_path)
+    page.click("#tab-queue")
+    expect(page.locator("#running .running-job")).to_be_visible()
+    shot(page, "queue-desktop", tmp_path)
+    expect(page.locator("#history .state.completed")).to_have_count(1, timeout=60000)
+    page.click("#tab-gallery")
+    thumbs = page.locator("#gallery .thumb img")
+    expect(thumbs).to_have_count(1)
+    wait_for(lambda: thumbs.first.evaluate("img => img.naturalWidth") > 0, 10)
+    # A second job finishing appears without a reload.
+    page.click("#tab-create")
+    page.fill("#steps", "2")
+    page.fill("#prompt", "a red fox")
+    page.click("#generate")
+    page.click("#tab-gallery")
+    expect(thumbs).to_have_count(2, timeout=60000)
+    thumbs.first.click()
+    viewer = page.locator("#viewer")
+    expect(viewer).to_be_visible()
+    expect(viewer.locator("#viewer-meta")).to_contain_text("a red fox")
+    shot(page, "gallery-viewer-desktop", tmp_path)
+    page.click("#viewer-reuse")
+    expect(page.locator("#prompt")).to_have_value("a red fox")
+    page.click("#tab-gallery")
+    thumbs.nth(1).click()
+    expect(viewer.locator("#viewer-meta")).to_contain_text("1234")
+    page.click("#viewer-reuse")
+    expect(page.locator("#seed")).to_have_value("1234")
+    expect(page.locator("#steps")).to_have_value("60")
+
+
+def _width(locator) -> float:
+    return locator.evaluate("d => parseFloat(d.style.width) || 0")
+
+
+def test_validation_error_shows_next_to_its_field(start_api, page: Page):
+    api = start_api(workers=False)
+    page.goto(api.url)
+    page.fill("#prompt", "x")
+    page.fill("#width", "100")
+    page.click("#generate")
+    error = page.locator('#create-form [data-error-for="width"]')
+    expect(error).to_have_text("width must be divisible by 8, got 100 (nearest: 96 or 104)")
+    expect(page.locator("#width")).to_be_focused()
+    assert api.daemon.store.counts()["queued"] == 0
+    page.fill("#width", "96")
+    expect(error).to_have_text("")
+    page.fill("#prompt", "")
+    page.click("#generate")
+    expect(page.locator('#create-form [data-error-for="prompt"]')).to_contain_text(
+        "prompt must not be empty"
+    )
+
+
+def test_cancel_a_queued_job_and_copies_get_their_own_seeds(start_api, page: Page):
+    api = start_api(workers=False)  # nothing runs, so the jobs stay queued
+    page.goto(api.url + "/#create")
+    page.fill("#prompt", "many")
+    page.fill("#seed", "10")
+    page.fill("#copies", "3")
+    page.click("#generate")
+    expect(page.locator("#create-status")).to_contain_text("Queued 3 jobs")
+    assert [j.spec.seed for j in api.daemon.store.queued()] == [10, 11, 12]
+    page.click("#tab-queue")
+    rows = page.locator("#queued li")
+    expect(rows).to_have_count(3)
+    rows.nth(1).get_by_role("button", name="Cancel job 2").click()
+    expect(rows).to_have_count(2)
+    assert api.daemon.job(2).status == "cancelled"
+    # Another client adds a job: it appears live; a reload shows the true state too.
+    api("POST", "/api/generate", json={"prompt": "from a script"})
+    expect(rows).to_have_count(3)
+    page.reload()
+    expect(page.locator("#queued li")).to_have_count(3)
+    expect(page.locator("#queued li").last).to_contain_text("from a script")
+
+
+def test_settings_change_is_used_by_the_next_job(start_api, page: Page, tmp_path):
+    api = start_api(workers=False)
+    page.goto(api.url + "/#settings")
+    expect(page.locator("#set-steps")).to_have_value("2")
+    expect(page.locator("#config-view")).to_contain_text("server.port")
+    shot(page, "settings-desktop", tmp_path)
+    page.fill("#set-steps", "200")
+    page.click("#settings-save")
+    expect(page.locator('#settings-form [data-error-for="steps"]')).to_contain_text("from 1 to 150")
+    page.fill("#set-steps", "7")
+    page.select_option("#set-scheduler", "dpmpp_2m_karras")
+    page.click("#settings-save")
+    expect(page.locator("#settings-status")).to_contain_text("Configuration saved")
+    page.click("#tab-create")
+    expect(page.locator("#steps")).to_have_value("7")
+    page.fill("#prompt", "uses the new default")
+    page.click("#generate")
+    expect(page.locator("#create-status")).to_contain_text("Queued job")
+    job = api.daemon.store.queued()[0]
+    assert (job.spec.steps, job.spec.scheduler) == (7, "dpmpp_2m_karras")
+
+
+def test_token_prompt_when_auth_is_on(start_api, page: Page):
+    api = start_api(workers=False, server={"auth_token": "letmein"})
+    page.goto(api.url)
+    dialog = page.locator("#token-dialog")
+    expect(dialog).to_be_visible()
+    page.fill("#token-input", "wrong")
+    page.click("#token-save")
+    expect(page.locator("#token-error")).to_have_text("That token was not accepted.")
+    page.fill("#token-input", "letmein")
+    page.click("#token-save")
+    expect(dialog).to_be_hidden()
+    expect(page.locator("#steps")).to_have_value("2")
+    expect(page.locator("#connection")).to_have_class("connection live")
+    assert page.evaluate("localStorage.getItem('imagineerd.token')") == "letmein"
+    page.reload()  # kept: no second prompt
+    expect(page.locator("#steps")).to_have_value("2")
+    expect(dialog).to_be_hidden()
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_phone_layout_has_no_horizontal_scroll(start_api, browser, tmp_path, scheme):
+    api = start_api()
+    api("POST", "/api/generate", json={"prompt": "phone " * 40, "seed": 1})
+    api.wait_job(1)
+    context = browser.new_context(
+        viewport={"width": 375, "height": 740},
+        is_mobile=True,
+        has_touch=True,
+        device_scale_factor=2,
+        color_scheme=scheme,
+    )
+    page = context.new_page()
+    try:
+        for view in ("create", "queue", "gallery", "settings"):
+            page.goto(f"{api.url}/#{view}")
+            page.wait_for_load_state("networkidle")
+            assert page.evaluate("document.documentElement.scrollWidth") <= 375, view
+            if scheme == "light" and view in ("create", "gallery"):
+                shot(page, f"{view}-phone", tmp_path)
+        background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert (background == "rgb(17, 20, 24)") == (scheme == "dark")
+    finally:
+        context.close()
+
+
+def test_keyboard_moves_between_tabs(start_api, page: Page):
+    api = start_api(workers=False)
+    page.goto(api.url)
+    page.focus("#tab-create")
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#tab-queue")).to_be_focused()
+    expect(page.locator("#view-queue")).to_be_visible()
+    page.keyboard.press("ArrowLeft")
+    page.keyboard.press("ArrowLeft")
+    expect(page.locator("#view-settings")).to_be_visible()

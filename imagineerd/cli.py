@@ -89,7 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     daemon.start(workers=False)
     from .worker import Worker
 
-    worker = Worker(daemon)
+    worker = Worker(daemon, device=daemon.devices()[0])
     job = daemon.submit_spec(spec, source="cli")
     # Run the queue in this process until our job is done (jobs queued before it run first,
     # exactly as the server would run them).
@@ -97,9 +97,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         claimed = daemon.store.claim_next(started_at=daemon.now_iso())
         if claimed is None:
             break
-        worker.process(claimed)
+        worker.process([claimed])
         if claimed.id == job.id:
             break
+    daemon.drain_saves()
     done = daemon.job(job.id)
     daemon.stop()
     if done.status != COMPLETED:

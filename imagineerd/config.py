@@ -11,6 +11,7 @@ import contextlib
 import copy
 import io
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -59,6 +60,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "presets": {},
     "queue": {"max_attempts": 3},
+    "performance": {
+        "max_batch": "auto",
+        "compile": "auto",
+        "batch_buckets": [1, 2, 4, 8],
+        "channels_last": "auto",
+        "job_timeout": 0,
+    },
 }
 
 
@@ -105,10 +113,42 @@ def _bool(key: str, value: Any) -> bool:
     return value
 
 
-def _device(key: str, value: Any) -> str:
-    if isinstance(value, str) and (value in ("auto", "cpu", "mps") or value.startswith("cuda")):
+def _one_device(value: Any) -> bool:
+    return isinstance(value, str) and (
+        value in ("auto", "cpu", "mps", "cuda") or re.fullmatch(r"cuda:\d+", value) is not None
+    )
+
+
+def _device(key: str, value: Any) -> str | list[str]:
+    """One device, or a list of devices: one worker each, all on the same queue."""
+    if _one_device(value):
         return value
-    raise ConfigError(f"{key} must be auto, cpu, mps, cuda or cuda:N, got {value!r}", field=key)
+    if isinstance(value, list) and value and all(_one_device(v) and v != "auto" for v in value):
+        return list(value)
+    raise ConfigError(
+        f"{key} must be auto, cpu, mps, cuda, cuda:N or a list like [cuda:0, cuda:1], "
+        f"got {value!r}",
+        field=key,
+    )
+
+
+def _auto_or(check: Callable) -> Callable:
+    def wrapped(key: str, value: Any) -> Any:
+        return value if value == "auto" else check(key, value)
+
+    return wrapped
+
+
+def _buckets(key: str, value: Any) -> list[int]:
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64 for v in value)
+    ):
+        raise ConfigError(
+            f"{key} must be a list of batch sizes from 1 to 64, got {value!r}", field=key
+        )
+    return sorted(set(value))
 
 
 def _origins(key: str, value: Any) -> list[str]:
@@ -168,6 +208,13 @@ _SCHEMA: dict[str, dict[str, Callable]] = {
     },
     "presets": {},  # free-form names; checked by _presets
     "queue": {"max_attempts": _int(1, 100)},
+    "performance": {
+        "max_batch": _auto_or(_int(1, 64)),
+        "compile": _auto_or(_bool),
+        "batch_buckets": _buckets,
+        "channels_last": _auto_or(_bool),
+        "job_timeout": _float(0, 86400),
+    },
 }
 
 

@@ -15,6 +15,8 @@ import os
 import statistics
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from .events import EventBus
 from .jobs import COMPLETED, FAILED, QUEUED, RUNNING, Job
 from .plugins import get_plugin_manager
 from .store import SQLiteStore, Store
-from .worker import SHUTDOWN, Worker
+from .worker import SHUTDOWN, Worker, describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +75,13 @@ class Daemon:
         self.stopping = threading.Event()
         self.workers: list[Worker] = []
         self._work = threading.Condition()
+        self._work_pending = False
         self._lock = threading.Lock()
         self._progress: dict[int, tuple[int, int]] = {}
         self._interrupts: dict[int, str] = {}
         self._started = False
+        self._saver = ThreadPoolExecutor(max_workers=2, thread_name_prefix="imagineerd-save")
+        self._saves: set[Future] = set()
         # What config.yaml says now; differs from ``config`` by keys that need a restart.
         self.saved_config: dict[str, Any] = copy.deepcopy(config.data)
         self._config_lock = threading.RLock()
@@ -86,13 +91,45 @@ class Daemon:
         return iso(self.clock())
 
     def start(self, *, workers: bool = True) -> None:
-        """Recover from an unclean stop, then start the worker(s)."""
+        """Recover from an unclean stop, then start one worker per device."""
         self.recover()
         if workers:
-            worker = Worker(self)
-            self.workers.append(worker)
-            worker.start()
+            max_batch = self.config["performance"]["max_batch"]
+            for index, device in enumerate(self.devices()):
+                if max_batch == "auto":
+                    # Batching pays where kernel launches dominate (GPUs), not on CPUs.
+                    max_batch = 8 if device.startswith("cuda") else 1
+                worker = Worker(self, device=device, max_batch=max_batch, index=index)
+                self.workers.append(worker)
+                worker.start()
         self._started = True
+
+    def devices(self) -> list[str]:
+        """``model.device`` as a list: one worker each. ``auto`` is every visible GPU (or
+        the single best device when there is none)."""
+        setting = self.config["model"]["device"]
+        if isinstance(setting, list):
+            return setting
+        if setting == "auto":
+            import torch
+
+            count = torch.cuda.device_count()
+            if count > 1:
+                return [f"cuda:{i}" for i in range(count)]
+            return ["cuda" if count else "auto"]
+        return [setting]
+
+    def backend_settings(self) -> dict[str, Any]:
+        """What a backend factory receives: the ``model:`` section (``name`` made absolute
+        when local, ``cache_dir`` resolved) plus ``performance``, ``state_dir`` and
+        ``warm_sizes``."""
+        settings = self.config.model_settings()
+        settings["performance"] = dict(self.config["performance"])
+        settings["state_dir"] = str(self.state_dir)
+        # Sizes a compiling backend prepares first: the default one.
+        generation = self.config["generation"]
+        settings["warm_sizes"] = [[generation["width"], generation["height"]]]
+        return settings
 
     def recover(self) -> None:
         """Finish what a crash left: partial images are removed; a job that was ``running``
@@ -135,15 +172,21 @@ class Daemon:
             worker.join(timeout)
             if worker.is_alive():
                 log.error("%s did not stop within %ss", worker.name, timeout)
+        self._saver.shutdown(wait=True)  # images already generated are still written
         self.store.close()
 
     def wake(self) -> None:
         with self._work:
+            self._work_pending = True
             self._work.notify_all()
 
     def wait_for_work(self, timeout: float) -> None:
+        # The flag closes the gap between a worker finding the queue empty and starting to
+        # wait: a job submitted in between would otherwise wait for the timeout.
         with self._work:
-            self._work.wait(timeout)
+            if not self._work_pending:
+                self._work.wait(timeout)
+            self._work_pending = False
 
     # -- frontends -----------------------------------------------------------------------
     @property
@@ -252,6 +295,15 @@ class Daemon:
     def health(self) -> dict[str, Any]:
         counts = self.store.counts()
         worker = self.workers[0] if self.workers else None
+        workers = [
+            {
+                "device": w.device,
+                "state": w.backend_state,
+                "error": w.backend_error,
+                "max_batch": w.max_batch,
+            }
+            for w in self.workers
+        ]
         return {
             "status": "ok",
             "queue_size": counts[QUEUED],
@@ -265,6 +317,7 @@ class Daemon:
                 "state": worker.backend_state if worker else "no worker",
                 "error": worker.backend_error if worker else None,
             },
+            "workers": workers,
         }
 
     def update_config(self, data: Any) -> dict[str, Any]:
@@ -340,7 +393,6 @@ class Daemon:
     def clear_interrupt(self, job_id: int) -> None:
         with self._lock:
             self._interrupts.pop(job_id, None)
-        self._progress.pop(job_id, None)
 
     def job_finished(
         self,
@@ -358,14 +410,45 @@ class Daemon:
             duration_seconds=duration_seconds,
             output_path=output_path,
             error=error,
-            progress=self._progress.get(job.id),
+            progress=self._progress.pop(job.id, None),
         )
         view = self.job_view(done)
         self.events.publish(f"job.{status}", view)
         self._hook("imagineerd_job_finished", job=view)
         return done
 
+    def save_later(
+        self, job: Job, image: Image.Image, *, duration: float, model_label: str
+    ) -> None:
+        """Write a finished job's image on a saver thread, then mark the job completed (or
+        failed, if the write fails), so the worker can start its next batch at once."""
+
+        def save() -> None:
+            try:
+                output = self.save_output(job, image, duration=duration, model_label=model_label)
+            except Exception as exc:
+                self.job_finished(
+                    job, FAILED, duration_seconds=duration, error=describe_failure(exc)
+                )
+            else:
+                self.job_finished(job, COMPLETED, duration_seconds=duration, output_path=output)
+
+        future = self._saver.submit(save)
+        with self._lock:
+            self._saves.add(future)
+        future.add_done_callback(self._saves.discard)
+
+    def drain_saves(self) -> None:
+        """Wait until every image handed to the saver is written and its job finished."""
+        with self._lock:
+            pending = list(self._saves)
+        futures_wait(pending)
+
+    def has_queued_jobs(self) -> bool:
+        return bool(self.store.queued(1))
+
     def job_requeued(self, job: Job) -> None:
+        self._progress.pop(job.id, None)
         requeued = self.store.requeue(job.id, count_attempt=False)
         self.events.publish("job.requeued", self.job_view(requeued))
 

@@ -15,7 +15,7 @@ import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -32,6 +32,13 @@ class Store(Protocol):
         source_name: str | None = None,
     ) -> Job: ...
     def get(self, job_id: int) -> Job | None: ...
+    def claim_batch(
+        self,
+        *,
+        started_at: str,
+        limit: int | Callable[[JobSpec], int],
+        key: Callable[[JobSpec], Hashable] | None = None,
+    ) -> list[Job]: ...
     def claim_next(self, *, started_at: str) -> Job | None: ...
     def finish(
         self,
@@ -225,20 +232,50 @@ class SQLiteStore:
         )
         return cur.lastrowid
 
+    #: How far past the head a batch claim looks for compatible jobs.
+    BATCH_LOOKAHEAD = 512
+
     def claim_next(self, *, started_at: str) -> Job | None:
         """Atomically move the head of the queue to ``running`` (attempts + 1) and return it."""
+        claimed = self.claim_batch(started_at=started_at, limit=1)
+        return claimed[0] if claimed else None
+
+    def claim_batch(
+        self,
+        *,
+        started_at: str,
+        limit: int | Callable[[JobSpec], int],
+        key: Callable[[JobSpec], Hashable] | None = None,
+    ) -> list[Job]:
+        """Atomically claim the head of the queue plus up to ``limit - 1`` later queued jobs
+        whose ``key(spec)`` equals the head's (``limit`` may depend on the head's spec).
+
+        The head is always included, so no job waits behind jobs it cannot batch with for
+        more than one batch. Every claimed job becomes ``running`` with attempts + 1.
+        """
         with self._write() as db:
-            row = db.execute(
-                "SELECT id FROM jobs WHERE status = ? ORDER BY seq LIMIT 1", (QUEUED,)
-            ).fetchone()
-            if row is None:
-                return None
-            db.execute(
+            rows = db.execute(
+                "SELECT id, spec FROM jobs WHERE status = ? ORDER BY seq LIMIT ?",
+                (QUEUED, self.BATCH_LOOKAHEAD if key is not None else 1),
+            ).fetchall()
+            if not rows:
+                return []
+            head = JobSpec(**json.loads(rows[0]["spec"]))
+            size = limit(head) if callable(limit) else limit
+            ids = [rows[0]["id"]]
+            if key is not None and size > 1:
+                wanted = key(head)
+                for row in rows[1:]:
+                    if len(ids) >= size:
+                        break
+                    if key(JobSpec(**json.loads(row["spec"]))) == wanted:
+                        ids.append(row["id"])
+            db.executemany(
                 "UPDATE jobs SET status = ?, started_at = ?, attempts = attempts + 1,"
                 " progress_step = 0, progress_total = 0 WHERE id = ? AND status = ?",
-                (RUNNING, started_at, row["id"], QUEUED),
+                [(RUNNING, started_at, job_id, QUEUED) for job_id in ids],
             )
-        return self.get(row["id"])
+        return [self.get(job_id) for job_id in ids]
 
     def finish(
         self,

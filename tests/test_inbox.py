@@ -294,7 +294,7 @@ def test_crash_between_claim_and_submit_is_finished_on_restart(make_config, tmp_
         assert prompts == sorted(
             ["survivor one", "survivor two", "already queued", "still in the drop area"]
         )  # each exactly once
-        assert daemon.open_claims() == []
+        wait_for(lambda: daemon.open_claims() == [], 10)  # the receipt is written first
     finally:
         box.stop()
         daemon.stop()

@@ -14,6 +14,7 @@ import logging
 import os
 import statistics
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
@@ -27,7 +28,7 @@ from . import __version__, jobs, outputs
 from . import config as config_mod
 from .backends import build_registry
 from .config import Config
-from .errors import Conflict, Gone, NotFound
+from .errors import Conflict, Gone, NotFound, Unavailable
 from .events import EventBus
 from .jobs import COMPLETED, FAILED, QUEUED, RUNNING, Job
 from .plugins import get_plugin_manager
@@ -102,7 +103,45 @@ class Daemon:
                 worker = Worker(self, device=device, max_batch=max_batch, index=index)
                 self.workers.append(worker)
                 worker.start()
+            threading.Thread(target=self._watchdog, name="imagineerd-watchdog", daemon=True).start()
         self._started = True
+
+    def _watchdog(self) -> None:
+        """Fail the jobs of a worker whose backend hangs without calling back.
+
+        A backend that reports steps is stopped at the next step once it passes
+        ``performance.job_timeout``. One that stops calling back (a driver hang, a deadlock)
+        cannot be interrupted from Python: past the limit plus a grace period its jobs fail,
+        the stuck thread is abandoned and a new worker takes over the device's queue.
+        """
+        while not self.stopping.wait(0.5):
+            timeout = self.config["performance"]["job_timeout"]
+            if not timeout:
+                continue
+            grace = max(2.0, timeout * 0.25)
+            for index, worker in enumerate(list(self.workers)):
+                started = worker.batch_started
+                if started is None or worker.abandoned:
+                    continue
+                waited = time.monotonic() - started
+                if waited < timeout + grace:
+                    continue
+                worker.abandoned = True
+                log.error("%s has not responded for %.0f s; restarting it", worker.name, waited)
+                for job in list(worker.active.values()):
+                    self.job_finished(
+                        job,
+                        FAILED,
+                        duration_seconds=round(waited, 3),
+                        error=f"the backend stopped responding: no result after {waited:.0f} s "
+                        f"(performance.job_timeout is {timeout:g} s); the job was stopped and "
+                        "the worker restarted",
+                    )
+                replacement = Worker(
+                    self, device=worker.device, max_batch=worker.max_batch, index=len(self.workers)
+                )
+                self.workers[index] = replacement
+                replacement.start()
 
     def devices(self) -> list[str]:
         """``model.device`` as a list: one worker each. ``auto`` is every visible GPU (or
@@ -403,15 +442,40 @@ class Daemon:
         output_path: str | None = None,
         error: str | None = None,
     ) -> Job:
-        done = self.store.finish(
-            job.id,
-            status,
-            completed_at=self.now_iso(),
-            duration_seconds=duration_seconds,
-            output_path=output_path,
-            error=error,
-            progress=self._progress.pop(job.id, None),
-        )
+        for attempt in range(600):
+            try:
+                return self._finish(job, status, duration_seconds, output_path, error)
+            except Unavailable:
+                # The database is locked by another program past its busy timeout: the job
+                # is done, so keep trying rather than leave it "running" until a restart.
+                if self.stopping.is_set() and attempt > 10:
+                    raise
+                log.warning("job %s: the database is locked; retrying to record it", job.id)
+                time.sleep(1.0)
+        raise Unavailable(f"could not record the end of job {job.id}: the database stays locked")
+
+    def _finish(
+        self,
+        job: Job,
+        status: str,
+        duration_seconds: float | None,
+        output_path: str | None,
+        error: str | None,
+    ) -> Job:
+        try:
+            done = self.store.finish(
+                job.id,
+                status,
+                completed_at=self.now_iso(),
+                duration_seconds=duration_seconds,
+                output_path=output_path,
+                error=error,
+                progress=self._progress.pop(job.id, None),
+            )
+        except RuntimeError:
+            # Already finished elsewhere (e.g. failed by the watchdog): the first word stands.
+            log.warning("job %s was already finished; ignoring a late %s", job.id, status)
+            return self.job(job.id)
         view = self.job_view(done)
         self.events.publish(f"job.{status}", view)
         self._hook("imagineerd_job_finished", job=view)

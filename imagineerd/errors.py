@@ -55,6 +55,14 @@ class Gone(ImagineerdError):
     code = "gone"
 
 
+class Unavailable(ImagineerdError):
+    """A shared resource is busy for now (the job database locked by another process); the
+    same request can simply be retried."""
+
+    status = 503
+    code = "busy"
+
+
 class BackendError(ImagineerdError):
     """The generation backend could not be loaded or failed; the job fails with this text."""
 

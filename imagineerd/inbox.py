@@ -256,8 +256,11 @@ class Inbox:
         classified = self._classify(path)
         if classified is None:
             return
-        rel, _ = classified
-        claimed = self.claimed_dir / f"{uuid.uuid4().hex}-{path.name}"
+        # A name that is not valid UTF-8 (an old client's Latin-1, say) cannot go into the
+        # database, a receipt or a JSON answer: from the claim on, the file carries a name
+        # with U+FFFD in place of the bad bytes.
+        rel = os.fsencode(classified[0]).decode("utf-8", "replace")
+        claimed = self.claimed_dir / f"{uuid.uuid4().hex}-{Path(rel).name}"
         claim_id = self.daemon.create_claim(rel, str(claimed))
         try:
             os.rename(path, claimed)

@@ -76,6 +76,10 @@ class Worker(threading.Thread):
         self.backend_error: str | None = None
         # Batch size caps learnt from out-of-memory errors, per image size.
         self._caps: dict[tuple[int, int], int] = {}
+        # What the daemon's watchdog looks at: the batch in hand and since when.
+        self.active: dict[int, Job] = {}
+        self.batch_started: float | None = None
+        self.abandoned = False
 
     # -- backend -------------------------------------------------------------------------
     def backend(self) -> Backend:
@@ -113,25 +117,31 @@ class Worker(threading.Thread):
             self.backend()
         except Exception as exc:  # reported on each job until it loads
             log.error("backend not ready: %s", exc)
-        while not d.stopping.is_set():
-            batch = d.store.claim_batch(
-                started_at=d.now_iso(), limit=self.batch_limit, key=batch_key
-            )
-            if not batch:
-                idle = getattr(self._backend, "idle", None)
-                if idle is not None and idle(d.has_queued_jobs):
-                    continue  # the backend used the quiet time (e.g. to compile)
-                d.wait_for_work(timeout=1.0)
-                continue
-            self.process(batch)
+        while not d.stopping.is_set() and not self.abandoned:
+            try:
+                batch = d.store.claim_batch(
+                    started_at=d.now_iso(), limit=self.batch_limit, key=batch_key
+                )
+                if not batch:
+                    idle = getattr(self._backend, "idle", None)
+                    if idle is not None and idle(d.has_queued_jobs):
+                        continue  # the backend used the quiet time (e.g. to compile)
+                    d.wait_for_work(timeout=1.0)
+                    continue
+                self.process(batch)
+            except Exception:
+                # The worker must outlive anything (a locked database, a full disk): the
+                # jobs it holds are finished or recovered; it tries again in a moment.
+                log.exception("%s: unexpected error; carrying on", self.name)
+                time.sleep(1.0)
 
     def process(self, jobs: list[Job]) -> None:
         """Run one batch to the end: every job completes, fails, is cancelled or requeued."""
         d = self.daemon_ref
         for job in jobs:
             d.job_started(job)
-        active = {job.id: job for job in jobs}
-        started = time.monotonic()
+        active = self.active = {job.id: job for job in jobs}
+        started = self.batch_started = time.monotonic()
         timeout = d.config["performance"]["job_timeout"]
 
         def elapsed() -> float:
@@ -139,6 +149,8 @@ class Worker(threading.Thread):
 
         def make_on_step(ids: list[int]) -> Callable[[int, int], None]:
             def on_step(step: int, total: int) -> None:
+                if self.abandoned:  # the watchdog gave up on us: stop, touch nothing
+                    raise JobInterrupted("abandoned")
                 for job_id in ids:
                     if job_id not in active:
                         continue
@@ -161,11 +173,17 @@ class Worker(threading.Thread):
         try:
             backend = self.backend()
             images = self._generate(backend, jobs, active, make_on_step)
+            if self.abandoned:
+                return  # its jobs were failed by the watchdog; a new worker runs the queue
         except JobInterrupted as exc:
+            if self.abandoned:
+                return
             if exc.message == SHUTDOWN:
                 for job in active.values():
                     d.job_requeued(job)
         except Exception as exc:
+            if self.abandoned:
+                return
             message = describe_failure(exc)
             if not isinstance(exc, ImagineerdError):
                 log.exception("batch of %d job(s) failed", len(active))
@@ -177,6 +195,8 @@ class Worker(threading.Thread):
                 # PNG encoding and the disk write happen off this thread: the GPU goes on.
                 d.save_later(job, images[job_id], duration=duration, model_label=self.model_label)
         finally:
+            self.batch_started = None
+            self.active = {}
             for job in jobs:
                 d.clear_interrupt(job.id)
 

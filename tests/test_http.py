@@ -526,3 +526,29 @@ def _get(requests, url):
         return requests.get(url, timeout=2).ok
     except requests.ConnectionError:
         return False
+
+
+def test_static_files_never_follow_links_out(tmp_path: Path):
+    import falcon
+    import falcon.testing
+
+    from imagineerd.http.resources import StaticFiles
+
+    root = tmp_path / "static"
+    root.mkdir()
+    (root / "index.html").write_text("<!doctype html>home")
+    (tmp_path / "secret.txt").write_text("TOP-SECRET")
+    (root / "leak.txt").symlink_to(tmp_path / "secret.txt")
+    from imagineerd.errors import ImagineerdError
+    from imagineerd.http import errors
+
+    app = falcon.App()
+    app.add_error_handler(ImagineerdError, errors.handle_domain_error)
+    ui = StaticFiles(root)
+    app.add_route("/", ui)
+    app.add_route("/{filename:path}", ui, suffix="item")
+    client = falcon.testing.TestClient(app)
+    assert "home" in client.simulate_get("/").text
+    for path in ("/leak.txt", "/../secret.txt", "/%2e%2e/secret.txt", "/.hidden"):
+        response = client.simulate_get(path)
+        assert response.status_code == 404 and "TOP-SECRET" not in response.text

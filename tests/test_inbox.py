@@ -345,3 +345,16 @@ def test_stop_and_start_do_not_double_anything(start_inbox):
         )
     finally:
         box.stop()
+
+
+def test_file_names_that_are_not_utf8_or_odd_still_work(start_inbox):
+    env = start_inbox()
+    odd = os.fsdecode(b"caf\xe9 menu.txt")  # Latin-1 bytes from an old client
+    (env.root / odd).write_text("an odd name\n")
+    (env.root / "日本語 プロンプト.txt").write_text("a unicode name\n")
+    (env.root / "no-newline.txt").write_text("last line without newline")
+    wait_for(lambda: len(list((env.root / "done").glob("*.result.yaml"))) == 3, 20)
+    prompts = sorted(j.spec.prompt for j in env.daemon.store.queued())
+    assert prompts == ["a unicode name", "an odd name", "last line without newline"]
+    odd_job = [j for j in env.daemon.store.queued() if j.spec.prompt == "an odd name"][0]
+    assert "caf" in odd_job.source_name

@@ -147,3 +147,28 @@ def test_recent_durations_prefer_similar_jobs(store: SQLiteStore):
         store.finish(job.id, COMPLETED, completed_at=T, duration_seconds=duration)
     assert sorted(store.recent_durations(spec("q", width=512, height=512))) == [10.0, 12.0]
     assert store.recent_durations(spec("q", width=256, height=256))  # scaled from others
+
+
+def test_hot_queries_use_indexes_not_scans_or_sorts(store: SQLiteStore):
+    """What keeps the API fast with 100 000 jobs (benchmarks/http_load.py measures it): no
+    query the store runs on a request path scans the table or sorts it in a temp b-tree.
+    The statements are captured from the store itself, so this follows the code."""
+    ran: list[str] = []
+    store._db().set_trace_callback(ran.append)
+    job = store.add(spec("a"), submitted_at=T)
+    store.add(spec("b"), submitted_at=T)
+    store.claim_batch(started_at=T, limit=4, key=lambda s: s.width)
+    store.queue_position(store.get(job.id))
+    store.history(50)
+    store.history(50, before=10)
+    store.recent_durations(spec("c"))
+    store.queued(1000)
+    store.running()
+    store._db().set_trace_callback(None)
+    selects = {sql for sql in ran if sql.lstrip().upper().startswith("SELECT")}
+    assert len(selects) >= 8
+    for sql in selects:
+        plan = " | ".join(row[3] for row in store._db().execute(f"EXPLAIN QUERY PLAN {sql}"))
+        assert "TEMP B-TREE" not in plan, (sql, plan)
+        for step in plan.split(" | "):
+            assert not (step.startswith("SCAN jobs") and "INDEX" not in step), (sql, plan)

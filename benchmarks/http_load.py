@@ -1,0 +1,173 @@
+"""Bounded HTTP load against a real server on loopback.
+
+    python benchmarks/http_load.py --clients 50 --seconds 30 --history 100000
+
+N client threads for a fixed time mix: submit (10%), job status (40%), job list (20%),
+outputs list (20%) and opening the event stream (10%, read its first bytes, close). The
+store is first filled with --history finished jobs, so job status is measured with a big
+table. Reports requests/s, p50/p99 latency per kind and errors (which must be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _server import Server, tiny_model  # noqa: E402
+
+MIX = [("submit", 10), ("status", 40), ("list", 20), ("outputs", 20), ("events", 10)]
+
+
+def fill_history(db_path: Path, count: int) -> None:
+    spec = json.dumps(
+        {
+            "prompt": "history",
+            "negative_prompt": "",
+            "seed": 1,
+            "steps": 1,
+            "width": 64,
+            "height": 64,
+            "guidance_scale": 7.5,
+            "scheduler": "euler",
+        }
+    )
+    db = sqlite3.connect(db_path)
+    with db:
+        db.executemany(
+            "INSERT INTO jobs (seq, status, spec, submitted_at, completed_at, duration_seconds)"
+            " VALUES (?, 'completed', ?, '2026-01-01T00:00:00.000000',"
+            " '2026-01-01T00:00:01.000000', 1.0)",
+            ((i, spec) for i in range(1, count + 1)),
+        )
+    db.close()
+
+
+def client(
+    url: str, until: float, max_id: int, rng: random.Random, results: list, errors: list
+) -> None:
+    session = requests.Session()
+    kinds = [k for k, w in MIX for _ in range(w)]
+    while time.monotonic() < until:
+        kind = rng.choice(kinds)
+        start = time.perf_counter()
+        try:
+            if kind == "submit":
+                r = session.post(url + "/api/generate", json={"prompt": "load test"}, timeout=30)
+                ok = r.status_code == 201
+            elif kind == "status":
+                r = session.get(f"{url}/api/jobs/{rng.randint(1, max_id)}", timeout=30)
+                ok = r.status_code == 200
+            elif kind == "list":
+                r = session.get(url + "/api/jobs?limit=50", timeout=30)
+                ok = r.status_code == 200
+            elif kind == "outputs":
+                r = session.get(url + "/api/outputs?limit=50", timeout=30)
+                ok = r.status_code == 200
+            else:
+                with session.get(url + "/api/events", stream=True, timeout=30) as r:
+                    ok = r.status_code == 200 and bool(next(r.iter_content(64), b""))
+                    if r.status_code == 503:  # the stream cap doing its job, not an error
+                        ok = True
+            if not ok:
+                errors.append((kind, r.status_code, r.text[:200]))
+        except requests.RequestException as exc:
+            errors.append((kind, "exception", str(exc)[:200]))
+        results.append((kind, time.perf_counter() - start))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--history", type=int, default=100_000)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="imagineerd-load-") as tmp:
+        work = Path(tmp)
+        server = Server(work, tiny_model(work))
+        (work / "state").mkdir()
+        server.start()
+        server.stop()  # creates the database; fill it while nothing runs
+        fill_history(work / "state" / "imagineerd.db", args.history)
+        server.start()
+        try:
+            probe = [time.perf_counter()]
+            for job_id in (1, args.history // 2, args.history):
+                t = time.perf_counter()
+                requests.get(f"{server.url}/api/jobs/{job_id}", timeout=30).raise_for_status()
+                probe.append(time.perf_counter() - t)
+            results: list = []
+            errors: list = []
+            until = time.monotonic() + args.seconds
+            threads = [
+                threading.Thread(
+                    target=client,
+                    args=(server.url, until, args.history, random.Random(i), results, errors),
+                )
+                for i in range(args.clients)
+            ]
+            started = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            elapsed = time.perf_counter() - started
+            healthy = requests.get(server.url + "/api/health", timeout=30).json()["status"]
+        finally:
+            exit_code = server.stop()
+    per_kind = {}
+    for kind, _ in MIX:
+        times = [d for k, d in results if k == kind]
+        per_kind[kind] = {
+            "requests": len(times),
+            "p50_ms": float(np.percentile(times, 50) * 1000) if times else None,
+            "p99_ms": float(np.percentile(times, 99) * 1000) if times else None,
+        }
+    all_times = [d for _, d in results]
+    report = {
+        "clients": args.clients,
+        "seconds": elapsed,
+        "history_jobs": args.history,
+        "requests": len(results),
+        "requests_per_second": len(results) / elapsed,
+        "p50_ms": float(np.percentile(all_times, 50) * 1000),
+        "p99_ms": float(np.percentile(all_times, 99) * 1000),
+        "errors": len(errors),
+        "error_samples": errors[:5],
+        "per_kind": per_kind,
+        "job_status_ms_with_history": [round(t * 1000, 2) for t in probe[1:]],
+        "healthy_after": healthy,
+        "clean_exit": exit_code == 0,
+    }
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    print(
+        f"{report['requests']} requests in {elapsed:.1f} s = "
+        f"{report['requests_per_second']:.0f} req/s; p50 {report['p50_ms']:.1f} ms, "
+        f"p99 {report['p99_ms']:.1f} ms; errors {report['errors']}"
+    )
+    for kind, numbers in per_kind.items():
+        print(
+            f"  {kind:8} {numbers['requests']:6} requests  p50 {numbers['p50_ms']:.1f} ms  "
+            f"p99 {numbers['p99_ms']:.1f} ms"
+        )
+    print(
+        f"job status with {args.history} jobs in the store: "
+        f"{report['job_status_ms_with_history']} ms (first, middle, last id)"
+    )
+    return 0 if not errors and healthy == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""A burst of prompt files dropped into the inbox of a real server.
+
+    python benchmarks/inbox_burst.py --files 1000
+
+Every file (one prompt each, written under a hidden name and renamed into place, as a
+network copy does) must give exactly one job. Reports the time from drop to queued
+(p50/p99) and to all files taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _server import Server, tiny_model  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=1000)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="imagineerd-burst-") as tmp:
+        work = Path(tmp)
+        inbox = work / "inbox"
+        inbox.mkdir()
+        server = Server(
+            work,
+            tiny_model(work),
+            inbox={"enabled": True, "settle_seconds": 0.5, "rescan_seconds": 5},
+        )
+        server.start()
+        dropped: dict[str, float] = {}
+        try:
+            start = time.time()
+            for i in range(args.files):
+                name = f"burst-{i:05}.txt"
+                part = inbox / f".{name}.part"
+                part.write_text(f"burst prompt {i}\n")
+                part.rename(inbox / name)
+                dropped[name] = time.time()
+            deadline = time.monotonic() + 600
+            done = inbox / "done"
+            while len(list(done.glob("*.result.yaml"))) < args.files:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("not every file was taken")
+                time.sleep(0.5)
+            all_taken = time.time() - start
+            jobs = []
+            before = None
+            while True:  # every job the API knows, queued, running or finished
+                body = requests.get(
+                    server.url + "/api/jobs",
+                    timeout=60,
+                    params={"limit": 500, **({"before": before} if before else {})},
+                ).json()
+                jobs += body["history"] + (body["queued"] if before is None else [])
+                if before is None and body["current"]:
+                    jobs.append(body["current"])
+                before = body["next_before"]
+                if before is None:
+                    break
+        finally:
+            server.stop()
+    by_file: dict[str, list] = {}
+    for job in jobs:
+        by_file.setdefault(job.get("source_name"), []).append(job)
+    delays = [
+        datetime.fromisoformat(v[0]["submitted_at"]).timestamp() - dropped[k]
+        for k, v in by_file.items()
+        if k in dropped
+    ]
+    exactly_once = sorted(by_file) == sorted(dropped) and all(len(v) == 1 for v in by_file.values())
+    report = {
+        "files": args.files,
+        "jobs": len(jobs),
+        "exactly_once": exactly_once,
+        "drop_to_queued_p50_s": float(np.percentile(delays, 50)),
+        "drop_to_queued_p99_s": float(np.percentile(delays, 99)),
+        "all_taken_s": all_taken,
+    }
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    print(
+        f"{args.files} files -> {len(jobs)} jobs, exactly once: {exactly_once}; drop to "
+        f"queued p50 {report['drop_to_queued_p50_s']:.2f} s, p99 "
+        f"{report['drop_to_queued_p99_s']:.2f} s; all taken after {all_taken:.1f} s"
+    )
+    return 0 if exactly_once else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The load, burst and soak benchmarks run end to end at a small scale (their full-scale
+figures are in docs/RELIABILITY.md; no timing is asserted here, only correctness)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_http_load_has_no_errors(tmp_path):
+    report = run("http_load", tmp_path, "--clients", "6", "--seconds", "3", "--history", "3000")
+    assert report["errors"] == 0 and report["requests"] > 0
+    assert report["healthy_after"] == "ok" and report["clean_exit"]
+    assert all(kind["requests"] > 0 for kind in report["per_kind"].values())
+
+
+def test_inbox_burst_takes_every_file_once(tmp_path):
+    report = run("inbox_burst", tmp_path, "--files", "40")
+    assert report["exactly_once"] and report["jobs"] == 40
+
+
+def test_soak_completes_every_job(tmp_path):
+    report = run("soak", tmp_path, "--jobs", "40", "--wave", "20")
+    assert report["completed"] == 40 and report["failed"] == 0 and report["clean_exit"]
+    assert report["rss_mib_at_end"] > 0

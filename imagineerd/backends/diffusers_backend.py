@@ -127,7 +127,8 @@ class DiffusersBackend:
         except BackendError:
             raise
         except Exception as exc:  # diffusers/hub raise many types (OSError, HTTP errors, ...)
-            raise BackendError(f"could not load model {name!r}: {exc}. {_OFFLINE_HINT}") from exc
+            reason = str(exc).strip().rstrip(".")
+            raise BackendError(f"could not load model {name!r}: {reason}. {_OFFLINE_HINT}") from exc
         pipe.set_progress_bar_config(disable=True)
         try:
             pipe.to(self.device)

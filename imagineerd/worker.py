@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from .backends import Backend, GenerationRequest
+from .backends import Backend
 from .errors import BackendError, ImagineerdError, JobInterrupted
 from .jobs import CANCELLED, FAILED, Job, JobSpec
 
@@ -34,19 +34,6 @@ SHUTDOWN = "shutdown"
 def batch_key(spec: JobSpec) -> Hashable:
     """Jobs with equal keys can run as one batch (one pipeline call)."""
     return (spec.width, spec.height, spec.steps, spec.scheduler, spec.guidance_scale)
-
-
-def request_for(spec: JobSpec) -> GenerationRequest:
-    return GenerationRequest(
-        prompt=spec.prompt,
-        negative_prompt=spec.negative_prompt,
-        seed=spec.seed,
-        steps=spec.steps,
-        width=spec.width,
-        height=spec.height,
-        guidance_scale=spec.guidance_scale,
-        scheduler=spec.scheduler,
-    )
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -212,7 +199,7 @@ class Worker(threading.Thread):
             return {}
         try:
             images = backend.generate(
-                [request_for(job.spec) for job in live], make_on_step([j.id for j in live])
+                [job.spec for job in live], make_on_step([j.id for j in live])
             )
         except Exception as exc:
             if not is_out_of_memory(exc) or len(live) == 1:

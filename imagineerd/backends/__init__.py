@@ -7,30 +7,23 @@ worker thread, with the ``model:`` section of config, and kept resident.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from PIL import Image
 
 from ..errors import ConfigError
+from ..jobs import JobSpec
 
 #: ``on_step(step, total)``: called once per denoising step (1-based). It raises
 #: :class:`imagineerd.errors.JobInterrupted` to stop the generation at that step.
 StepCallback = Callable[[int, int], None]
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One image to generate. A batch holds requests that share size, steps and scheduler."""
-
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    width: int
-    height: int
-    guidance_scale: float
-    scheduler: str = "euler"
+#: One image to generate: prompt, negative_prompt, seed, steps, width, height,
+#: guidance_scale, scheduler. A batch holds requests that share size, steps, scheduler and
+#: guidance. It is the validated job spec itself: what the user asked for is what the
+#: backend gets, with nothing to copy in between.
+GenerationRequest = JobSpec
 
 
 class Backend(Protocol):

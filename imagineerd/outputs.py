@@ -25,6 +25,8 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from .errors import NotFound
+
 TEMP_PREFIX = ".imagineerd-"
 _SLUG_MAX = 48
 
@@ -250,8 +252,6 @@ class Gallery:
 
     def resolve(self, relpath: str) -> Path:
         """The real path of an image inside the outputs folder, or ``NotFound``."""
-        from .errors import NotFound
-
         parts = relpath.replace("\\", "/").split("/")
         if (
             not relpath

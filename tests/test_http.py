@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -517,7 +518,8 @@ def test_serve_command_runs_http_and_stops_on_sigterm(tmp_path: Path, tiny_model
         proc.terminate()
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr[-2000:]
-    assert '"POST /api/generate HTTP/1.1" 201' in stderr  # combined-format access log
+    # combined-format access log, with the byte count
+    assert re.search(r'"POST /api/generate HTTP/1.1" 201 \d+ "-" "python-requests', stderr)
     assert "stopped cleanly" in stderr
 
 

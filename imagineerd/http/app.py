@@ -36,7 +36,12 @@ class AccessLog:
         self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool
     ) -> None:
         status = resp.status_code if hasattr(resp, "status_code") else resp.status
-        length = resp.headers.get("content-length", "-")
+        length = resp.headers.get("content-length")
+        if length is None and resp.stream is None:
+            # Falcon renders (and caches) the body after the middleware; render it now so
+            # the log has the byte count. Streams (files, events) carry their own length.
+            body = resp.render_body()
+            length = len(body) if body else 0
         when = datetime.now().astimezone().strftime("%d/%b/%Y:%H:%M:%S %z")
         access_log.info(
             '%s - - [%s] "%s %s %s" %s %s "%s" "%s"',

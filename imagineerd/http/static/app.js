@@ -146,7 +146,8 @@ function formatSeconds(seconds) {
 }
 
 function summary(job) {
-  return `${job.width}×${job.height} · ${job.steps} steps · seed ${job.seed}`;
+  const from = job.source === "inbox" && job.source_name ? ` · from ${job.source_name}` : "";
+  return `${job.width}×${job.height} · ${job.steps} steps · seed ${job.seed}${from}`;
 }
 
 // -------------------------------------------------------------------------------- create

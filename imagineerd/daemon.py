@@ -41,7 +41,7 @@ DB_NAME = "imagineerd.db"
 
 
 def iso(when: datetime) -> str:
-    # Always with microseconds, as the seed's examples show ("2025-10-13T14:32:15.123456").
+    # Always with microseconds, as the original API's examples show ("2025-10-13T14:32:15.123456").
     return when.strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
@@ -556,7 +556,7 @@ class Daemon:
         return self.output_ref(path)
 
     def output_ref(self, path: Path) -> str:
-        """``outputs/<name>.png`` (relative to the config folder) as the seed shows it."""
+        """``outputs/<name>.png`` (relative to the config folder) as the original API shows it."""
         try:
             return (
                 Path(os.path.relpath(path, self.config.base_dir)).as_posix()

@@ -222,7 +222,7 @@ class Job:
         return self.status in FINISHED
 
     def to_dict(self) -> dict[str, Any]:
-        """The job as the API shows it (the seed's field names), without live fields."""
+        """The job as the API shows it (the original API's field names), without live fields."""
         body: dict[str, Any] = {"id": self.id, "status": self.status}
         body.update(self.spec.to_dict())
         body["submitted_at"] = self.submitted_at

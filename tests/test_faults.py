@@ -217,7 +217,7 @@ def test_workers_outlive_a_locked_database(make_config, tmp_path):
 
 
 def test_the_largest_allowed_job_fails_cleanly_when_it_cannot_finish(make_config):
-    """2048x2048 at 150 steps is within the seed's bounds. On this CPU it cannot finish in
+    """2048x2048 at 150 steps is within the API's bounds. On this CPU it cannot finish in
     the time allowed: it must end as a clear failure, never take the daemon down."""
     d = Daemon(make_config(performance={"job_timeout": 3.0}))
     d.start()

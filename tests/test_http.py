@@ -35,9 +35,9 @@ def assert_error(response, status: int, field: str | None = None) -> dict:
     return body
 
 
-def test_seed_python_example_runs_unchanged(api: Api, tmp_path: Path):
-    # The seed README's example, byte for byte; only its host:port is pointed at this server.
-    code = (DATA / "seed_python_example.py").read_text()
+def test_original_python_example_runs_unchanged(api: Api, tmp_path: Path):
+    # The original Imagineer README's example, byte for byte; only host:port is changed.
+    code = (DATA / "imagineer_readme_example.py").read_text()
     script = tmp_path / "example.py"
     script.write_text(code.replace("http://localhost:5000", api.url))
     result = subprocess.run(
@@ -50,8 +50,10 @@ def test_seed_python_example_runs_unchanged(api: Api, tmp_path: Path):
     assert (api.daemon.config.base_dir / output).is_file()
 
 
-def test_seed_curl_example_runs_unchanged(api: Api, tmp_path: Path):
-    script = (DATA / "seed_curl_example.sh").read_text().replace("http://localhost:5000", api.url)
+def test_original_curl_example_runs_unchanged(api: Api, tmp_path: Path):
+    script = (
+        (DATA / "imagineer_readme_example.sh").read_text().replace("http://localhost:5000", api.url)
+    )
     result = subprocess.run(
         ["bash", "-c", script.replace("\ncurl", "\necho; curl")],
         capture_output=True,

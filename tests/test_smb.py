@@ -139,7 +139,7 @@ def test_prompt_file_over_smb_becomes_an_image_on_the_outputs_share(samba, tmp_p
     output = yaml.safe_load(receipt_path.read_text())["jobs"][0]["output"]
     name = Path(output).name
 
-    # The receipt is readable from the inbox share, the image from the seed's path.
+    # The receipt is readable from the inbox share, the image from the original product's path.
     got = smbclient("Imagineer-inbox", "get done/job.result.yaml receipt.yaml", tmp_path)
     assert got.returncode == 0, got.stdout + got.stderr
     assert "a lighthouse over the share" in (tmp_path / "receipt.yaml").read_text()

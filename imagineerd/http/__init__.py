@@ -1,4 +1,4 @@
-"""The HTTP frontend: the seed's REST API, the event stream and the web UI, on Falcon."""
+"""The HTTP frontend: the original Imagineer REST API, event stream and web UI, on Falcon."""
 
 from .app import create_app
 

@@ -67,20 +67,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import config as config_mod
+    from . import jobs
     from .daemon import Daemon
     from .jobs import COMPLETED
 
     config = config_mod.load(args.config)
     request = {"prompt": args.prompt}
-    for name in (
-        "seed",
-        "steps",
-        "width",
-        "height",
-        "guidance_scale",
-        "negative_prompt",
-        "scheduler",
-    ):
+    for name in jobs.PARAMETERS[1:]:  # every job field but the prompt
         value = getattr(args, name)
         if value is not None:
             request[name] = value

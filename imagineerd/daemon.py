@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import statistics
 import threading
@@ -302,21 +303,24 @@ class Daemon:
         return view
 
     def estimate_remaining(self, job: Job, position: int) -> float | None:
-        """Seconds until ``job`` completes: the mean duration of recent similar jobs, times the
-        work ahead (the running job's remaining fraction plus one per queued job ahead)."""
+        """Seconds until ``job`` completes, from the mean duration of recent similar jobs (a
+        job's duration is its batch's): what is left of the running batch that ends first,
+        plus the batches needed for the jobs up to this one, shared among the workers."""
         durations = self.store.recent_durations(job.spec)
         if not durations:
             return None
         mean = statistics.fmean(durations)
         if job.status == RUNNING:
-            step, total = self._progress.get(job.id, (0, job.spec.steps))
-            return round(mean * (1 - step / max(total, 1)), 1)
+            return round(mean * self._fraction_left(job), 1)
         running = self.store.running()
-        ahead = sum(
-            1 - self._progress.get(r.id, (0, 1))[0] / max(self._progress.get(r.id, (0, 1))[1], 1)
-            for r in running
-        )
-        return round(mean * (ahead + position), 1)
+        current = min((self._fraction_left(r) for r in running), default=0.0)
+        per_batch = max((w.max_batch for w in self.workers), default=1)
+        batches = math.ceil(position / per_batch) / max(len(self.workers), 1)
+        return round(mean * (current + batches), 1)
+
+    def _fraction_left(self, job: Job) -> float:
+        step, total = self._progress.get(job.id, (0, job.spec.steps))
+        return 1 - step / max(total, 1)
 
     def list_jobs(
         self, *, limit: int = 50, before: int | None = None, queued_limit: int = 1000

@@ -69,6 +69,12 @@ class BackendError(ImagineerdError):
     code = "backend_error"
 
 
+class JobTimeout(ImagineerdError):
+    """A job ran past ``performance.job_timeout``; it fails with this text."""
+
+    code = "timeout"
+
+
 class JobInterrupted(ImagineerdError):
     """Raised from a step callback to stop a running generation at a step boundary."""
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -22,7 +21,6 @@ class Event:
     id: int
     type: str
     data: dict[str, Any]
-    time: float = field(default_factory=time.time)
 
 
 class Subscription:

@@ -390,14 +390,6 @@ class SQLiteStore:
                     )
         return [self.get(row["id"]) for row in rows]
 
-    def set_progress(self, job_id: int, step: int, total: int) -> None:
-        """Record progress of a running job (not needed for correctness; for display)."""
-        with self._write() as db:
-            db.execute(
-                "UPDATE jobs SET progress_step = ?, progress_total = ? WHERE id = ?",
-                (step, total, job_id),
-            )
-
     # -- claims: files taken from the inbox ---------------------------------------------
     # A claim is recorded *before* the file is renamed out of the drop area and its jobs are
     # inserted in the same transaction that marks it submitted, so a crash at any point

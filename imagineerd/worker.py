@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from .backends import Backend
-from .errors import BackendError, ImagineerdError, JobInterrupted
+from .errors import BackendError, ImagineerdError, JobInterrupted, JobTimeout
 from .jobs import CANCELLED, FAILED, Job, JobSpec
 
 if TYPE_CHECKING:
@@ -41,10 +41,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     return "out of memory" in str(exc).lower()
-
-
-class JobTimeout(ImagineerdError):
-    code = "timeout"
 
 
 class Worker(threading.Thread):

@@ -34,7 +34,8 @@ def test_job_runs_to_a_png_with_metadata(daemon: Daemon):
     assert info["Model"] == "tiny-sd15"
     record = meta["imagineerd"]
     assert record["id"] == job.id and record["seed"] == 42 and record["backend"] == "diffusers"
-    assert record["completed_at"] == done.completed_at or record["completed_at"]
+    assert record["started_at"] == done.started_at
+    assert done.started_at <= record["completed_at"] <= done.completed_at
     view = daemon.job_view(done)
     assert view["progress"] == {"step": 2, "total": 2, "percent": 100.0}
 
@@ -218,4 +219,32 @@ def test_hooks_see_submitted_and_finished_jobs(make_config):
         assert done.wait(60)
         assert seen == [("submitted", job.id, "queued"), ("finished", job.id, "completed")]
     finally:
+        d.stop()
+
+
+def test_estimated_time_remaining_counts_batches_ahead(make_config):
+    from imagineerd.worker import Worker
+
+    d = Daemon(make_config())
+    d.start(workers=False)
+    try:
+        first = d.submit({"prompt": "no history yet"})
+        assert d.job_view(first)["estimated_time_remaining"] is None
+        d.submit({"prompt": "h2"})
+        d.submit({"prompt": "h3"})
+        for _ in range(3):  # history: similar jobs took 10 s each
+            job = d.store.claim_next(started_at=d.now_iso())
+            d.store.finish(job.id, COMPLETED, completed_at=d.now_iso(), duration_seconds=10.0)
+        queued = [d.submit({"prompt": f"q{i}"}) for i in range(5)]
+        views = [d.job_view(j) for j in queued]
+        assert [v["queue_position"] for v in views] == [1, 2, 3, 4, 5]
+        assert [v["estimated_time_remaining"] for v in views] == [10, 20, 30, 40, 50]
+        d.workers = [Worker(d, max_batch=4)]  # not started: only its batch size counts
+        assert [d.job_view(j)["estimated_time_remaining"] for j in queued] == [10, 10, 10, 10, 20]
+        running = d.store.claim_next(started_at=d.now_iso())
+        d.report_progress(running.id, 1, 2)  # half done
+        assert d.job_view(d.job(running.id))["estimated_time_remaining"] == 5.0
+        assert d.job_view(d.job(queued[1].id))["estimated_time_remaining"] == 15.0
+    finally:
+        d.workers = []
         d.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -334,12 +333,10 @@ def test_stop_and_start_do_not_double_anything(start_inbox):
     for i in range(20):
         env.drop(f"f{i}.txt", f"p{i}\n")
     env.inbox.stop()
-    done = threading.Event()
     box = Inbox(env.daemon, env.daemon.config)
     box.start()
     try:
         wait_for(lambda: len(list((env.root / "done").glob("*.result.yaml"))) == 20, 60)
-        done.set()
         assert sorted(j.spec.prompt for j in env.daemon.store.queued()) == sorted(
             f"p{i}" for i in range(20)
         )

@@ -55,24 +55,28 @@ def main(argv: list[str] | None = None) -> int:
                     raise TimeoutError("not every file was taken")
                 time.sleep(0.5)
             all_taken = time.time() - start
-            jobs = []
+            # Every job the API knows, queued, running or finished. Jobs move on while the
+            # pages are read (a queued job may turn up again in a later history page), so
+            # jobs are keyed by id: a file counts once per distinct job.
+            jobs: dict[int, dict] = {}
             before = None
-            while True:  # every job the API knows, queued, running or finished
+            while True:
                 body = requests.get(
                     server.url + "/api/jobs",
                     timeout=60,
                     params={"limit": 500, **({"before": before} if before else {})},
                 ).json()
-                jobs += body["history"] + (body["queued"] if before is None else [])
-                if before is None and body["current"]:
-                    jobs.append(body["current"])
+                page = body["history"]
+                if before is None:
+                    page += body["running"] + body["queued"]
+                jobs.update((job["id"], job) for job in page)
                 before = body["next_before"]
                 if before is None:
                     break
         finally:
             server.stop()
     by_file: dict[str, list] = {}
-    for job in jobs:
+    for job in jobs.values():
         by_file.setdefault(job.get("source_name"), []).append(job)
     delays = [
         datetime.fromisoformat(v[0]["submitted_at"]).timestamp() - dropped[k]

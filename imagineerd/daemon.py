@@ -325,11 +325,15 @@ class Daemon:
     def list_jobs(
         self, *, limit: int = 50, before: int | None = None, queued_limit: int = 1000
     ) -> dict[str, Any]:
-        running = self.store.running()
-        queued = self.store.queued(queued_limit)
-        history = self.store.history(limit, before)
+        running, queued, history = self.store.overview(
+            queued_limit=queued_limit, history_limit=limit, before=before
+        )
+        running_views = [self.job_view(j) for j in running]
         return {
-            "current": self.job_view(running[0]) if running else None,
+            # The original API has one running job; with batching or several GPUs there can
+            # be more, so ``running`` lists them all and ``current`` stays the first.
+            "current": running_views[0] if running_views else None,
+            "running": running_views,
             # Positions follow from the order; asking the store per job would be O(n^2).
             "queued": [dict(j.to_dict(), queue_position=i + 1) for i, j in enumerate(queued)],
             "history": [self.job_view(j) for j in history],

@@ -57,6 +57,9 @@ class Store(Protocol):
     def running(self) -> list[Job]: ...
     def queued(self, limit: int | None = None) -> list[Job]: ...
     def history(self, limit: int, before: int | None = None) -> list[Job]: ...
+    def overview(
+        self, *, queued_limit: int, history_limit: int, before: int | None = None
+    ) -> tuple[list[Job], list[Job], list[Job]]: ...
     def queue_position(self, job: Job) -> int: ...
     def counts(self) -> dict[str, int]: ...
     def recent_durations(self, spec: JobSpec, limit: int = 20) -> list[float]: ...
@@ -480,6 +483,28 @@ class SQLiteStore:
             "SELECT * FROM jobs WHERE id < ? AND status NOT IN (?, ?) ORDER BY id DESC LIMIT ?",
             (before if before is not None else 2**63 - 1, QUEUED, RUNNING, limit),
         )
+
+    def overview(
+        self, *, queued_limit: int, history_limit: int, before: int | None = None
+    ) -> tuple[list[Job], list[Job], list[Job]]:
+        """``(running, queued, history)`` read from one snapshot of the database.
+
+        Three separate reads would race the workers: a job that starts between the read of
+        the running jobs and the read of the queue would be in neither list, and one that
+        finishes in between would be in two.
+        """
+        db = self._db()
+        # A deferred transaction: in WAL mode its first SELECT pins a read snapshot that
+        # the following SELECTs share, without blocking any writer.
+        db.execute("BEGIN")
+        try:
+            return (
+                self.running(),
+                self.queued(queued_limit),
+                self.history(history_limit, before),
+            )
+        finally:
+            db.execute("COMMIT")
 
     def queue_position(self, job: Job) -> int:
         """1-based place of a queued job, 0 for a running one, -1 for a finished one."""

@@ -84,6 +84,10 @@ def test_cancel_one_job_inside_a_batch(make_config):
     try:
         wait_for(lambda: d._progress.get(ids[1], (0, 0))[0] >= 2, 60)
         assert all(d.job(i).status == RUNNING for i in ids)
+        listing = d.list_jobs()
+        assert [j["id"] for j in listing["running"]] == ids  # a batch runs several at once
+        assert listing["current"]["id"] == ids[0] and listing["queued"] == []
+        assert all(j["progress"]["total"] == 150 for j in listing["running"])
         d.interrupt(ids[1])
         wait_for(lambda: d.job(ids[1]).status == CANCELLED, 30)
         assert d.job(ids[0]).status == RUNNING  # the others go on

@@ -63,7 +63,7 @@ def test_original_curl_example_runs_unchanged(api: Api, tmp_path: Path):
     assert result.returncode == 0, result.stderr
     submitted, jobs, config = (json.loads(line) for line in result.stdout.split("\n") if line)
     assert submitted["status"] == "queued" and submitted["prompt"] == "a beautiful sunset"
-    assert set(jobs) >= {"current", "queued", "history"}
+    assert set(jobs) >= {"current", "running", "queued", "history"}
     assert config["generation"]["width"] == 64
 
 

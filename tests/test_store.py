@@ -100,6 +100,37 @@ def test_concurrent_claims_never_take_the_same_job(tmp_path: Path):
     store.close()
 
 
+def test_overview_is_one_snapshot_while_workers_move_jobs(tmp_path: Path):
+    """Every job is in exactly one of running/queued/history, however the workers race."""
+    path = tmp_path / "jobs.db"
+    store = SQLiteStore(path)
+    total = 300
+    for i in range(total):
+        store.add(spec(f"p{i}"), submitted_at=T)
+    stop = threading.Event()
+
+    def worker() -> None:
+        own = SQLiteStore(path)
+        while (job := own.claim_next(started_at=T)) is not None:
+            own.finish(job.id, COMPLETED, completed_at=T)
+        own.close()
+        stop.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    looks = 0
+    while not stop.is_set():
+        running, queued, history = store.overview(
+            queued_limit=total, history_limit=total, before=None
+        )
+        ids = [j.id for j in running + queued + history]
+        assert sorted(ids) == list(range(1, total + 1)), "a job was missed or counted twice"
+        looks += 1
+    thread.join()
+    assert looks > 1  # the worker really ran while the store was being read
+    store.close()
+
+
 def test_recovery_puts_running_jobs_back_at_the_head_in_order(tmp_path: Path):
     path = tmp_path / "jobs.db"
     store = SQLiteStore(path)

@@ -109,6 +109,34 @@ def _width(locator) -> float:
     return locator.evaluate("d => parseFloat(d.style.width) || 0")
 
 
+def test_every_job_of_a_running_batch_has_its_own_card(start_api, page: Page):
+    # No worker yet: the three copies are all queued before one starts, so they run as
+    # one batch rather than one, then two.
+    api = start_api(workers=False, performance={"max_batch": 3})
+    page.goto(api.url + "/#create")
+    page.fill("#prompt", "three at once")
+    page.fill("#steps", "150")
+    page.fill("#copies", "3")
+    page.click("#generate")
+    expect(page.locator("#create-status")).to_contain_text("Queued 3 jobs")
+    page.click("#tab-queue")
+    api.daemon.start()  # now with its worker
+    cards = page.locator("#running .running-job")
+    expect(cards).to_have_count(3, timeout=30000)
+    expect(page.locator("#queue-count")).to_have_text("3")
+    # Each card follows its own job's progress events.
+    for i in range(3):
+        wait_for(lambda i=i: _width(cards.nth(i).locator(".progress > div")) > 0, 30)
+    stopped = cards.nth(1).get_attribute("data-job")
+    cards.nth(1).get_by_role("button", name="Stop").click()
+    expect(page.locator(f'#history li[data-job="{stopped}"] .state.cancelled')).to_be_visible(
+        timeout=30000
+    )
+    expect(page.locator(f'#running .running-job[data-job="{stopped}"]')).to_have_count(0)
+    expect(page.locator("#history .state.completed")).to_have_count(2, timeout=60000)
+    expect(cards).to_have_count(0)
+
+
 def test_validation_error_shows_next_to_its_field(start_api, page: Page):
     api = start_api(workers=False)
     page.goto(api.url)

@@ -7,10 +7,10 @@ const TOKEN_KEY = "imagineerd.token";
 const state = {
   token: localStorage.getItem(TOKEN_KEY) || "",
   options: null,
-  current: null,        // the running job (with .progress)
+  running: [],          // the running jobs (with .progress): several when a batch runs
   queued: [],
   history: [],
-  stepClock: null,      // {id, step, at, firstAt}: for a live ETA from the step rate
+  stepClocks: new Map(),  // id -> {step, at, firstStep, firstAt}: live ETA from the step rate
   gallery: [],
   galleryCursor: undefined,  // undefined: not loaded yet; null: no more pages
   galleryLoading: false,
@@ -256,7 +256,7 @@ function setupCreate() {
 
 // --------------------------------------------------------------------------------- queue
 function upsertQueued(job) {
-  if (state.current && state.current.id === job.id) return;
+  if (state.running.some((j) => j.id === job.id)) return;
   if (state.history.some((j) => j.id === job.id)) return;
   const index = state.queued.findIndex((j) => j.id === job.id);
   if (index >= 0) state.queued[index] = { ...state.queued[index], ...job };
@@ -265,24 +265,28 @@ function upsertQueued(job) {
 
 async function refreshJobs() {
   const body = await api("GET", "/api/jobs?limit=20");
-  state.current = body.current;
+  // `running` lists every running job; an older server has only `current`.
+  state.running = body.running ?? (body.current ? [body.current] : []);
   state.queued = body.queued;
   state.history = body.history;
-  if (state.current && state.current.progress) noteStep(state.current.id, state.current.progress.step);
+  const ids = new Set(state.running.map((j) => j.id));
+  for (const id of state.stepClocks.keys()) if (!ids.has(id)) state.stepClocks.delete(id);
+  for (const job of state.running) if (job.progress) noteStep(job.id, job.progress.step);
   renderQueue();
 }
 
 function noteStep(id, step) {
   const now = performance.now();
-  if (!state.stepClock || state.stepClock.id !== id) state.stepClock = { id, firstStep: step, firstAt: now };
-  state.stepClock.step = step;
-  state.stepClock.at = now;
+  let clock = state.stepClocks.get(id);
+  if (!clock) state.stepClocks.set(id, (clock = { firstStep: step, firstAt: now }));
+  clock.step = step;
+  clock.at = now;
 }
 
 function eta(job) {
-  const clock = state.stepClock;
+  const clock = state.stepClocks.get(job.id);
   const progress = job.progress || { step: 0, total: job.steps };
-  if (clock && clock.id === job.id && clock.step > clock.firstStep) {
+  if (clock && clock.step > clock.firstStep) {
     const perStep = (clock.at - clock.firstAt) / 1000 / (clock.step - clock.firstStep);
     return perStep * (progress.total - progress.step);
   }
@@ -306,11 +310,11 @@ function runningCard(job) {
 
 function renderQueue() {
   const running = $("#running");
-  running.replaceChildren(state.current ? runningCard(state.current)
-    : el("p", { class: "empty" }, "Nothing is running."));
+  running.replaceChildren(...(state.running.length ? state.running.map(runningCard)
+    : [el("p", { class: "empty" }, "Nothing is running.")]));
   const createRunning = $("#create-running");
-  createRunning.hidden = !state.current;
-  createRunning.replaceChildren(...(state.current ? [runningCard(state.current)] : []));
+  createRunning.hidden = state.running.length === 0;
+  createRunning.replaceChildren(...state.running.map(runningCard));
 
   $("#queued").replaceChildren(...state.queued.map((job, i) => el("li", { "data-job": job.id },
     el("span", { class: "pos" }, String(i + 1)),
@@ -319,7 +323,7 @@ function renderQueue() {
     el("button", { type: "button", class: "danger", onclick: () => cancel(job.id),
       "aria-label": `Cancel job ${job.id}` }, "Cancel"))));
   $("#queued-empty").hidden = state.queued.length > 0;
-  const count = state.queued.length + (state.current ? 1 : 0);
+  const count = state.queued.length + state.running.length;
   $("#queue-count").hidden = count === 0;
   $("#queue-count").textContent = String(count);
 
@@ -333,10 +337,10 @@ function renderQueue() {
 
 function renderProgress() {
   // Cheap per-step update: only the running cards, not the whole queue.
-  const job = state.current;
-  if (!job) return;
-  for (const card of document.querySelectorAll(`.running-job[data-job="${job.id}"]`)) {
-    card.replaceWith(runningCard(job));
+  for (const job of state.running) {
+    for (const card of document.querySelectorAll(`.running-job[data-job="${job.id}"]`)) {
+      card.replaceWith(runningCard(job));
+    }
   }
 }
 
@@ -379,20 +383,22 @@ function connectEvents() {
   on("job.submitted", (job) => { upsertQueued(job); renderQueue(); });
   on("job.started", (job) => {
     state.queued = state.queued.filter((j) => j.id !== job.id);
-    state.current = job;
+    state.running = [...state.running.filter((j) => j.id !== job.id), job];
     noteStep(job.id, 0);
     renderQueue();
   });
   on("job.progress", (p) => {
-    if (!state.current || state.current.id !== p.id) return;
-    state.current.progress = { step: p.step, total: p.total, percent: p.percent };
+    const job = state.running.find((j) => j.id === p.id);
+    if (!job) return;
+    job.progress = { step: p.step, total: p.total, percent: p.percent };
     noteStep(p.id, p.step);
     renderProgress();
   });
   for (const type of ["job.completed", "job.failed", "job.cancelled"]) {
     on(type, (job) => {
       state.queued = state.queued.filter((j) => j.id !== job.id);
-      if (state.current && state.current.id === job.id) state.current = null;
+      state.running = state.running.filter((j) => j.id !== job.id);
+      state.stepClocks.delete(job.id);
       state.history = [job, ...state.history.filter((j) => j.id !== job.id)].slice(0, 20);
       renderQueue();
       if (type === "job.completed") refreshGalleryHead();
@@ -553,7 +559,7 @@ async function main() {
   showTab(location.hash.slice(1) || "create");
   connectEvents();
   // Keep the ETA ticking between steps of a slow job.
-  setInterval(() => { if (state.current) renderProgress(); }, 1000);
+  setInterval(() => { if (state.running.length) renderProgress(); }, 1000);
 }
 
 main().catch((error) => {

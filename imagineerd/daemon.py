@@ -246,11 +246,14 @@ class Daemon:
         job = self.store.add(
             spec, submitted_at=self.now_iso(), source=source, source_name=source_name
         )
+        self._announce_submitted(job)
+        self.wake()
+        return job
+
+    def _announce_submitted(self, job: Job) -> None:
         view = self.job_view(job)
         self.events.publish("job.submitted", view)
         self._hook("imagineerd_job_submitted", job=view)
-        self.wake()
-        return job
 
     def job(self, job_id: int) -> Job:
         job = self.store.get(job_id)
@@ -403,9 +406,7 @@ class Daemon:
             claim_id, specs, submitted_at=self.now_iso(), source="inbox", source_name=source_name
         )
         for job in queued:
-            view = self.job_view(job)
-            self.events.publish("job.submitted", view)
-            self._hook("imagineerd_job_submitted", job=view)
+            self._announce_submitted(job)
         self.wake()
         return queued
 

@@ -15,20 +15,10 @@ from hypothesis import strategies as st
 
 from imagineerd.daemon import Daemon
 from imagineerd.http import create_app
+from imagineerd.jobs import PARAMETERS
 
-FIELDS = [
-    "prompt",
-    "negative_prompt",
-    "seed",
-    "steps",
-    "width",
-    "height",
-    "guidance_scale",
-    "scheduler",
-    "sampler",
-    "model",
-    "",
-]
+# Every real field, plus names a client might guess wrong (they must be refused as unknown).
+FIELDS = [*PARAMETERS, "sampler", "model", ""]
 
 scalars = (
     st.none()

@@ -335,9 +335,9 @@ function renderQueue() {
     el("span", { class: `state ${job.status}` }, job.status))));
 }
 
-function renderProgress() {
+function renderProgress(jobs = state.running) {
   // Cheap per-step update: only the running cards, not the whole queue.
-  for (const job of state.running) {
+  for (const job of jobs) {
     for (const card of document.querySelectorAll(`.running-job[data-job="${job.id}"]`)) {
       card.replaceWith(runningCard(job));
     }
@@ -392,7 +392,7 @@ function connectEvents() {
     if (!job) return;
     job.progress = { step: p.step, total: p.total, percent: p.percent };
     noteStep(p.id, p.step);
-    renderProgress();
+    renderProgress([job]);  // a batch sends one event per job per step: redraw that one
   });
   for (const type of ["job.completed", "job.failed", "job.cancelled"]) {
     on(type, (job) => {

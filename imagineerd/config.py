@@ -31,6 +31,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_body_bytes": 1048576,
         "auth_token": "",
         "cors_origins": [],
+        "allowed_hosts": [],
+        "connection_limit": 100,
+        "channel_timeout": 120,
     },
     "paths": {"outputs": "outputs", "inbox": "inbox", "state": "state"},
     "model": {
@@ -161,6 +164,18 @@ def _origins(key: str, value: Any) -> list[str]:
     return list(value)
 
 
+def _hosts(key: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9.*:\[\]_-]+", v) for v in value
+    ):
+        raise ConfigError(
+            f"{key} must be a list of host names like [nas.example.com, imagineerd.lan], "
+            f"got {value!r}",
+            field=key,
+        )
+    return [v.lower() for v in value]
+
+
 def _job_field(name: str) -> Callable:
     """Config's generation defaults obey exactly the job bounds (one validator, jobs.py)."""
 
@@ -182,6 +197,9 @@ _SCHEMA: dict[str, dict[str, Callable]] = {
         "max_body_bytes": _int(1024, 1 << 30),
         "auth_token": _str(),
         "cors_origins": _origins,
+        "allowed_hosts": _hosts,
+        "connection_limit": _int(1, 10000),
+        "channel_timeout": _int(1, 86400),
     },
     "paths": {
         "outputs": _str(nonempty=True),

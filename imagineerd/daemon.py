@@ -87,6 +87,8 @@ class Daemon:
         # What config.yaml says now; differs from ``config`` by keys that need a restart.
         self.saved_config: dict[str, Any] = copy.deepcopy(config.data)
         self._config_lock = threading.RLock()
+        # Services beside the workers (the inbox, ...) report their state in /api/health.
+        self._status_providers: dict[str, Callable[[], dict[str, Any]]] = {}
 
     # -- life cycle ----------------------------------------------------------------------
     def now_iso(self) -> str:
@@ -342,6 +344,13 @@ class Daemon:
             "history": [self.job_view(j) for j in history],
         }
 
+    def register_status(self, name: str, provider: Callable[[], dict[str, Any]] | None) -> None:
+        """Show ``provider()`` under ``name`` in :meth:`health` (``None`` removes it)."""
+        if provider is None:
+            self._status_providers.pop(name, None)
+        else:
+            self._status_providers[name] = provider
+
     def health(self) -> dict[str, Any]:
         counts = self.store.counts()
         worker = self.workers[0] if self.workers else None
@@ -368,6 +377,7 @@ class Daemon:
                 "error": worker.backend_error if worker else None,
             },
             "workers": workers,
+            **{name: provider() for name, provider in list(self._status_providers.items())},
         }
 
     def update_config(self, data: Any) -> dict[str, Any]:

@@ -40,6 +40,14 @@ class ConfigError(ImagineerdError):
     code = "invalid_config"
 
 
+class Forbidden(ImagineerdError):
+    """The request is understood but not allowed from where it came (another site, the API
+    changing a setting that only config.yaml on the server may change)."""
+
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(ImagineerdError):
     status = 404
     code = "not_found"

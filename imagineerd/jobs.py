@@ -107,6 +107,7 @@ def check_text(name: str, value: Any, *, required: bool, max_len: int = PROMPT_M
         raise ValidationError(f"{name} must be text, got {_describe(value)}", field=name)
     if "\x00" in value:
         raise ValidationError(f"{name} must not contain NUL characters", field=name)
+    check_encodable(name, value)
     value = value.strip()
     if required and not value:
         raise ValidationError(f"{name} must not be empty", field=name)
@@ -115,6 +116,24 @@ def check_text(name: str, value: Any, *, required: bool, max_len: int = PROMPT_M
             f"{name} must be at most {max_len} characters after trimming, got {len(value)}",
             field=name,
         )
+    return value
+
+
+def check_encodable(name: str, value: str) -> str:
+    """Refuse text that cannot be written as UTF-8.
+
+    JSON and YAML escapes can spell lone UTF-16 surrogates (``"\\udcff"``); such a ``str``
+    passes every other check and then breaks far away (the database, a PNG chunk, the next
+    JSON answer), so it is stopped where it enters.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValidationError(
+            f"{name} contains text that is not valid Unicode (a lone surrogate "
+            f"{value[exc.start]!r} at character {exc.start + 1}); send UTF-8 text",
+            field=name,
+        ) from None
     return value
 
 

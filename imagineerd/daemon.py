@@ -31,6 +31,7 @@ from .backends import build_registry
 from .config import Config
 from .errors import Conflict, Gone, NotFound, Unavailable
 from .events import EventBus
+from .gallery import Gallery
 from .jobs import COMPLETED, FAILED, QUEUED, RUNNING, Job
 from .plugins import get_plugin_manager
 from .store import SQLiteStore, Store
@@ -73,7 +74,7 @@ class Daemon:
         self.store: Store = store if store is not None else SQLiteStore(self.state_dir / DB_NAME)
         self.clock = clock
         self.events = EventBus()
-        self.gallery = outputs.Gallery(self.outputs_dir, self.state_dir / "thumbnails")
+        self.gallery = Gallery(self.outputs_dir, self.state_dir / "thumbnails")
         self.stopping = threading.Event()
         self.workers: list[Worker] = []
         self._work = threading.Condition()

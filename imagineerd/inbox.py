@@ -41,7 +41,7 @@ from . import hookimpl
 from .config import RESERVED_FOLDERS, Config, atomic_write_text
 from .daemon import Daemon
 from .errors import ValidationError
-from .jobs import FINISHED, JobSpec
+from .jobs import FINISHED, JobSpec, bounds_summary
 
 log = logging.getLogger(__name__)
 
@@ -429,6 +429,5 @@ def error_note(rel: str, message: str, when: str) -> str:
         "Nothing from it was queued.\n\n"
         f"Problem: {message}\n\n"
         "Fix the file and drop it into the inbox again. Each job needs a prompt; numbers must "
-        "be within their limits (steps 1-150, width and height 64-2048 and divisible by 8, "
-        "guidance_scale 0-30, seed 0-2147483647).\n"
+        f"be within their limits ({bounds_summary()}).\n"
     )

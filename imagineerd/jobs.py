@@ -42,19 +42,6 @@ QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = (
 STATUSES = (QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED)
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 
-#: Parameters a job may carry; everything but ``prompt`` and ``seed`` has a config default.
-PARAMETERS = (
-    "prompt",
-    "negative_prompt",
-    "seed",
-    "steps",
-    "width",
-    "height",
-    "guidance_scale",
-    "scheduler",
-)
-DEFAULTABLE = ("negative_prompt", "steps", "width", "height", "guidance_scale", "scheduler")
-
 
 def _describe(value: Any) -> str:
     if isinstance(value, list | tuple | dict | set):
@@ -64,7 +51,7 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def check_int(name: str, value: Any, lo: int, hi: int, *, multiple_of: int = 1) -> int:
+def check_int(name: str, value: Any, lo: Any, hi: Any, *, multiple_of: int = 1) -> int:
     """Return ``value`` as an int within ``[lo, hi]`` or raise a message naming ``name``."""
     # bool is an int subclass in Python; "true" is never a meaningful step count.
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -102,7 +89,7 @@ def check_float(name: str, value: Any, lo: float, hi: float) -> float:
     return value
 
 
-def check_text(name: str, value: Any, *, required: bool, max_len: int = PROMPT_MAX) -> str:
+def check_text(name: str, value: Any, *, required: bool, max_len: int | None = PROMPT_MAX) -> str:
     if not isinstance(value, str):
         raise ValidationError(f"{name} must be text, got {_describe(value)}", field=name)
     if "\x00" in value:
@@ -111,7 +98,7 @@ def check_text(name: str, value: Any, *, required: bool, max_len: int = PROMPT_M
     value = value.strip()
     if required and not value:
         raise ValidationError(f"{name} must not be empty", field=name)
-    if len(value) > max_len:
+    if max_len is not None and len(value) > max_len:
         raise ValidationError(
             f"{name} must be at most {max_len} characters after trimming, got {len(value)}",
             field=name,
@@ -150,17 +137,84 @@ def check_scheduler(name: str, value: Any) -> str:
     )
 
 
-#: One checker per parameter; ``validate`` and config's ``generation:`` section share them.
-CHECKS = {
-    "prompt": lambda v: check_text("prompt", v, required=True),
-    "negative_prompt": lambda v: check_text("negative_prompt", v, required=False),
-    "seed": lambda v: check_int("seed", v, 0, SEED_MAX),
-    "steps": lambda v: check_int("steps", v, 1, 150),
-    "width": lambda v: check_int("width", v, 64, 2048, multiple_of=8),
-    "height": lambda v: check_int("height", v, 64, 2048, multiple_of=8),
-    "guidance_scale": lambda v: check_float("guidance_scale", v, 0.0, 30.0),
-    "scheduler": lambda v: check_scheduler("scheduler", v),
+@dataclass(frozen=True)
+class Param:
+    """One job parameter and its bounds: the single table the validator, config's
+    ``generation:`` section, ``GET /api/options``, the inbox's error notes and the README's
+    job table all read, so a bound is written once."""
+
+    name: str
+    kind: str  # "text", "int", "float" or "choice"
+    lo: float | None = None
+    hi: float | None = None
+    multiple_of: int = 1
+    max_length: int | None = None
+    required: bool = False
+    #: Omitted values come from config's ``generation:`` section (all but prompt and seed).
+    has_default: bool = True
+
+    def check(self, value: Any) -> Any:
+        if self.kind == "text":
+            return check_text(self.name, value, required=self.required, max_len=self.max_length)
+        if self.kind == "int":
+            return check_int(self.name, value, self.lo, self.hi, multiple_of=self.multiple_of)
+        if self.kind == "float":
+            return check_float(self.name, value, self.lo, self.hi)
+        return check_scheduler(self.name, value)
+
+    def limits(self) -> dict[str, Any]:
+        """The bounds as ``GET /api/options`` shows them (and the UI's inputs use)."""
+        if self.kind == "text":
+            return {"max_length": self.max_length}
+        if self.kind == "choice":
+            return {"choices": list(SCHEDULERS)}
+        limits: dict[str, Any] = {"min": self.lo, "max": self.hi}
+        if self.multiple_of > 1:
+            limits["multiple_of"] = self.multiple_of
+        return limits
+
+    def rule(self) -> str:
+        """The bounds in words: ``steps 1-150``, ``width 64-2048, divisible by 8``."""
+        if self.kind == "text":
+            return f"{self.name} up to {self.max_length} characters"
+        if self.kind == "choice":
+            return f"{self.name} one of {', '.join(SCHEDULERS)}"
+        text = f"{self.name} {_number(self.lo)}-{_number(self.hi)}"
+        return text + (f", divisible by {self.multiple_of}" if self.multiple_of > 1 else "")
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+#: Every parameter a job may carry, in the order the API documents them.
+PARAMS: dict[str, Param] = {
+    p.name: p
+    for p in (
+        Param("prompt", "text", max_length=PROMPT_MAX, required=True, has_default=False),
+        Param("negative_prompt", "text", max_length=PROMPT_MAX),
+        Param("seed", "int", 0, SEED_MAX, has_default=False),
+        Param("steps", "int", 1, 150),
+        Param("width", "int", 64, 2048, multiple_of=8),
+        Param("height", "int", 64, 2048, multiple_of=8),
+        Param("guidance_scale", "float", 0.0, 30.0),
+        Param("scheduler", "choice"),
+    )
 }
+PARAMETERS = tuple(PARAMS)
+DEFAULTABLE = tuple(name for name, p in PARAMS.items() if p.has_default)
+#: One checker per parameter; ``validate`` and config's ``generation:`` section share them.
+CHECKS = {name: p.check for name, p in PARAMS.items()}
+
+
+def limits() -> dict[str, dict[str, Any]]:
+    """Bounds of every parameter, keyed by name (``GET /api/options``)."""
+    return {name: p.limits() for name, p in PARAMS.items()}
+
+
+def bounds_summary() -> str:
+    """The numeric bounds in one sentence, for notes a person reads (inbox error notes)."""
+    return "; ".join(p.rule() for p in PARAMS.values() if p.kind in ("int", "float"))
 
 
 @dataclass(frozen=True)

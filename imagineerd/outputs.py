@@ -11,12 +11,10 @@ Each PNG has two text chunks:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
 import tempfile
-import threading
 import unicodedata
 from collections.abc import Mapping
 from datetime import datetime
@@ -24,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, PngImagePlugin
-
-from .errors import NotFound
 
 TEMP_PREFIX = ".imagineerd-"
 _SLUG_MAX = 48
@@ -147,138 +143,3 @@ def find_output_for_job(directory: Path, job_id: int) -> Path | None:
         if (meta.get("imagineerd") or {}).get("id") == job_id:
             return path
     return None
-
-
-class Gallery:
-    """Listing, safe lookup and thumbnails of the images in the outputs folder.
-
-    Metadata is read from each PNG once and cached by (size, mtime), so listing a large
-    gallery reads only new files. Lookups accept only paths that stay inside the outputs
-    folder after resolving symlinks: no ``..``, no hidden names, no links pointing outside.
-    """
-
-    def __init__(self, directory: Path, thumbnails: Path) -> None:
-        self.directory = directory
-        self.thumbnails = thumbnails
-        self._cache: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
-        self._lock = threading.Lock()
-
-    def _files(self) -> list[str]:
-        found = []
-        for root, dirs, files in os.walk(self.directory):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            rel_root = os.path.relpath(root, self.directory)
-            for name in files:
-                if name.lower().endswith(".png") and not name.startswith("."):
-                    found.append(name if rel_root == "." else f"{rel_root}/{name}")
-        return found
-
-    @staticmethod
-    def _order(relpath: str) -> tuple[str, str]:
-        # The file name starts with its timestamp: sorting by name is sorting by time.
-        return (relpath.rsplit("/", 1)[-1], relpath)
-
-    def list(self, limit: int = 50, before: str | None = None) -> list[dict[str, Any]]:
-        """Images newest first; ``before`` (a filename from a previous page) pages on."""
-        files = sorted(self._files(), key=self._order, reverse=True)
-        if before is not None:
-            cursor = self._order(before)
-            files = [f for f in files if self._order(f) < cursor]
-        entries = []
-        for relpath in files:
-            entry = self.entry(relpath)
-            if entry is not None:
-                entries.append(entry)
-            if len(entries) >= limit:
-                break
-        return entries
-
-    def entry(self, relpath: str) -> dict[str, Any] | None:
-        path = self.directory / relpath
-        try:
-            stat = path.stat()
-        except OSError:
-            return None
-        key = (stat.st_size, stat.st_mtime_ns)
-        with self._lock:
-            cached = self._cache.get(relpath)
-        if cached and cached[0] == key:
-            return cached[1]
-        entry: dict[str, Any] = {
-            "filename": relpath,
-            "url": f"/api/outputs/{relpath}",
-            "thumbnail_url": f"/api/outputs/{relpath}?thumb=256",
-            "size_bytes": stat.st_size,
-            "created": datetime.fromtimestamp(stat.st_mtime).strftime("%Y-%m-%dT%H:%M:%S.%f"),
-        }
-        try:
-            with Image.open(path) as image:
-                entry["width"], entry["height"] = image.size
-                text = dict(getattr(image, "text", {}))
-        except (OSError, SyntaxError, ValueError):
-            return None  # not a readable PNG (yet): leave it out
-        record = None
-        try:
-            record = json.loads(text["imagineerd"]) if "imagineerd" in text else None
-        except ValueError:
-            record = None
-        entry["parameters"] = text.get("parameters")
-        if record:
-            for name in (
-                "prompt",
-                "negative_prompt",
-                "seed",
-                "steps",
-                "guidance_scale",
-                "scheduler",
-                "sampler",
-                "model",
-                "backend",
-                "duration_seconds",
-                "source",
-                "source_name",
-                "completed_at",
-            ):
-                entry[name] = record.get(name)
-            entry["job_id"] = record.get("id")
-        elif entry["parameters"]:
-            parsed = parse_infotext(entry["parameters"])
-            entry["prompt"] = parsed.get("prompt")
-            entry["negative_prompt"] = parsed.get("negative_prompt")
-            entry["job_id"] = None
-        with self._lock:
-            self._cache[relpath] = (key, entry)
-        return entry
-
-    def resolve(self, relpath: str) -> Path:
-        """The real path of an image inside the outputs folder, or ``NotFound``."""
-        parts = relpath.replace("\\", "/").split("/")
-        if (
-            not relpath
-            or "\x00" in relpath
-            or any(p in ("", ".", "..") or p.startswith(".") for p in parts)
-            or not parts[-1].lower().endswith(".png")
-        ):
-            raise NotFound(f"no image named {relpath!r}")
-        root = self.directory.resolve()
-        real = (root / "/".join(parts)).resolve()
-        if not real.is_relative_to(root) or not real.is_file():
-            raise NotFound(f"no image named {relpath!r}")
-        return real
-
-    def thumbnail(self, relpath: str, size: int) -> Path:
-        """A JPEG at most ``size`` pixels on its longer side, made once and cached."""
-        source = self.resolve(relpath)
-        stat = source.stat()
-        digest = hashlib.sha1(f"{relpath}:{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()
-        target = self.thumbnails / str(size) / f"{digest}.jpg"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with Image.open(source) as image:
-                image = image.convert("RGB")
-                image.thumbnail((size, size))
-                fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=target.parent)
-                with os.fdopen(fd, "wb") as handle:
-                    image.save(handle, format="JPEG", quality=85)
-                os.replace(tmp, target)
-        return target

@@ -22,6 +22,12 @@ from typing import Protocol
 from .errors import Unavailable
 from .jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, Job, JobSpec
 
+#: Claim states of an inbox file, in order: recorded before the rename (``claiming``), its
+#: jobs queued (``submitted``), moved to ``done/`` with its receipt (``done``), or moved to
+#: ``failed/`` with a note (``failed``).
+CLAIMING, SUBMITTED, DONE, FAILED_CLAIM = "claiming", "submitted", "done", "failed"
+OPEN_CLAIM_STATES = (CLAIMING, SUBMITTED)
+
 
 class Store(Protocol):
     def add(
@@ -402,7 +408,7 @@ class SQLiteStore:
         with self._write() as db:
             cur = db.execute(
                 "INSERT INTO claims (original, claimed, state, created_at) VALUES (?, ?, ?, ?)",
-                (original, claimed, "claiming", created_at),
+                (original, claimed, CLAIMING, created_at),
             )
             return cur.lastrowid
 
@@ -421,10 +427,10 @@ class SQLiteStore:
             state = db.execute("SELECT state FROM claims WHERE id = ?", (claim_id,)).fetchone()[
                 "state"
             ]
-            if state == "claiming":
+            if state == CLAIMING:
                 for spec in specs:
                     self._insert(db, spec, submitted_at, source, source_name, claim_id)
-                db.execute("UPDATE claims SET state = 'submitted' WHERE id = ?", (claim_id,))
+                db.execute("UPDATE claims SET state = ? WHERE id = ?", (SUBMITTED, claim_id))
         return self.claim_jobs(claim_id)
 
     def update_claim(
@@ -444,7 +450,7 @@ class SQLiteStore:
 
     def delete_claim(self, claim_id: int) -> None:
         with self._write() as db:
-            db.execute("DELETE FROM claims WHERE id = ? AND state = 'claiming'", (claim_id,))
+            db.execute("DELETE FROM claims WHERE id = ? AND state = ?", (claim_id, CLAIMING))
 
     def get_claim(self, claim_id: int) -> dict | None:
         row = self._db().execute("SELECT * FROM claims WHERE id = ?", (claim_id,)).fetchone()
@@ -453,7 +459,7 @@ class SQLiteStore:
     def open_claims(self) -> list[dict]:
         """Claims a crash may have left half-way: ``claiming`` or ``submitted``."""
         rows = self._db().execute(
-            "SELECT * FROM claims WHERE state IN ('claiming', 'submitted') ORDER BY id"
+            "SELECT * FROM claims WHERE state IN (?, ?) ORDER BY id", OPEN_CLAIM_STATES
         )
         return [dict(row) for row in rows]
 

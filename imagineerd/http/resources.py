@@ -12,10 +12,11 @@ from typing import Any
 
 import falcon
 
+from .. import jobs
 from ..daemon import Daemon
 from ..errors import NotFound, ValidationError
 from ..events import Subscription
-from ..jobs import PROMPT_MAX, SCHEDULERS, SEED_MAX
+from ..jobs import SCHEDULERS
 
 REDACTED = "********"
 
@@ -178,14 +179,7 @@ class Options:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = {
             "schedulers": [{"id": key, "label": label} for key, label in SCHEDULERS.items()],
-            "limits": {
-                "prompt": {"max_length": PROMPT_MAX},
-                "seed": {"min": 0, "max": SEED_MAX},
-                "steps": {"min": 1, "max": 150},
-                "width": {"min": 64, "max": 2048, "multiple_of": 8},
-                "height": {"min": 64, "max": 2048, "multiple_of": 8},
-                "guidance_scale": {"min": 0, "max": 30},
-            },
+            "limits": jobs.limits(),
             "sizes": [
                 {"label": "Square 512", "width": 512, "height": 512},
                 {"label": "Square 768", "width": 768, "height": 768},

@@ -493,16 +493,35 @@ def test_serve_command_runs_http_and_stops_on_sigterm(tmp_path: Path, tiny_model
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     config = write_config(tmp_path, tiny_model)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imagineerd", "serve", "--config", str(config), "--port", str(port)],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, HF_HUB_OFFLINE="1"),
-    )
+    # The server's log goes to a file, not a pipe: a pipe nobody reads while polling fills
+    # up with access-log lines and then blocks the server mid-write.
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "imagineerd",
+                "serve",
+                "--config",
+                str(config),
+                "--port",
+                str(port),
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        )
     import requests
 
     try:
         wait_for(lambda: _get(requests, f"http://127.0.0.1:{port}/api/health"), 120, 0.2)
+        # More access log than a pipe buffer (64 KiB) holds: a server whose log nobody
+        # reads would block here.
+        with requests.Session() as http:
+            for _ in range(700):
+                assert http.get(f"http://127.0.0.1:{port}/api/health", timeout=10).ok
         job = requests.post(
             f"http://127.0.0.1:{port}/api/generate", json={"prompt": "cli"}, timeout=10
         ).json()
@@ -518,7 +537,13 @@ def test_serve_command_runs_http_and_stops_on_sigterm(tmp_path: Path, tiny_model
         time.sleep(0.2)
     finally:
         proc.terminate()
-        _, stderr = proc.communicate(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stderr = log_path.read_text()
     assert proc.returncode == 0, stderr[-2000:]
     # combined-format access log, with the byte count
     assert re.search(r'"POST /api/generate HTTP/1.1" 201 \d+ "-" "python-requests', stderr)

@@ -16,6 +16,13 @@ from PIL import Image
 from .errors import NotFound
 from .outputs import TEMP_PREFIX, parse_infotext
 
+#: The thumbnail sizes served (longer side, pixels). A fixed few, so the cache cannot be
+#: filled with one file per size a client asks for.
+THUMBNAIL_SIZES = (128, 256, 512)
+#: The thumbnail cache keeps at most this many files and bytes; the least recently used go.
+MAX_THUMBNAIL_FILES = 5000
+MAX_THUMBNAIL_BYTES = 512 * 1024 * 1024
+
 
 class Gallery:
     """Listing, safe lookup and thumbnails of the images in the outputs folder.
@@ -25,9 +32,19 @@ class Gallery:
     folder after resolving symlinks: no ``..``, no hidden names, no links pointing outside.
     """
 
-    def __init__(self, directory: Path, thumbnails: Path) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        thumbnails: Path,
+        *,
+        max_thumbnail_files: int = MAX_THUMBNAIL_FILES,
+        max_thumbnail_bytes: int = MAX_THUMBNAIL_BYTES,
+    ) -> None:
         self.directory = directory
         self.thumbnails = thumbnails
+        self.max_thumbnail_files = max_thumbnail_files
+        self.max_thumbnail_bytes = max_thumbnail_bytes
+        self._thumb_lock = threading.Lock()
         self._cache: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
         self._lock = threading.Lock()
 
@@ -64,8 +81,11 @@ class Gallery:
     def entry(self, relpath: str) -> dict[str, Any] | None:
         path = self.directory / relpath
         try:
+            # Listed only if it can be served: a link pointing out of outputs/ is neither.
+            if not path.resolve().is_relative_to(self.directory.resolve()):
+                return None
             stat = path.stat()
-        except OSError:
+        except (OSError, RuntimeError):  # RuntimeError: a symlink loop
             return None
         key = (stat.st_size, stat.st_mtime_ns)
         with self._lock:
@@ -135,18 +155,59 @@ class Gallery:
         return real
 
     def thumbnail(self, relpath: str, size: int) -> Path:
-        """A JPEG at most ``size`` pixels on its longer side, made once and cached."""
+        """A JPEG at most ``size`` pixels on its longer side (one of ``THUMBNAIL_SIZES``),
+        made once and cached; ``NotFound`` when the file is not a readable image."""
+        if size not in THUMBNAIL_SIZES:
+            raise ValueError(f"thumbnail size {size} is not one of {THUMBNAIL_SIZES}")
         source = self.resolve(relpath)
         stat = source.stat()
         digest = hashlib.sha1(f"{relpath}:{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()
         target = self.thumbnails / str(size) / f"{digest}.jpg"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with Image.open(source) as image:
+        try:
+            os.utime(target)  # a hit: now the most recently used
+            return target
+        except FileNotFoundError:
+            pass
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle, Image.open(source) as image:
                 image = image.convert("RGB")
                 image.thumbnail((size, size))
-                fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=target.parent)
-                with os.fdopen(fd, "wb") as handle:
-                    image.save(handle, format="JPEG", quality=85)
-                os.replace(tmp, target)
+                image.save(handle, format="JPEG", quality=85)
+            os.replace(tmp, target)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            # A .png name on bytes that are not one (or a truncated file): the client asked
+            # for something that is not an image we have, not a server fault.
+            Path(tmp).unlink(missing_ok=True)
+            raise NotFound(f"{relpath!r} is not a readable PNG image") from None
+        self._evict(keep=target)
         return target
+
+    def _evict(self, keep: Path) -> None:
+        """Remove least recently used thumbnails until the cache is within its bounds."""
+        with self._thumb_lock:
+            files = []
+            for folder in self.thumbnails.iterdir():
+                if not folder.is_dir():
+                    continue
+                for entry in os.scandir(folder):
+                    if entry.name.endswith(".jpg"):
+                        try:
+                            st = entry.stat()
+                        except OSError:
+                            continue
+                        files.append((st.st_mtime_ns, st.st_size, entry.path))
+            total = sum(size for _, size, _ in files)
+            count = len(files)
+            for _, size, path in sorted(files):
+                if count <= self.max_thumbnail_files and total <= self.max_thumbnail_bytes:
+                    break
+                if path == str(keep):
+                    continue
+                try:
+                    os.unlink(path)
+                except OSError:
+                    continue
+                count -= 1
+                total -= size

@@ -165,7 +165,7 @@ def test_cancel_semantics_for_every_status(start_api):
     assert_error(api("DELETE", "/api/jobs/9999"), 404)
     assert_error(api("GET", "/api/jobs/9999"), 404)
     assert_error(api("GET", "/api/jobs/not-a-number"), 404)
-    assert_error(api("PATCH", f"/api/jobs/{ids[3]}"), 405)
+    assert_error(api("PATCH", f"/api/jobs/{ids[3]}", json={}), 405)
 
 
 def test_interrupt_a_running_job(api: Api):
@@ -175,10 +175,12 @@ def test_interrupt_a_running_job(api: Api):
     view = api("GET", f"/api/jobs/{job_id}").json()
     assert view["status"] == "running" and view["queue_position"] == 0
     assert 0 < view["progress"]["step"] < 150 and view["progress"]["total"] == 150
-    response = api("POST", f"/api/jobs/{job_id}/interrupt")
+    # A JSON content type even without a body: the rule that keeps other sites' pages out.
+    assert_error(api("POST", f"/api/jobs/{job_id}/interrupt"), 415)
+    response = api("POST", f"/api/jobs/{job_id}/interrupt", json={})
     assert response.status_code == 202
     assert api.wait_job(job_id)["status"] == "cancelled"
-    assert_error(api("POST", f"/api/jobs/{job_id}/interrupt"), 410)
+    assert_error(api("POST", f"/api/jobs/{job_id}/interrupt", json={}), 410)
 
 
 def test_job_list_pagination_with_thousands_of_jobs(start_api):
@@ -313,16 +315,18 @@ def test_outputs_listing_image_thumbnail_and_caching(api: Api):
     assert image.content.startswith(b"\x89PNG") and "max-age" in image.headers["Cache-Control"]
     again = api("GET", first["url"], headers={"If-None-Match": image.headers["ETag"]})
     assert again.status_code == 304
-    thumb = api("GET", first["url"], params={"thumb": 32})
+    thumb = api("GET", first["url"], params={"thumb": 128})
     assert thumb.headers["Content-Type"] == "image/jpeg" and thumb.content[:2] == b"\xff\xd8"
-    assert len(list((api.daemon.state_dir / "thumbnails" / "32").iterdir())) == 1
+    assert len(list((api.daemon.state_dir / "thumbnails" / "128").iterdir())) == 1
     assert_error(api("GET", first["url"], params={"thumb": 5000}), 400, "thumb")
 
 
 def raw_get(api: Api, path: str) -> tuple[int, bytes]:
     """Send the path exactly as written (requests would normalise ``..``)."""
     with socket.create_connection(("127.0.0.1", api.service.port), timeout=10) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+        )
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
@@ -483,7 +487,7 @@ def test_unknown_routes_and_methods_are_json(start_api):
     api = start_api(workers=False)
     assert_error(api("GET", "/api/nothing"), 404)
     assert_error(api("DELETE", "/api/health"), 405)
-    assert_error(api("POST", "/api/jobs"), 405)
+    assert_error(api("POST", "/api/jobs", json={}), 405)
 
 
 def test_serve_command_runs_http_and_stops_on_sigterm(tmp_path: Path, tiny_model: Path):

@@ -1,13 +1,13 @@
 """``create_app(daemon, config)``: the Falcon application.
 
 Collaborators are injected: the daemon (the only thing resources talk to) and the config.
-Middleware, outermost first: access log, CORS (only when origins are configured), the body
-size limit, the bearer token.
+Middleware, outermost first: access log, the Host check, CORS (only when origins are
+configured), the body size limit, the token, the same-site and JSON rule for state changes
+(security.py says why each exists).
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import time
@@ -21,9 +21,11 @@ from ..config import Config
 from ..daemon import Daemon
 from ..errors import ImagineerdError
 from . import errors, resources
+from .security import BearerAuth, HostCheck, SameSite, redact_token
 
 access_log = logging.getLogger("imagineerd.access")
 STATIC_DIR = Path(__file__).parent / "static"
+JOB_ID_MAX = 2**63 - 1  # SQLite's largest integer
 
 
 class AccessLog:
@@ -48,11 +50,12 @@ class AccessLog:
             req.remote_addr or "-",
             when,
             req.method,
-            req.relative_uri,
+            # A script's ?token= must never land in a log file someone else reads.
+            redact_token(req.relative_uri),
             req.env.get("SERVER_PROTOCOL", "HTTP/1.1"),
             status,
             length,
-            req.referer or "-",
+            redact_token(req.referer) if req.referer else "-",
             req.user_agent or "-",
         )
 
@@ -73,47 +76,21 @@ class BodyLimit:
             )
 
 
-class BearerAuth:
-    """When a token is set, every /api/* route except /api/health needs it.
-
-    Browsers cannot add headers to ``EventSource`` or ``<img>`` requests, so GET requests
-    may pass the token as ``?token=`` instead of the ``Authorization`` header.
-    """
-
-    def __init__(self, token: str) -> None:
-        self.token = token.encode()
-
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if not self.token or req.method == "OPTIONS":
-            return
-        if not req.path.startswith("/api/") or req.path == "/api/health":
-            return
-        supplied = ""
-        header = req.get_header("Authorization") or ""
-        if header.lower().startswith("bearer "):
-            supplied = header[7:].strip()
-        elif req.method == "GET":
-            supplied = req.get_param("token") or ""
-        if not hmac.compare_digest(supplied.encode(), self.token):
-            raise falcon.HTTPUnauthorized(
-                title="Unauthorized",
-                description="this server needs a token: send 'Authorization: Bearer <token>'",
-                challenges=["Bearer"],
-            )
-
-
 def auth_token(config: Config) -> str:
     return os.environ.get("IMAGINEERD_AUTH_TOKEN") or config["server"]["auth_token"]
 
 
 def create_app(daemon: Daemon, config: Config, *, streams: Any = None) -> falcon.App:
     server = config["server"]
-    middleware: list[Any] = [AccessLog()]
+    token = auth_token(config)
+    middleware: list[Any] = [AccessLog(), HostCheck(server["allowed_hosts"], server["host"])]
     if server["cors_origins"]:
         middleware.append(
             falcon.CORSMiddleware(allow_origins=server["cors_origins"], expose_headers=["Location"])
         )
-    middleware += [BodyLimit(server["max_body_bytes"]), BearerAuth(auth_token(config))]
+    auth = BearerAuth(token)
+    # The same-site rule after the token: a request without the token learns only that.
+    middleware += [BodyLimit(server["max_body_bytes"]), auth, SameSite(server["cors_origins"])]
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     # Only JSON is parsed; anything else is a 415 in the one error shape.
@@ -126,19 +103,25 @@ def create_app(daemon: Daemon, config: Config, *, streams: Any = None) -> falcon
     app.set_error_serializer(errors.serialize_http_error)
 
     jobs = resources.Jobs(daemon)
-    outputs = resources.Outputs(daemon)
+    outputs = resources.Outputs(daemon, private=bool(token))
     config_resource = resources.ConfigResource(daemon)
     app.add_route("/api/generate", resources.Generate(daemon))
     app.add_route("/api/jobs", jobs)
-    app.add_route("/api/jobs/{job_id:int}", jobs, suffix="item")
-    app.add_route("/api/jobs/{job_id:int}/interrupt", jobs, suffix="interrupt")
+    # Ids SQLite can hold; anything else (text, negative, float, beyond 64 bits) falls
+    # through to the /api catch-all below: 404 on every method.
+    app.add_route(f"/api/jobs/{{job_id:int(min=1, max={JOB_ID_MAX})}}", jobs, suffix="item")
+    app.add_route(
+        f"/api/jobs/{{job_id:int(min=1, max={JOB_ID_MAX})}}/interrupt", jobs, suffix="interrupt"
+    )
     app.add_route("/api/config", config_resource)
     app.add_route("/api/config/generation", config_resource, suffix="generation")
     app.add_route("/api/outputs", outputs)
     app.add_route("/api/outputs/{filename:path}", outputs, suffix="item")
-    app.add_route("/api/health", resources.Health(daemon))
+    app.add_route("/api/health", resources.Health(daemon, auth_required=bool(token)))
+    app.add_route("/api/session", resources.Session(auth))
     app.add_route("/api/options", resources.Options(daemon))
     app.add_route("/api/events", resources.Events(daemon, streams))
+    app.add_route("/api/{path:path}", resources.NoRoute())
     ui = resources.StaticFiles(STATIC_DIR)
     app.add_route("/", ui)
     app.add_route("/{filename:path}", ui, suffix="item")

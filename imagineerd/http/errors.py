@@ -14,14 +14,21 @@ from typing import Any
 import falcon
 
 from ..errors import ImagineerdError
+from .security import redact_token
 
 log = logging.getLogger("imagineerd.http")
 
 
+def _text(value: str) -> str:
+    # A message may quote client input; a lone surrogate in it (JSON allows "\udcff")
+    # would make the error body itself unencodable, turning a 400 into a 500.
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(status: int, code: str, message: str, field: str | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"error": message, "code": code, "status": status}
+    body: dict[str, Any] = {"error": _text(message), "code": code, "status": status}
     if field is not None:
-        body["field"] = field
+        body["field"] = _text(field)
     return body
 
 
@@ -29,11 +36,13 @@ def _code_for(status: int) -> str:
     return {
         400: "bad_request",
         401: "unauthorized",
+        403: "forbidden",
         404: "not_found",
         405: "method_not_allowed",
         411: "length_required",
         413: "payload_too_large",
         415: "unsupported_media_type",
+        421: "misdirected_request",
         429: "too_many_requests",
         503: "unavailable",
     }.get(status, "error")
@@ -60,7 +69,7 @@ def handle_unexpected(
 ) -> None:
     if isinstance(ex, falcon.HTTPError | falcon.HTTPStatus):
         raise ex  # Falcon's own handlers deal with these
-    log.exception("unexpected error on %s %s", req.method, req.relative_uri)
+    log.exception("unexpected error on %s %s", req.method, redact_token(req.relative_uri))
     resp.status = 500
     resp.media = error_body(
         500, "internal_error", "internal server error; the server log has the details"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import hmac
 import json
 import mimetypes
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,9 +18,29 @@ from .. import jobs
 from ..daemon import Daemon
 from ..errors import NotFound, ValidationError
 from ..events import Subscription
+from ..gallery import THUMBNAIL_SIZES
 from ..jobs import SCHEDULERS
+from .security import SESSION_COOKIE, SESSION_MAX_AGE, BearerAuth
 
 REDACTED = "********"
+#: JSON nested deeper than this is refused; no valid body comes near it (json.loads itself
+#: overflows the stack at about a thousand levels).
+MAX_JSON_DEPTH = 32
+
+
+def _depth_within(data: Any, limit: int) -> bool:
+    """Whether ``data`` nests at most ``limit`` levels (iterative: no recursion to overflow)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = list(value.values())
+        elif not isinstance(value, list):
+            continue
+        if depth > limit:
+            return False
+        stack.extend((item, depth + 1) for item in value if isinstance(item, dict | list))
+    return True
 
 
 def read_json_object(req: falcon.Request) -> dict[str, Any]:
@@ -39,6 +61,12 @@ def read_json_object(req: falcon.Request) -> dict[str, Any]:
         raise ValidationError("the request body is not valid UTF-8") from None
     except ValueError as exc:
         raise ValidationError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # the parser's own stack ran out: far too deep
+        too_deep = True
+    else:
+        too_deep = not _depth_within(data, MAX_JSON_DEPTH)
+    if too_deep:
+        raise ValidationError(f"the request body nests more than {MAX_JSON_DEPTH} levels deep")
     if not isinstance(data, dict):
         raise ValidationError(f"the request body must be a JSON object, not {type(data).__name__}")
     return data
@@ -141,8 +169,9 @@ class ConfigResource:
 
 
 class Outputs:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, *, private: bool = False) -> None:
         self.daemon = daemon
+        self.private = private
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         limit = int_param(req, "limit", 50, 1, 500)
@@ -153,20 +182,30 @@ class Outputs:
         resp.media = {"outputs": images, "next_before": images[-1]["filename"] if more else None}
 
     def on_get_item(self, req: falcon.Request, resp: falcon.Response, filename: str) -> None:
-        thumb = int_param(req, "thumb", None, 16, 1024)
+        thumb = int_param(req, "thumb", None, 1, 1 << 16)
+        if thumb is not None and thumb not in THUMBNAIL_SIZES:
+            sizes = ", ".join(map(str, THUMBNAIL_SIZES))
+            raise ValidationError(f"thumb must be one of {sizes}, got {thumb}", field="thumb")
         gallery = self.daemon.gallery
         path = gallery.thumbnail(filename, thumb) if thumb else gallery.resolve(filename)
-        stat = path.stat()
+        try:
+            handle = path.open("rb")
+            stat = os.fstat(handle.fileno())
+        except OSError:  # removed (or its thumbnail evicted) since it was looked up
+            raise NotFound(f"no image named {filename!r}") from None
         etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
         resp.etag = etag
         resp.last_modified = None
-        # Names are unique per job, so an image never changes under its name.
-        resp.cache_control = ["public", "max-age=86400"]
+        # Names are unique per job, so an image never changes under its name. When a token
+        # guards the images, shared caches (proxies) must not keep a copy for others.
+        shared = "private" if self.private else "public"
+        resp.cache_control = [shared, "max-age=86400"]
         if req.get_header("If-None-Match") == etag:
+            handle.close()
             resp.status = falcon.HTTP_304
             return
         resp.content_type = "image/jpeg" if thumb else "image/png"
-        resp.set_stream(path.open("rb"), stat.st_size)
+        resp.set_stream(handle, stat.st_size)
 
 
 class Options:
@@ -194,11 +233,70 @@ class Options:
 
 
 class Health:
-    def __init__(self, daemon: Daemon) -> None:
+    """``GET /api/health``: open to all (monitors need no token). When a token is set, a
+    request without it sees only the status and the counts of the original API: the model
+    path, backend errors, devices and folders describe the machine, not its health."""
+
+    PUBLIC = ("status", "queue_size", "current_job", "total_completed", "total_failed")
+
+    def __init__(self, daemon: Daemon, *, auth_required: bool = False) -> None:
         self.daemon = daemon
+        self.auth_required = auth_required
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = self.daemon.health()
+        health = self.daemon.health()
+        if self.auth_required and not getattr(req.context, "authenticated", False):
+            health = {key: health[key] for key in self.PUBLIC if key in health}
+        resp.media = health
+
+
+class Session:
+    """``POST /api/session {"token": ...}``: a browser logs in once and gets a cookie
+    (``HttpOnly``: page scripts cannot read it; ``SameSite=Strict``: other sites' pages
+    do not send it), so images and the event stream need no token in their URLs.
+    ``DELETE /api/session`` logs out."""
+
+    def __init__(self, auth: BearerAuth) -> None:
+        self.auth = auth
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        data = read_json_object(req)
+        supplied = data.get("token")
+        if not isinstance(supplied, str) or not supplied:
+            raise ValidationError("send the token as a non-empty string", field="token")
+        if self.auth.sessions is None:
+            resp.media = {"message": "this server needs no token", "authenticated": True}
+            return
+        if not hmac.compare_digest(supplied.encode("utf-8", "replace"), self.auth.token):
+            raise falcon.HTTPUnauthorized(
+                title="Unauthorized", description="that token was not accepted"
+            )
+        resp.set_cookie(
+            SESSION_COOKIE,
+            self.auth.sessions.new(),
+            max_age=SESSION_MAX_AGE,
+            path="/",
+            http_only=True,
+            same_site="Strict",
+            secure=req.scheme == "https",
+        )
+        resp.cache_control = ["no-store"]
+        resp.media = {"message": "Logged in", "authenticated": True}
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.unset_cookie(SESSION_COOKIE, path="/", same_site="Strict")
+        resp.media = {"message": "Logged out"}
+
+
+class NoRoute:
+    """Everything under /api/ that no route takes: 404 on every method, so a path that
+    cannot name anything (``/api/jobs/abc``, an id beyond 64 bits) never looks like a
+    resource that merely lacks that method."""
+
+    def _not_found(self, req: falcon.Request, resp: falcon.Response, path: str) -> None:
+        raise NotFound(f"no API route {req.path[:200]}")
+
+    on_get = on_head = on_post = on_put = on_patch = on_delete = _not_found
 
 
 class StreamLimiter:

@@ -34,6 +34,11 @@ class HttpService:
             host=server["host"],
             port=server["port"],
             threads=server["threads"],
+            # Past connection_limit Waitress stops accepting (the OS queues the rest) instead
+            # of opening sockets without end; a connection silent for channel_timeout seconds
+            # is closed, so idle or stalled clients cannot pin sockets forever.
+            connection_limit=server["connection_limit"],
+            channel_timeout=server["channel_timeout"],
             # Our own middleware answers 413 (in the JSON error shape) from the declared length;
             # Waitress's hard cap, higher, stops absurd bodies before they are read at all.
             # Bodies Waitress does read are spooled to a temp file past 512 KiB, not memory.

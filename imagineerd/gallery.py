@@ -149,9 +149,13 @@ class Gallery:
         ):
             raise NotFound(f"no image named {relpath!r}")
         root = self.directory.resolve()
-        real = (root / "/".join(parts)).resolve()
-        if not real.is_relative_to(root) or not real.is_file():
-            raise NotFound(f"no image named {relpath!r}")
+        try:
+            real = (root / "/".join(parts)).resolve()
+            found = real.is_relative_to(root) and real.is_file()
+        except (OSError, RuntimeError):  # a name too long for the file system, a link loop
+            found = False
+        if not found:
+            raise NotFound(f"no image named {relpath[:200]!r}")
         return real
 
     def thumbnail(self, relpath: str, size: int) -> Path:

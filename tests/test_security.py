@@ -280,3 +280,13 @@ def test_listing_leaves_out_links_pointing_outside_outputs(api: Api, tmp_path):
     listed = {o["filename"] for o in api("GET", "/api/outputs").json()["outputs"]}
     assert listed == {"real.png", "link-in.png"}
     assert_error(api("GET", "/api/outputs/link-out.png"), 404)
+
+
+def test_names_too_long_for_the_file_system_are_404(api: Api):
+    long = "9" * 300
+    for path in (f"/{long}", f"/api/outputs/{long}.png", f"/api/outputs/a/{long}.png"):
+        status, headers, _ = raw(
+            api, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert status == 404, path
+    assert_error(api("GET", f"/api/outputs/{long}.png", params={"thumb": 128}), 404)

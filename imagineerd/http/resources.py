@@ -394,9 +394,13 @@ class StaticFiles:
         parts = filename.split("/")
         if any(p in ("", ".", "..") or p.startswith(".") for p in parts) or "\x00" in filename:
             raise NotFound(f"no file {filename!r}")
-        path = (self.root / filename).resolve()
-        if not path.is_relative_to(self.root) or not path.is_file():
-            raise NotFound(f"no file {filename!r}")
+        try:
+            path = (self.root / filename).resolve()
+            found = path.is_relative_to(self.root) and path.is_file()
+        except (OSError, RuntimeError):  # a name too long for the file system, a link loop
+            found = False
+        if not found:
+            raise NotFound(f"no file {filename[:200]!r}")
         resp.content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         if path.suffix == ".js":
             resp.content_type = "text/javascript; charset=utf-8"

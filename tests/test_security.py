@@ -141,12 +141,17 @@ def test_cookie_login_serves_images_and_events_and_logs_no_token(start_api, capl
     url = api.url
     assert_error(browser.get(url + image, timeout=10), 401)
     assert_error(browser.get(url + "/api/events", timeout=10), 401)
+    assert browser.get(url + "/api/session", timeout=10).json() == {
+        "auth_required": True,
+        "authenticated": False,
+    }
     assert_error(browser.post(url + "/api/session", json={"token": "wrong"}, timeout=10), 401)
     login = browser.post(url + "/api/session", json={"token": "s3cret-token"}, timeout=10)
     assert login.status_code == 200
     cookie = login.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
     assert "s3cret-token" not in cookie
+    assert browser.get(url + "/api/session", timeout=10).json()["authenticated"] is True
     response = browser.get(url + image, timeout=10)
     assert response.status_code == 200 and response.content.startswith(b"\x89PNG")
     assert response.headers["Cache-Control"].startswith("private")

@@ -202,7 +202,12 @@ def test_settings_change_is_used_by_the_next_job(start_api, page: Page, tmp_path
 
 
 def test_token_prompt_when_auth_is_on(start_api, page: Page):
+    from PIL import Image
+
     api = start_api(workers=False, server={"auth_token": "letmein"})
+    Image.new("RGB", (64, 64), "orange").save(api.daemon.outputs_dir / "a.png")
+    urls: list[str] = []
+    page.on("request", lambda request: urls.append(request.url))
     page.goto(api.url)
     dialog = page.locator("#token-dialog")
     expect(dialog).to_be_visible()
@@ -214,10 +219,38 @@ def test_token_prompt_when_auth_is_on(start_api, page: Page):
     expect(dialog).to_be_hidden()
     expect(page.locator("#steps")).to_have_value("2")
     expect(page.locator("#connection")).to_have_class("connection live")
-    assert page.evaluate("localStorage.getItem('imagineerd.token')") == "letmein"
-    page.reload()  # kept: no second prompt
+    # Images and the event stream ride on the HttpOnly session cookie: no token in any URL,
+    # nothing in the page's storage, nothing a script on the page can read.
+    page.click("#tab-gallery")
+    image = page.locator("#gallery .thumb img")
+    wait_for(lambda: image.first.evaluate("img => img.naturalWidth") > 0, 10)
+    assert not [u for u in urls if "token" in u], urls
+    assert page.evaluate("JSON.stringify(localStorage)") == "{}"
+    assert "letmein" not in page.evaluate("document.cookie")
+    page.reload()  # still logged in: no second prompt
     expect(page.locator("#steps")).to_have_value("2")
     expect(dialog).to_be_hidden()
+    page.click("#logout")
+    expect(dialog).to_be_visible()
+
+
+def test_input_bounds_come_from_the_server(start_api, page: Page, monkeypatch):
+    from imagineerd import jobs
+
+    served = jobs.limits()
+    served["steps"] = {"min": 2, "max": 99}
+    served["width"] = {"min": 128, "max": 1024, "multiple_of": 64}
+    monkeypatch.setattr(jobs, "limits", lambda: served)
+    api = start_api(workers=False)
+    page.goto(api.url)
+    expect(page.locator("#steps")).to_have_attribute("max", "99")
+    for selector in ("#steps", "#set-steps"):
+        steps = page.locator(selector)
+        assert (steps.get_attribute("min"), steps.get_attribute("max")) == ("2", "99")
+    width = page.locator("#width")
+    assert [width.get_attribute(a) for a in ("min", "max", "step")] == ["128", "1024", "64"]
+    seed = page.locator("#seed")
+    assert seed.get_attribute("max") == str(served["seed"]["max"])
 
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])

@@ -254,10 +254,17 @@ class Session:
     """``POST /api/session {"token": ...}``: a browser logs in once and gets a cookie
     (``HttpOnly``: page scripts cannot read it; ``SameSite=Strict``: other sites' pages
     do not send it), so images and the event stream need no token in their URLs.
-    ``DELETE /api/session`` logs out."""
+    ``DELETE /api/session`` logs out; ``GET /api/session`` says whether a token is needed
+    and whether this request has it."""
 
     def __init__(self, auth: BearerAuth) -> None:
         self.auth = auth
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {
+            "auth_required": self.auth.sessions is not None,
+            "authenticated": bool(getattr(req.context, "authenticated", False)),
+        }
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         data = read_json_object(req)

@@ -2,10 +2,10 @@
 // the event stream (/api/events), so everything it does a script can do too.
 
 const $ = (selector, root = document) => root.querySelector(selector);
-const TOKEN_KEY = "imagineerd.token";
 
+// With a token on the server, the page logs in once (POST /api/session) and the browser
+// keeps an HttpOnly session cookie: the token is never stored here, nor put in a URL.
 const state = {
-  token: localStorage.getItem(TOKEN_KEY) || "",
   options: null,
   running: [],          // the running jobs (with .progress): several when a batch runs
   queued: [],
@@ -31,14 +31,14 @@ let tokenPrompt = null;
 
 async function api(method, path, body) {
   for (;;) {
-    const headers = {};
-    if (state.token) headers.Authorization = `Bearer ${state.token}`;
-    if (body !== undefined) headers["Content-Type"] = "application/json";
+    // Every state change says it is JSON, body or not: the server refuses other types,
+    // which is what keeps other sites' pages from posting forms to it.
+    const headers = method === "GET" ? {} : { "Content-Type": "application/json" };
     const response = await fetch(path, {
       method, headers, body: body === undefined ? undefined : JSON.stringify(body),
     });
-    if (response.status === 401) {
-      await askToken(state.token ? "That token was not accepted." : "");
+    if (response.status === 401 && path !== "/api/session") {
+      await askToken("");
       continue;
     }
     const data = response.status === 204 ? null : await response.json().catch(() => null);
@@ -47,23 +47,25 @@ async function api(method, path, body) {
   }
 }
 
-function withToken(url) {
-  if (!state.token) return url;
-  return `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(state.token)}`;
-}
-
 function askToken(message) {
   // One dialog for all the requests that hit 401 at the same time.
   if (tokenPrompt) return tokenPrompt;
   const dialog = $("#token-dialog");
   $("#token-error").textContent = message;
   tokenPrompt = new Promise((resolve) => {
-    $("#token-form").onsubmit = (event) => {
+    $("#token-form").onsubmit = async (event) => {
       event.preventDefault();
       const value = $("#token-input").value.trim();
       if (!value) return;
-      state.token = value;
-      localStorage.setItem(TOKEN_KEY, value);
+      try {
+        await api("POST", "/api/session", { token: value });
+      } catch (error) {
+        $("#token-error").textContent = error.status === 401
+          ? "That token was not accepted." : error.message;
+        return;
+      }
+      $("#token-input").value = "";
+      $("#logout").hidden = false;
       dialog.close();
       tokenPrompt = null;
       connectEvents();
@@ -151,6 +153,20 @@ function summary(job) {
 }
 
 // -------------------------------------------------------------------------------- create
+function applyLimits(limits) {
+  // The bounds come from the server's one table (GET /api/options), never from here.
+  for (const form of [$("#create-form"), $("#settings-form")]) {
+    for (const [name, limit] of Object.entries(limits || {})) {
+      const input = form.elements[name];
+      if (!input || !limit) continue;
+      if (limit.min !== undefined) input.min = String(limit.min);
+      if (limit.max !== undefined) input.max = String(limit.max);
+      if (limit.multiple_of) input.step = String(limit.multiple_of);
+      if (limit.max_length !== undefined) input.maxLength = limit.max_length;
+    }
+  }
+}
+
 function fillSelects(options) {
   for (const select of [$("#scheduler"), $("#set-scheduler")]) {
     select.replaceChildren(...options.schedulers.map((s) => el("option", { value: s.id }, s.label)));
@@ -366,7 +382,7 @@ async function interrupt(id) {
 // -------------------------------------------------------------------------------- events
 function connectEvents() {
   if (state.events) state.events.close();
-  const source = new EventSource(withToken("/api/events"));
+  const source = new EventSource("/api/events");
   state.events = source;
   const indicator = $("#connection");
   // After every (re)connect the true state comes from the API; events then keep it current.
@@ -415,7 +431,7 @@ function connectEvents() {
 function thumb(item) {
   return el("button", { type: "button", class: "thumb", "data-file": item.filename,
     title: item.prompt || item.filename, onclick: () => openViewer(item) },
-  el("img", { src: withToken(item.thumbnail_url), alt: item.prompt || item.filename, loading: "lazy" }));
+  el("img", { src: item.thumbnail_url, alt: item.prompt || item.filename, loading: "lazy" }));
 }
 
 async function loadGallery() {
@@ -468,7 +484,7 @@ function setupGallery() {
 function openViewer(item) {
   const dialog = $("#viewer");
   dialog.dataset.prompt = item.prompt || "";
-  $("#viewer-image").src = withToken(item.url);
+  $("#viewer-image").src = item.url;
   $("#viewer-image").alt = item.prompt || item.filename;
   const rows = [
     ["Prompt", item.prompt], ["Negative prompt", item.negative_prompt || "—"],
@@ -479,9 +495,9 @@ function openViewer(item) {
     ["File", item.filename],
   ].filter(([, v]) => v !== null && v !== undefined);
   $("#viewer-meta").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, String(v))]));
-  $("#viewer-download").href = withToken(item.url);
+  $("#viewer-download").href = item.url;
   $("#viewer-download").setAttribute("download", item.filename.split("/").pop());
-  $("#viewer-open").href = withToken(item.url);
+  $("#viewer-open").href = item.url;
   $("#viewer-reuse").onclick = () => {
     const form = $("#create-form");
     for (const name of ["prompt", "negative_prompt", "seed", "steps", "width", "height", "guidance_scale", "scheduler"]) {
@@ -542,6 +558,13 @@ async function saveSettings(event) {
   }
 }
 
+async function logout() {
+  await api("DELETE", "/api/session");
+  $("#logout").hidden = true;
+  if (state.events) state.events.close();
+  location.reload();  // back to the token dialog
+}
+
 // ---------------------------------------------------------------------------------- boot
 async function loadOptions() {
   state.options = await api("GET", "/api/options");
@@ -553,7 +576,13 @@ async function main() {
   setupCreate();
   setupGallery();
   $("#settings-form").addEventListener("submit", saveSettings);
+  $("#logout").addEventListener("click", logout);
   const options = await loadOptions();
+  // Logged in by a cookie from an earlier visit: offer to log out.
+  api("GET", "/api/session").then((session) => {
+    $("#logout").hidden = !(session.auth_required && session.authenticated);
+  }).catch(() => {});
+  applyLimits(options.limits);
   fillSelects(options);
   applyDefaults(options.generation);
   showTab(location.hash.slice(1) || "create");

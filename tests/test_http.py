@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -65,6 +66,19 @@ def test_original_curl_example_runs_unchanged(api: Api, tmp_path: Path):
     assert submitted["status"] == "queued" and submitted["prompt"] == "a beautiful sunset"
     assert set(jobs) >= {"current", "running", "queued", "history"}
     assert config["generation"]["width"] == 64
+
+
+@pytest.mark.skipif(not shutil.which("node"), reason="node is not installed")
+def test_original_javascript_example_runs_unchanged(api: Api, tmp_path: Path):
+    # The README's JavaScript example, byte for byte, in Node's fetch (which sends
+    # Sec-Fetch-Mode but no Origin): the same-site rule must let it through.
+    code = (DATA / "imagineer_readme_example.mjs").read_text()
+    script = tmp_path / "example.mjs"
+    script.write_text(code.replace("http://localhost:5000", api.url))
+    result = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Job 1 submitted, position: 1" in result.stdout
+    assert "Image ready: outputs/" in result.stdout
 
 
 def test_generate_contract(api: Api):

@@ -295,3 +295,18 @@ def test_names_too_long_for_the_file_system_are_404(api: Api):
         )
         assert status == 404, path
     assert_error(api("GET", f"/api/outputs/{long}.png", params={"thumb": 128}), 404)
+
+
+def test_session_cookie_is_secure_when_the_page_is_on_https(start_api):
+    api = start_api(workers=False, server={"auth_token": "t0ken"})
+    plain = api("POST", "/api/session", json={"token": "t0ken"})
+    assert "Secure" not in plain.headers["Set-Cookie"]  # plain HTTP: a Secure cookie is lost
+    # Behind a TLS proxy the daemon sees HTTP; the browser's Origin tells it is HTTPS.
+    host = api.url.split("//")[1]
+    proxied = api(
+        "POST",
+        "/api/session",
+        json={"token": "t0ken"},
+        headers={"Origin": f"https://{host}", "Sec-Fetch-Site": "same-origin"},
+    )
+    assert proxied.status_code == 200 and "Secure" in proxied.headers["Set-Cookie"]

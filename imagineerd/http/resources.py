@@ -285,7 +285,10 @@ class Session:
             path="/",
             http_only=True,
             same_site="Strict",
-            secure=req.scheme == "https",
+            # Behind a TLS proxy the daemon itself sees plain HTTP; the page's origin says
+            # whether the browser is on HTTPS, where the cookie must never leave it.
+            secure=req.scheme == "https"
+            or (req.get_header("Origin") or "").lower().startswith("https://"),
         )
         resp.cache_control = ["no-store"]
         resp.media = {"message": "Logged in", "authenticated": True}

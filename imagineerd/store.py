@@ -15,9 +15,9 @@ import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from .errors import Unavailable
 from .jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, Job, JobSpec
@@ -29,6 +29,7 @@ CLAIMING, SUBMITTED, DONE, FAILED_CLAIM = "claiming", "submitted", "done", "fail
 OPEN_CLAIM_STATES = (CLAIMING, SUBMITTED)
 
 
+@runtime_checkable
 class Store(Protocol):
     def add(
         self,
@@ -59,7 +60,8 @@ class Store(Protocol):
         progress: tuple[int, int] | None = None,
     ) -> Job: ...
     def cancel_queued(self, job_id: int, *, completed_at: str) -> Job | None: ...
-    def requeue(self, job_id: int, *, count_attempt: bool) -> Job: ...
+    def requeue(self, job_ids: Sequence[int], *, count_attempt: bool) -> list[Job]: ...
+    def recover(self, *, max_attempts: int, completed_at: str) -> list[Job]: ...
     def running(self) -> list[Job]: ...
     def queued(self, limit: int | None = None) -> list[Job]: ...
     def history(self, limit: int, before: int | None = None) -> list[Job]: ...
@@ -211,7 +213,26 @@ class SQLiteStore:
             return self.db
 
         def __exit__(self, exc_type, exc, tb) -> None:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type is None:
+                try:
+                    self.db.execute("COMMIT")
+                    return
+                except sqlite3.Error as error:
+                    exc = error
+            # A COMMIT that fails (a deferred constraint, an I/O error) can leave the
+            # connection inside the transaction: without this ROLLBACK every later write on
+            # this thread would fail with "cannot start a transaction within a transaction",
+            # forever. SQLite may also have rolled back by itself already (a full disk), so
+            # a failing ROLLBACK must not hide the error that matters.
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+                raise Unavailable(
+                    f"the job database could not be written ({exc}); nothing was changed. "
+                    "Free space where paths.state points, then try again"
+                ) from exc
+            if exc_type is None:
+                raise exc
 
     def _write(self) -> _Tx:
         return self._Tx(self._db())
@@ -345,25 +366,31 @@ class SQLiteStore:
             )
         return self.get(job_id) if cur.rowcount == 1 else None
 
-    def requeue(self, job_id: int, *, count_attempt: bool) -> Job:
-        """Put a ``running`` job back at the head of the queue (one transaction).
+    def requeue(self, job_ids: Sequence[int], *, count_attempt: bool) -> list[Job]:
+        """Put ``running`` jobs back at the head of the queue, in the order given (their
+        queue order), in one transaction; jobs no longer running are left alone.
 
         ``count_attempt=False`` (a clean shutdown) gives back the attempt the claim counted;
         only interruptions we did not choose count towards ``queue.max_attempts``.
         """
         with self._write() as db:
             head = db.execute(
-                "SELECT COALESCE(MIN(seq), 1) - 1 FROM jobs WHERE status = ?", (QUEUED,)
+                "SELECT COALESCE(MIN(seq), 1) FROM jobs WHERE status = ?", (QUEUED,)
             ).fetchone()[0]
-            cur = db.execute(
-                "UPDATE jobs SET status = ?, seq = ?, started_at = NULL,"
-                " attempts = attempts - ?, progress_step = 0, progress_total = 0"
-                " WHERE id = ? AND status = ?",
-                (QUEUED, head, 0 if count_attempt else 1, job_id, RUNNING),
-            )
-            if cur.rowcount != 1:
-                raise RuntimeError(f"job {job_id} is not running; cannot requeue it")
-        return self.get(job_id)
+            for offset, job_id in enumerate(job_ids):
+                db.execute(
+                    "UPDATE jobs SET status = ?, seq = ?, started_at = NULL,"
+                    " attempts = attempts - ?, progress_step = 0, progress_total = 0"
+                    " WHERE id = ? AND status = ?",
+                    (
+                        QUEUED,
+                        head - len(job_ids) + offset,
+                        0 if count_attempt else 1,
+                        job_id,
+                        RUNNING,
+                    ),
+                )
+        return [job for job in (self.get(job_id) for job_id in job_ids) if job is not None]
 
     def recover(self, *, max_attempts: int, completed_at: str) -> list[Job]:
         """Start-up recovery, in one transaction: every ``running`` job (its process died)

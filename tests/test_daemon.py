@@ -223,7 +223,7 @@ def test_hooks_see_submitted_and_finished_jobs(make_config):
 
 
 def test_estimated_time_remaining_counts_batches_ahead(make_config):
-    from imagineerd.worker import Worker
+    from imagineerd.worker import Supervisor
 
     d = Daemon(make_config())
     d.start(workers=False)
@@ -239,12 +239,12 @@ def test_estimated_time_remaining_counts_batches_ahead(make_config):
         views = [d.job_view(j) for j in queued]
         assert [v["queue_position"] for v in views] == [1, 2, 3, 4, 5]
         assert [v["estimated_time_remaining"] for v in views] == [10, 20, 30, 40, 50]
-        d.workers = [Worker(d, max_batch=4)]  # not started: only its batch size counts
+        d.supervisor = Supervisor(d, ["cpu"], 4)  # not started: only its batch size counts
         assert [d.job_view(j)["estimated_time_remaining"] for j in queued] == [10, 10, 10, 10, 20]
         running = d.store.claim_next(started_at=d.now_iso())
         d.report_progress(running.id, 1, 2)  # half done
         assert d.job_view(d.job(running.id))["estimated_time_remaining"] == 5.0
         assert d.job_view(d.job(queued[1].id))["estimated_time_remaining"] == 15.0
     finally:
-        d.workers = []
+        d.supervisor = None
         d.stop()

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from imagineerd import hookimpl
+from imagineerd.backends import BackendBase
 from imagineerd.daemon import Daemon
 from imagineerd.errors import Unavailable
 from imagineerd.jobs import COMPLETED, FAILED, QUEUED
@@ -23,7 +24,7 @@ from imagineerd.store import SQLiteStore
 from .conftest import wait_finished
 
 
-class Misbehaving:
+class Misbehaving(BackendBase):
     """What the first job's prompt asks for, it does: boom, hang, oom, crawl."""
 
     release = threading.Event()

@@ -159,6 +159,42 @@ def test_recovery_completes_a_job_whose_image_was_already_written(make_config):
         d2.stop()
 
 
+def test_recovery_announces_every_job_it_finishes_or_requeues(make_config):
+    """Start-up recovery finishes jobs like any other path: an event and the hook each."""
+    from imagineerd import hookimpl
+    from imagineerd.plugins import get_plugin_manager
+
+    d = Daemon(make_config(queue={"max_attempts": 1}))
+    d.start(workers=False)
+    written = d.submit({"prompt": "image already written"})
+    doomed = d.submit({"prompt": "keeps killing the daemon"})
+    first = d.store.claim_next(started_at=d.now_iso())
+    d.save_output(first, Image.new("RGB", (64, 64)), duration=0.5, model_label="m")
+    d.store.claim_next(started_at=d.now_iso())  # 1 attempt = queue.max_attempts
+    d.store.close()  # the process died with both running
+
+    finished: list[tuple[int, str]] = []
+
+    class Recorder:
+        @hookimpl
+        def imagineerd_job_finished(self, job):
+            finished.append((job["id"], job["status"]))
+
+    d2 = Daemon(
+        make_config(queue={"max_attempts": 1}), plugin_manager=get_plugin_manager([Recorder()])
+    )
+    with d2.events.subscribe() as sub:
+        d2.start(workers=False)
+        events = []
+        while (event := sub.get(timeout=0.1)) is not None:
+            events.append((event.type, event.data["id"]))
+    try:
+        assert sorted(finished) == [(written.id, COMPLETED), (doomed.id, FAILED)]
+        assert ("job.completed", written.id) in events and ("job.failed", doomed.id) in events
+    finally:
+        d2.stop()
+
+
 def test_unavailable_model_fails_the_job_with_advice_and_daemon_stays_up(make_config, tmp_path):
     d = Daemon(make_config(model={"name": "nobody/no-such-model"}))
     d.start()

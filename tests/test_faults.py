@@ -112,7 +112,8 @@ def test_a_hung_backend_is_abandoned_and_a_new_worker_takes_over(start):
     assert wait_finished(d, good.id, 30).status == COMPLETED
     assert original.abandoned and d.workers[0] is not original and d.workers[0].is_alive()
     Misbehaving.release.set()  # the stuck thread returns at last: it must change nothing
-    time.sleep(0.5)
+    original.join(30)
+    assert not original.is_alive()
     assert d.job(hung.id).status == FAILED and not list(d.outputs_dir.glob(f"*_{hung.id}.png"))
 
 

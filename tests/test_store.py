@@ -177,7 +177,7 @@ def test_overview_is_one_snapshot_while_workers_move_jobs(open_store):
 def test_recovery_puts_running_jobs_back_at_the_head_in_order(open_store):
     store = open_store()
     a, b, c, d = (store.add(spec(p), submitted_at=T) for p in "abcd")
-    store.claim_batch(started_at=T, limit=2, key=lambda s: 0)  # a and b run, then the process "dies"
+    store.claim_batch(started_at=T, limit=2, key=lambda s: 0)  # a, b run; the process "dies"
     store.close()
     reopened = open_store()
     touched = reopened.recover(max_attempts=3, completed_at=T)

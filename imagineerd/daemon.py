@@ -33,7 +33,8 @@ from .events import EventBus
 from .gallery import Gallery
 from .jobs import COMPLETED, FAILED, QUEUED, RUNNING, Job
 from .plugins import get_plugin_manager
-from .store import SQLiteStore, Store
+from .sqlite_store import SQLiteStore
+from .store import Store
 from .worker import SHUTDOWN, Supervisor, Worker, describe_failure
 
 log = logging.getLogger(__name__)

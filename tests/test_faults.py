@@ -19,7 +19,7 @@ from imagineerd.daemon import Daemon
 from imagineerd.errors import Unavailable
 from imagineerd.jobs import COMPLETED, FAILED, QUEUED
 from imagineerd.plugins import get_plugin_manager
-from imagineerd.store import SQLiteStore
+from imagineerd.sqlite_store import SQLiteStore
 
 from .conftest import wait_finished
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sqlite3
 import subprocess
 import threading
@@ -10,11 +11,13 @@ from pathlib import Path
 import pytest
 
 from imagineerd import config as config_mod
-from imagineerd.errors import Unavailable
+from imagineerd.errors import ConfigError, Unavailable
 from imagineerd.jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, validate
-from imagineerd.store import CLAIMING, DONE, SUBMITTED, SQLiteStore, Store
+from imagineerd.sqlite_store import SQLiteStore
+from imagineerd.store import CLAIMING, DONE, SUBMITTED, Store
 
 T = "2026-01-01T00:00:00.000000"
+DATA = Path(__file__).parent / "data"
 
 
 def spec(prompt: str = "p", **fields):
@@ -360,3 +363,33 @@ def test_hot_queries_use_indexes_not_scans_or_sorts(sqlite_store: SQLiteStore):
         assert "TEMP B-TREE" not in plan, (sql, plan)
         for step in plan.split(" | "):
             assert not (step.startswith("SCAN jobs") and "INDEX" not in step), (sql, plan)
+
+
+def test_a_database_from_a_newer_version_is_refused_with_advice(tmp_path: Path):
+    store = SQLiteStore(tmp_path / "jobs.db")
+    job = store.add(spec("kept"), submitted_at=T)
+    store._db().execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    store.close()
+    with pytest.raises(ConfigError) as info:
+        SQLiteStore(tmp_path / "jobs.db")
+    assert "schema version 99" in info.value.message and "Upgrade imagineerd" in info.value.message
+    raw = sqlite3.connect(tmp_path / "jobs.db")  # and nothing was touched
+    assert raw.execute("SELECT value FROM meta").fetchone()[0] == "99"
+    assert raw.execute("SELECT COUNT(*) FROM jobs WHERE id = ?", (job.id,)).fetchone()[0] == 1
+    raw.close()
+
+
+def test_a_database_made_by_the_last_release_opens_with_its_jobs(tmp_path: Path):
+    """tests/data/release-0.1.0.db was written by the first release (schema 1): a queued, a
+    running and a completed job, and an inbox claim."""
+    path = tmp_path / "imagineerd.db"
+    shutil.copy(DATA / "release-0.1.0.db", path)
+    store = SQLiteStore(path)
+    try:
+        assert store.counts() == {QUEUED: 1, RUNNING: 1, COMPLETED: 1, FAILED: 0, CANCELLED: 0}
+        (recovered,) = store.recover(max_attempts=3, completed_at=T)
+        assert recovered.status == QUEUED
+        assert [j.spec.prompt for j in store.queued()] == ["was running", "was queued"]
+        assert store.open_claims() == [] and store.get_claim(1)["state"] == DONE
+    finally:
+        store.close()

@@ -1,9 +1,12 @@
-"""The ``imagineerd`` command: serve, generate, make-test-model."""
+"""The ``imagineerd`` command: serve, generate, token, smb-conf, make-test-model."""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import ipaddress
 import logging
+import secrets
 import signal
 import sys
 import threading
@@ -25,15 +28,41 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
+def security_warnings(host: str, token: str) -> list[str]:
+    """What a start-up on these settings should warn about (logged, never fatal)."""
+    if token or _is_loopback(host):
+        return []
+    return [
+        f"listening on {host} without a token (server.auth_token): anyone who can reach "
+        "this machine can queue jobs, stop them, read the gallery and change the "
+        "generation settings. Run `imagineerd token` and put the line it prints into "
+        "config.yaml, or set server.host: 127.0.0.1"
+    ]
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import config as config_mod
     from .daemon import Daemon
+    from .http.app import auth_token
+    from .http.server import HttpService
 
     config = config_mod.load(args.config)
     if args.host:
         config.data["server"]["host"] = args.host
     if args.port:
         config.data["server"]["port"] = args.port
+    server = config["server"]
+    for warning in security_warnings(server["host"], auth_token(config)):
+        log.warning(warning)
     daemon = Daemon(config)
     stop = threading.Event()
 
@@ -46,14 +75,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    daemon.start()
-    from .http.server import HttpService
-
-    services: list = [HttpService(daemon, config)]
+    # The port is bound before anything starts, so a port in use is one clear line and
+    # not a half-started daemon.
+    try:
+        services: list = [HttpService(daemon, config)]
+    except OSError as exc:
+        daemon.store.close()
+        where = f"{server['host']}:{server['port']}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ImagineerdError(
+                f"port {server['port']} is already in use on {server['host']} (another "
+                "imagineerd, or another program); stop it, or choose another port with "
+                "--port or server.port in config.yaml"
+            ) from None
+        raise ImagineerdError(
+            f"cannot listen on {where}: {exc.strerror or exc}; check server.host and "
+            "server.port in config.yaml (ports below 1024 need root)"
+        ) from None
     if config["inbox"]["enabled"]:
         from .inbox import Inbox
 
+        # Made before start-up recovery runs, so the receipts of inbox jobs that recovery
+        # finishes are brought up to date too.
         services.append(Inbox(daemon, config))
+    daemon.start()
     for service in services:
         service.start()
     log.info("imagineerd %s serving; config %s", __version__, config.path)
@@ -112,6 +157,18 @@ def cmd_smb_conf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """A new random token on the first line (``$(imagineerd token | head -1)`` takes it),
+    then the config line that enables it."""
+    token = secrets.token_urlsafe(32)  # 256 bits, URL- and YAML-safe characters only
+    print(token)
+    print()
+    print("# under server: in config.yaml (or IMAGINEERD_AUTH_TOKEN in the environment),")
+    print("# then restart imagineerd:")
+    print(f'  auth_token: "{token}"')
+    return 0
+
+
 def cmd_make_test_model(args: argparse.Namespace) -> int:
     from .backends.testmodel import make_test_model
 
@@ -160,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     smb.add_argument("--user", help="account the inbox share writes as (default: you)")
     smb.add_argument("--share", default="Imagineer", help="share name (default: %(default)s)")
     smb.set_defaults(func=cmd_smb_conf)
+
+    token = sub.add_parser(
+        "token", help="print a new random token for server.auth_token (and the config line)"
+    )
+    token.set_defaults(func=cmd_token)
 
     tm = sub.add_parser(
         "make-test-model", help="write a random-weight SD1.5/SDXL pipeline (for tests, benchmarks)"

@@ -9,14 +9,13 @@ store (finished) -> events and hooks.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from datetime import datetime
@@ -27,15 +26,16 @@ from PIL import Image
 
 from . import __version__, jobs, outputs
 from . import config as config_mod
-from .backends import build_registry
+from .backends import Backend, build_registry
 from .config import Config
-from .errors import Conflict, Gone, NotFound, Unavailable
+from .errors import BackendError, Conflict, Gone, ImagineerdError, NotFound, Unavailable
 from .events import EventBus
 from .gallery import Gallery
 from .jobs import COMPLETED, FAILED, QUEUED, RUNNING, Job
 from .plugins import get_plugin_manager
-from .store import SQLiteStore, Store
-from .worker import SHUTDOWN, Worker, describe_failure
+from .sqlite_store import SQLiteStore
+from .store import Store
+from .worker import SHUTDOWN, Supervisor, Worker, describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Daemon:
         self.events = EventBus()
         self.gallery = Gallery(self.outputs_dir, self.state_dir / "thumbnails")
         self.stopping = threading.Event()
-        self.workers: list[Worker] = []
+        self.supervisor: Supervisor | None = None
         self._work = threading.Condition()
         self._work_pending = False
         self._lock = threading.Lock()
@@ -99,53 +99,15 @@ class Daemon:
         """Recover from an unclean stop, then start one worker per device."""
         self.recover()
         if workers:
-            max_batch = self.config["performance"]["max_batch"]
-            for index, device in enumerate(self.devices()):
-                if max_batch == "auto":
-                    # Batching pays where kernel launches dominate (GPUs), not on CPUs.
-                    max_batch = 8 if device.startswith("cuda") else 1
-                worker = Worker(self, device=device, max_batch=max_batch, index=index)
-                self.workers.append(worker)
-                worker.start()
-            threading.Thread(target=self._watchdog, name="imagineerd-watchdog", daemon=True).start()
+            self.supervisor = Supervisor(
+                self, self.devices(), self.config["performance"]["max_batch"]
+            )
+            self.supervisor.start()
         self._started = True
 
-    def _watchdog(self) -> None:
-        """Fail the jobs of a worker whose backend hangs without calling back.
-
-        A backend that reports steps is stopped at the next step once it passes
-        ``performance.job_timeout``. One that stops calling back (a driver hang, a deadlock)
-        cannot be interrupted from Python: past the limit plus a grace period its jobs fail,
-        the stuck thread is abandoned and a new worker takes over the device's queue.
-        """
-        while not self.stopping.wait(0.5):
-            timeout = self.config["performance"]["job_timeout"]
-            if not timeout:
-                continue
-            grace = max(2.0, timeout * 0.25)
-            for index, worker in enumerate(list(self.workers)):
-                started = worker.batch_started
-                if started is None or worker.abandoned:
-                    continue
-                waited = time.monotonic() - started
-                if waited < timeout + grace:
-                    continue
-                worker.abandoned = True
-                log.error("%s has not responded for %.0f s; restarting it", worker.name, waited)
-                for job in list(worker.active.values()):
-                    self.job_finished(
-                        job,
-                        FAILED,
-                        duration_seconds=round(waited, 3),
-                        error=f"the backend stopped responding: no result after {waited:.0f} s "
-                        f"(performance.job_timeout is {timeout:g} s); the job was stopped and "
-                        "the worker restarted",
-                    )
-                replacement = Worker(
-                    self, device=worker.device, max_batch=worker.max_batch, index=len(self.workers)
-                )
-                self.workers[index] = replacement
-                replacement.start()
+    @property
+    def workers(self) -> list[Worker]:
+        return self.supervisor.workers if self.supervisor is not None else []
 
     def devices(self) -> list[str]:
         """``model.device`` as a list: one worker each. ``auto`` is every visible GPU (or
@@ -174,34 +136,61 @@ class Daemon:
         settings["warm_sizes"] = [[generation["width"], generation["height"]]]
         return settings
 
+    def load_backend(self, device: str | None) -> Backend:
+        """A new backend for ``device`` (called on the worker's own thread)."""
+        settings = self.backend_settings()
+        if device is not None:
+            settings["device"] = device
+        try:
+            backend = self.backend_factory(settings)
+        except ImagineerdError:
+            raise
+        except Exception as exc:
+            log.exception("backend failed to load")
+            raise BackendError(f"the {settings['backend']} backend failed to load: {exc}") from exc
+        if not isinstance(backend, Backend):
+            raise BackendError(
+                f"the {settings['backend']} backend does not implement the backend protocol "
+                "(generate, batch_key, is_out_of_memory, idle, model_label); subclass "
+                "imagineerd.backends.BackendBase"
+            )
+        return backend
+
+    def job_timeout(self) -> float:
+        return self.config["performance"]["job_timeout"]
+
     def recover(self) -> None:
         """Finish what a crash left: partial images are removed; a job that was ``running``
         and whose image was already written is completed; others go back to the head of the
-        queue (or fail after ``queue.max_attempts`` interruptions)."""
+        queue (or fail after ``queue.max_attempts`` interruptions). Each outcome is announced
+        like any other (events, the ``imagineerd_job_finished`` hook, inbox receipts)."""
         for path in outputs.remove_partial_files(self.outputs_dir):
             log.warning("removed partial output %s", path)
         for job in self.store.running():
             found = outputs.find_output_for_job(self.outputs_dir, job.id)
-            if found is not None:
-                meta = outputs.read_metadata(found)["imagineerd"] or {}
-                self.store.finish(
-                    job.id,
-                    COMPLETED,
-                    completed_at=meta.get("completed_at") or self.now_iso(),
-                    duration_seconds=meta.get("duration_seconds"),
-                    output_path=self.output_ref(found),
-                )
-                log.warning("job %s had finished its image before the stop; completed", job.id)
+            if found is None:
+                continue
+            meta = outputs.read_metadata(found)["imagineerd"] or {}
+            done = self.store.finish(
+                job.id,
+                COMPLETED,
+                completed_at=meta.get("completed_at") or self.now_iso(),
+                duration_seconds=meta.get("duration_seconds"),
+                output_path=self.output_ref(found),
+            )
+            log.warning("job %s had finished its image before the stop; completed", job.id)
+            self._announce_finished(done)
         for job in self.store.recover(
             max_attempts=self.config["queue"]["max_attempts"], completed_at=self.now_iso()
         ):
             if job.status == FAILED:
                 log.error("job %s failed: %s", job.id, job.error)
-                self._hook("imagineerd_job_finished", job=self.job_view(job))
+                self._announce_finished(job)
             else:
                 log.warning(
                     "job %s was interrupted by a stop; back at the head of the queue", job.id
                 )
+                self.events.publish("job.requeued", self.job_view(job))
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop taking jobs; a running job is interrupted at its next step and put back in the
@@ -211,10 +200,8 @@ class Daemon:
             for job in self.store.running() if self._started else []:
                 self._interrupts[job.id] = SHUTDOWN
         self.wake()
-        for worker in self.workers:
-            worker.join(timeout)
-            if worker.is_alive():
-                log.error("%s did not stop within %ss", worker.name, timeout)
+        if self.supervisor is not None:
+            self.supervisor.join(timeout)
         self._saver.shutdown(wait=True)  # images already generated are still written
         self.store.close()
 
@@ -270,9 +257,7 @@ class Daemon:
         if job.status == QUEUED:
             cancelled = self.store.cancel_queued(job_id, completed_at=self.now_iso())
             if cancelled is not None:
-                view = self.job_view(cancelled)
-                self.events.publish("job.cancelled", view)
-                self._hook("imagineerd_job_finished", job=view)
+                self._announce_finished(cancelled)
                 return cancelled
             job = self.job(job_id)  # a worker claimed it meanwhile
         if job.status == RUNNING:
@@ -320,7 +305,7 @@ class Daemon:
             return round(mean * self._fraction_left(job), 1)
         running = self.store.running()
         current = min((self._fraction_left(r) for r in running), default=0.0)
-        per_batch = max((w.max_batch for w in self.workers), default=1)
+        per_batch = self.supervisor.max_batch if self.supervisor is not None else 1
         batches = math.ceil(position / per_batch) / max(len(self.workers), 1)
         return round(mean * (current + batches), 1)
 
@@ -354,16 +339,8 @@ class Daemon:
 
     def health(self) -> dict[str, Any]:
         counts = self.store.counts()
-        worker = self.workers[0] if self.workers else None
-        workers = [
-            {
-                "device": w.device,
-                "state": w.backend_state,
-                "error": w.backend_error,
-                "max_batch": w.max_batch,
-            }
-            for w in self.workers
-        ]
+        workers = self.supervisor.states() if self.supervisor is not None else []
+        first = workers[0] if workers else {"state": "no worker", "error": None}
         return {
             "status": "ok",
             "queue_size": counts[QUEUED],
@@ -374,8 +351,8 @@ class Daemon:
             "backend": {
                 "name": self.config["model"]["backend"],
                 "model": self.config["model"]["name"],
-                "state": worker.backend_state if worker else "no worker",
-                "error": worker.backend_error if worker else None,
+                "state": first["state"],
+                "error": first["error"],
             },
             "workers": workers,
             **{name: provider() for name, provider in list(self._status_providers.items())},
@@ -436,7 +413,12 @@ class Daemon:
     def claim_jobs(self, claim_id: int) -> list[Job]:
         return self.store.claim_jobs(claim_id)
 
-    # -- called by workers ---------------------------------------------------------------
+    # -- WorkerHost: called by workers -------------------------------------------------
+    def claim_batch(
+        self, limit: Callable[[jobs.JobSpec], int], key: Callable[[jobs.JobSpec], Hashable]
+    ) -> list[Job]:
+        return self.store.claim_batch(started_at=self.now_iso(), limit=limit, key=key)
+
     def job_started(self, job: Job) -> None:
         self._progress[job.id] = (0, job.spec.steps)
         self.events.publish("job.started", self.job_view(job))
@@ -496,13 +478,17 @@ class Daemon:
             # Already finished elsewhere (e.g. failed by the watchdog): the first word stands.
             log.warning("job %s was already finished; ignoring a late %s", job.id, status)
             return self.job(job.id)
-        view = self.job_view(done)
-        self.events.publish(f"job.{status}", view)
-        self._hook("imagineerd_job_finished", job=view)
+        self._announce_finished(done)
         return done
 
+    def _announce_finished(self, job: Job) -> None:
+        """The one way a finished job is made known: an event and the plugin hook."""
+        view = self.job_view(job)
+        self.events.publish(f"job.{job.status}", view)
+        self._hook("imagineerd_job_finished", job=view)
+
     def save_later(
-        self, job: Job, image: Image.Image, *, duration: float, model_label: str
+        self, job: Job, image: Image.Image, *, duration: float, model_label: str | None
     ) -> None:
         """Write a finished job's image on a saver thread, then mark the job completed (or
         failed, if the write fails), so the worker can start its next batch at once."""
@@ -511,6 +497,8 @@ class Daemon:
             try:
                 output = self.save_output(job, image, duration=duration, model_label=model_label)
             except Exception as exc:
+                if not isinstance(exc, OSError):
+                    log.exception("job %s: writing its image failed", job.id)
                 self.job_finished(
                     job, FAILED, duration_seconds=duration, error=describe_failure(exc)
                 )
@@ -531,48 +519,32 @@ class Daemon:
     def has_queued_jobs(self) -> bool:
         return bool(self.store.queued(1))
 
-    def job_requeued(self, job: Job) -> None:
-        self._progress.pop(job.id, None)
-        requeued = self.store.requeue(job.id, count_attempt=False)
-        self.events.publish("job.requeued", self.job_view(requeued))
+    def jobs_requeued(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._progress.pop(job.id, None)
+        for job in self.store.requeue([job.id for job in jobs], count_attempt=False):
+            self.events.publish("job.requeued", self.job_view(job))
 
     def save_output(
-        self, job: Job, image: Image.Image, *, duration: float, model_label: str
+        self, job: Job, image: Image.Image, *, duration: float, model_label: str | None
     ) -> str:
         """Write the job's PNG with both metadata chunks; return the path the API shows."""
-        spec = job.spec
         now = self.clock()
-        params = {
-            "Steps": spec.steps,
-            "Sampler": spec.sampler_label,
-            "CFG scale": spec.guidance_scale,
-            "Seed": spec.seed,
-            "Size": f"{spec.width}x{spec.height}",
-            "Model": model_label,
-            "Version": f"imagineerd {__version__}",
-        }
-        record = {
-            "id": job.id,
-            **spec.to_dict(),
-            "sampler": spec.sampler_label,
-            "model": self.config["model"]["name"],
-            "backend": self.config["model"]["backend"],
-            "source": job.source,
-            "source_name": job.source_name,
-            "submitted_at": job.submitted_at,
-            "started_at": job.started_at,
-            "completed_at": iso(now),
-            "duration_seconds": duration,
-            "version": __version__,
-        }
-        text = {
-            "parameters": outputs.infotext(spec.prompt, spec.negative_prompt, params),
-            "imagineerd": json.dumps(record, ensure_ascii=False, sort_keys=True),
-        }
+        model = self.config["model"]
+        text = outputs.job_metadata(
+            job,
+            model_label=model_label or model["name"],
+            model_name=model["name"],
+            backend=model["backend"],
+            completed_at=iso(now),
+            duration=duration,
+        )
         folder = self.outputs_dir
         if job.source == "inbox" and job.source_name and self.config["inbox"]["outputs_subfolder"]:
             folder = folder / outputs.slugify(Path(job.source_name).stem)
-        path = outputs.save_png(image, folder, outputs.output_name(job.id, spec.prompt, now), text)
+        path = outputs.save_png(
+            image, folder, outputs.output_name(job.id, job.spec.prompt, now), text
+        )
         return self.output_ref(path)
 
     def output_ref(self, path: Path) -> str:

@@ -3,14 +3,15 @@
 Publishing never blocks: the worker publishes every denoising step, and a slow browser tab
 must not slow the GPU. Each subscriber has a bounded queue; one that falls behind is dropped
 (its stream ends and the client reconnects with ``Last-Event-ID``, replaying from the ring
-buffer of recent events).
+buffers of recent events, or told to reload everything with a ``reset`` event when what it
+missed is no longer held).
 """
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -61,32 +62,76 @@ class Subscription:
         self.close()
 
 
-class EventBus:
-    """Numbered events, a replay buffer of the last ``history`` of them, and subscribers."""
+def _now_us() -> int:
+    return time.time_ns() // 1000
 
-    def __init__(self, history: int = 2000, subscriber_queue: int = 1000) -> None:
-        self._ids = itertools.count(1)
-        self._recent: deque[Event] = deque(maxlen=history)
+
+class EventBus:
+    """Numbered events, replay buffers, and subscribers.
+
+    Ids are unique across restarts: each is at least the current time in microseconds (and
+    one more than the last), so a client that reconnects to a restarted daemon with an old
+    ``Last-Event-ID`` is never handed a stale number that hides new events. (Microseconds
+    since 1970 stay below 2**53, so JavaScript reads them exactly.)
+
+    Progress events come many per second; they are kept in a buffer of their own so they
+    can never push a ``job.completed`` out of the replay buffer of state events.
+    """
+
+    PROGRESS_TYPES = frozenset({"job.progress"})
+
+    def __init__(
+        self, history: int = 2000, progress_history: int = 500, subscriber_queue: int = 1000
+    ) -> None:
+        self._last_id = 0
+        #: Events with an id below this were published by an earlier process (or never).
+        self.epoch = _now_us()
+        self._state: deque[Event] = deque(maxlen=history)
+        self._progress: deque[Event] = deque(maxlen=progress_history)
+        self._state_evicted_upto = 0
         self._subscribers: list[Subscription] = []
         self._lock = threading.Lock()
         self._subscriber_queue = subscriber_queue
 
     def publish(self, type: str, data: dict[str, Any]) -> Event:
+        # Numbering and delivery under one lock: two threads publishing at once must not
+        # deliver in another order than the ids say (a client would drop the "older" one).
+        # Offering never blocks (bounded queues, put_nowait), so holding the lock is cheap.
         with self._lock:
-            event = Event(next(self._ids), type, data)
-            self._recent.append(event)
-            subscribers = list(self._subscribers)
-        for sub in subscribers:
-            sub._offer(event)
+            self._last_id = max(self._last_id + 1, _now_us())
+            event = Event(self._last_id, type, data)
+            if type in self.PROGRESS_TYPES:
+                self._progress.append(event)
+            else:
+                if len(self._state) == self._state.maxlen:
+                    self._state_evicted_upto = self._state[0].id
+                self._state.append(event)
+            for sub in self._subscribers:
+                sub._offer(event)
         return event
 
     def subscribe(self, last_event_id: int | None = None) -> Subscription:
-        """Subscribe; with ``last_event_id`` the events after it still in the buffer come
-        first, so a reconnecting client misses nothing recent."""
+        """Subscribe; with ``last_event_id`` the held events after it come first, so a
+        reconnecting client misses nothing. When events it missed are no longer held (the
+        daemon restarted, or they fell out of the buffer) a ``reset`` event comes first
+        instead: the client reloads the whole state from the API."""
         with self._lock:
-            backlog = []
+            backlog: list[Event] = []
             if last_event_id is not None:
-                backlog = [e for e in self._recent if e.id > last_event_id]
+                missed = last_event_id < self._state_evicted_upto or not (
+                    self.epoch <= last_event_id <= max(self._last_id, self.epoch)
+                )
+                if missed:
+                    reason = (
+                        "events after the one you saw are no longer held (the daemon "
+                        "restarted or you were away long); reload the state from the API"
+                    )
+                    backlog.append(Event(self._last_id, "reset", {"reason": reason}))
+                else:
+                    backlog = sorted(
+                        (e for e in (*self._state, *self._progress) if e.id > last_event_id),
+                        key=lambda e: e.id,
+                    )
             sub = Subscription(self, backlog, self._subscriber_queue)
             self._subscribers.append(sub)
         return sub

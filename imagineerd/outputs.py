@@ -23,6 +23,9 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from . import __version__
+from .jobs import Job
+
 TEMP_PREFIX = ".imagineerd-"
 _SLUG_MAX = 48
 
@@ -83,6 +86,58 @@ def parse_infotext(text: str) -> dict[str, Any]:
     return result
 
 
+def job_metadata(
+    job: Job,
+    *,
+    model_label: str,
+    model_name: str,
+    backend: str,
+    completed_at: str,
+    duration: float,
+) -> dict[str, str]:
+    """The two text chunks of a job's PNG: A1111's ``parameters`` and our exact JSON."""
+    spec = job.spec
+    params = {
+        "Steps": spec.steps,
+        "Sampler": spec.sampler_label,
+        "CFG scale": spec.guidance_scale,
+        "Seed": spec.seed,
+        "Size": f"{spec.width}x{spec.height}",
+        "Model": model_label,
+        "Version": f"imagineerd {__version__}",
+    }
+    record = {
+        "id": job.id,
+        **spec.to_dict(),
+        "sampler": spec.sampler_label,
+        "model": model_name,
+        "backend": backend,
+        "source": job.source,
+        "source_name": job.source_name,
+        "submitted_at": job.submitted_at,
+        "started_at": job.started_at,
+        "completed_at": completed_at,
+        "duration_seconds": duration,
+        "version": __version__,
+    }
+    return {
+        "parameters": infotext(spec.prompt, spec.negative_prompt, params),
+        "imagineerd": json.dumps(record, ensure_ascii=False, sort_keys=True),
+    }
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename into ``directory`` durable: after a power cut the new name is there.
+
+    (The file's own fsync covers its bytes, not the directory entry that names it.)
+    """
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_png(image: Image.Image, directory: Path, name: str, text: Mapping[str, str]) -> Path:
     """Write ``image`` as ``directory/name`` with text chunks, atomically.
 
@@ -102,6 +157,7 @@ def save_png(image: Image.Image, directory: Path, name: str, text: Mapping[str, 
         os.chmod(tmp, 0o644)
         final = directory / name
         os.replace(tmp, final)
+        fsync_directory(directory)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -1,26 +1,21 @@
-"""Durable job storage.
+"""The job store contract.
 
-:class:`Store` is the contract the daemon relies on; :class:`SQLiteStore` implements it on one
-SQLite file (WAL journal, ``synchronous=FULL``: a job acknowledged to a client survives a power
-cut). Another backend (PostgreSQL, for several machines sharing a queue) implements the same
-methods with the same atomicity and nothing else changes.
+:class:`Store` is what the daemon and the inbox rely on; each method's docstring says which
+state transition it performs and that it is atomic. :class:`~imagineerd.sqlite_store.SQLiteStore`
+implements it on one SQLite file; another implementation (PostgreSQL, for several machines
+sharing a queue) implements the same methods with the same atomicity, passes the same
+contract suite (``tests/test_store.py``), and nothing else changes.
 
-Queue order is the ``seq`` column, not the id: recovery puts an interrupted job back *at the
-head* of the queue by giving it a ``seq`` below every other one.
+Queue order is a sequence number, not the id: a job put back (recovery, a clean stop) goes
+*to the head* of the queue.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import sqlite3
-import threading
-from collections.abc import Callable, Hashable, Iterable
-from pathlib import Path
-from typing import Protocol
+from collections.abc import Callable, Hashable, Sequence
+from typing import Protocol, runtime_checkable
 
-from .errors import Unavailable
-from .jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, Job, JobSpec
+from .jobs import Job, JobSpec
 
 #: Claim states of an inbox file, in order: recorded before the rename (``claiming``), its
 #: jobs queued (``submitted``), moved to ``done/`` with its receipt (``done``), or moved to
@@ -29,201 +24,13 @@ CLAIMING, SUBMITTED, DONE, FAILED_CLAIM = "claiming", "submitted", "done", "fail
 OPEN_CLAIM_STATES = (CLAIMING, SUBMITTED)
 
 
+@runtime_checkable
 class Store(Protocol):
-    def add(
-        self,
-        spec: JobSpec,
-        *,
-        submitted_at: str,
-        source: str = "api",
-        source_name: str | None = None,
-    ) -> Job: ...
-    def get(self, job_id: int) -> Job | None: ...
-    def claim_batch(
-        self,
-        *,
-        started_at: str,
-        limit: int | Callable[[JobSpec], int],
-        key: Callable[[JobSpec], Hashable] | None = None,
-    ) -> list[Job]: ...
-    def claim_next(self, *, started_at: str) -> Job | None: ...
-    def finish(
-        self,
-        job_id: int,
-        status: str,
-        *,
-        completed_at: str,
-        duration_seconds: float | None = None,
-        output_path: str | None = None,
-        error: str | None = None,
-        progress: tuple[int, int] | None = None,
-    ) -> Job: ...
-    def cancel_queued(self, job_id: int, *, completed_at: str) -> Job | None: ...
-    def requeue(self, job_id: int, *, count_attempt: bool) -> Job: ...
-    def running(self) -> list[Job]: ...
-    def queued(self, limit: int | None = None) -> list[Job]: ...
-    def history(self, limit: int, before: int | None = None) -> list[Job]: ...
-    def overview(
-        self, *, queued_limit: int, history_limit: int, before: int | None = None
-    ) -> tuple[list[Job], list[Job], list[Job]]: ...
-    def queue_position(self, job: Job) -> int: ...
-    def counts(self) -> dict[str, int]: ...
-    def recent_durations(self, spec: JobSpec, limit: int = 20) -> list[float]: ...
-    def create_claim(self, original: str, claimed: str, *, created_at: str) -> int: ...
-    def submit_claim(
-        self,
-        claim_id: int,
-        specs: list[JobSpec],
-        *,
-        submitted_at: str,
-        source: str,
-        source_name: str,
-    ) -> list[Job]: ...
-    def update_claim(
-        self,
-        claim_id: int,
-        state: str,
-        *,
-        final_path: str | None = None,
-        note_path: str | None = None,
-    ) -> None: ...
-    def delete_claim(self, claim_id: int) -> None: ...
-    def get_claim(self, claim_id: int) -> dict | None: ...
-    def open_claims(self) -> list[dict]: ...
-    def claim_jobs(self, claim_id: int) -> list[Job]: ...
-    def close(self) -> None: ...
+    """Durable jobs and inbox claims. Every method that changes state is one atomic
+    transaction that checks the current status, so two workers (threads, processes or
+    machines) never claim the same job and a job cannot be cancelled and started at once."""
 
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id               INTEGER PRIMARY KEY AUTOINCREMENT,
-    seq              INTEGER NOT NULL,
-    status           TEXT NOT NULL,
-    spec             TEXT NOT NULL,
-    source           TEXT NOT NULL DEFAULT 'api',
-    source_name      TEXT,
-    submitted_at     TEXT NOT NULL,
-    started_at       TEXT,
-    completed_at     TEXT,
-    duration_seconds REAL,
-    output_path      TEXT,
-    error            TEXT,
-    attempts         INTEGER NOT NULL DEFAULT 0,
-    progress_step    INTEGER NOT NULL DEFAULT 0,
-    progress_total   INTEGER NOT NULL DEFAULT 0,
-    claim_id         INTEGER REFERENCES claims (id)
-);
-CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
--- History and duration estimates read finished jobs newest first, new jobs take MAX(seq):
--- without these each would scan the whole table (seconds with 100 000 jobs).
-CREATE INDEX IF NOT EXISTS jobs_status_id ON jobs (status, id);
-CREATE INDEX IF NOT EXISTS jobs_seq ON jobs (seq);
-CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (claim_id) WHERE claim_id IS NOT NULL;
-CREATE TABLE IF NOT EXISTS claims (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    original    TEXT NOT NULL,
-    claimed     TEXT NOT NULL,
-    state       TEXT NOT NULL,
-    created_at  TEXT NOT NULL,
-    final_path  TEXT,
-    note_path   TEXT
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-SCHEMA_VERSION = "1"
-
-
-def _row_to_job(row: sqlite3.Row) -> Job:
-    return Job(
-        id=row["id"],
-        status=row["status"],
-        spec=JobSpec(**json.loads(row["spec"])),
-        submitted_at=row["submitted_at"],
-        source=row["source"],
-        source_name=row["source_name"],
-        started_at=row["started_at"],
-        completed_at=row["completed_at"],
-        duration_seconds=row["duration_seconds"],
-        output_path=row["output_path"],
-        error=row["error"],
-        attempts=row["attempts"],
-        progress_step=row["progress_step"],
-        progress_total=row["progress_total"],
-        claim_id=row["claim_id"],
-    )
-
-
-class SQLiteStore:
-    """The job store on one SQLite file; safe to use from many threads.
-
-    Each thread gets its own connection (sqlite3 connections must not be shared across
-    threads mid-transaction). Every state transition is a single ``BEGIN IMMEDIATE``
-    transaction that checks the current status in its ``WHERE`` clause, so two workers can
-    never claim the same job and a job cannot be cancelled and started at once.
-    """
-
-    def __init__(self, path: str | Path, *, timeout: float = 30.0) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._timeout = timeout
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        db = self._db()
-        db.executescript(_SCHEMA)  # runs in its own implicit transaction
-        with self._write() as db:
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-
-    # -- connections ---------------------------------------------------------------------
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            if self._closed:
-                raise RuntimeError("the job store is closed")
-            # isolation_level=None: we issue BEGIN ourselves, so transactions are explicit.
-            db = sqlite3.connect(
-                self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
-            )
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
-            self._local.db = db
-            with self._lock:
-                self._connections.append(db)
-        return db
-
-    class _Tx:
-        def __init__(self, db: sqlite3.Connection) -> None:
-            self.db = db
-
-        def __enter__(self) -> sqlite3.Connection:
-            try:
-                self.db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
-                    # Another process held the database past busy_timeout: say so plainly.
-                    raise Unavailable(
-                        "the job database is locked by another program; try again shortly"
-                    ) from exc
-                raise
-            return self.db
-
-        def __exit__(self, exc_type, exc, tb) -> None:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-
-    def _write(self) -> _Tx:
-        return self._Tx(self._db())
-
-    def _one(self, sql: str, args: Iterable = ()) -> Job | None:
-        row = self._db().execute(sql, tuple(args)).fetchone()
-        return _row_to_job(row) if row else None
-
-    def _many(self, sql: str, args: Iterable = ()) -> list[Job]:
-        return [_row_to_job(row) for row in self._db().execute(sql, tuple(args))]
-
-    # -- transitions ---------------------------------------------------------------------
+    # -- jobs: transitions -------------------------------------------------------------
     def add(
         self,
         spec: JobSpec,
@@ -232,35 +39,8 @@ class SQLiteStore:
         source: str = "api",
         source_name: str | None = None,
     ) -> Job:
-        """Insert a new job as ``queued`` at the tail of the queue (one transaction)."""
-        with self._write() as db:
-            job_id = self._insert(db, spec, submitted_at, source, source_name, None)
-        return self.get(job_id)
-
-    @staticmethod
-    def _insert(
-        db: sqlite3.Connection,
-        spec: JobSpec,
-        submitted_at: str,
-        source: str,
-        source_name: str | None,
-        claim_id: int | None,
-    ) -> int:
-        seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
-        cur = db.execute(
-            "INSERT INTO jobs (seq, status, spec, source, source_name, submitted_at, claim_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (seq, QUEUED, json.dumps(spec.to_dict()), source, source_name, submitted_at, claim_id),
-        )
-        return cur.lastrowid
-
-    #: How far past the head a batch claim looks for compatible jobs.
-    BATCH_LOOKAHEAD = 512
-
-    def claim_next(self, *, started_at: str) -> Job | None:
-        """Atomically move the head of the queue to ``running`` (attempts + 1) and return it."""
-        claimed = self.claim_batch(started_at=started_at, limit=1)
-        return claimed[0] if claimed else None
+        """Insert a new job as ``queued`` at the tail of the queue."""
+        ...
 
     def claim_batch(
         self,
@@ -269,35 +49,14 @@ class SQLiteStore:
         limit: int | Callable[[JobSpec], int],
         key: Callable[[JobSpec], Hashable] | None = None,
     ) -> list[Job]:
-        """Atomically claim the head of the queue plus up to ``limit - 1`` later queued jobs
-        whose ``key(spec)`` equals the head's (``limit`` may depend on the head's spec).
+        """Move the head of the queue plus up to ``limit - 1`` later queued jobs with the
+        head's ``key(spec)`` to ``running`` (attempts + 1), atomically; ``limit`` may depend
+        on the head's spec. The head is always included (FIFO). Without ``key``, one job."""
+        ...
 
-        The head is always included, so no job waits behind jobs it cannot batch with for
-        more than one batch. Every claimed job becomes ``running`` with attempts + 1.
-        """
-        with self._write() as db:
-            rows = db.execute(
-                "SELECT id, spec FROM jobs WHERE status = ? ORDER BY seq LIMIT ?",
-                (QUEUED, self.BATCH_LOOKAHEAD if key is not None else 1),
-            ).fetchall()
-            if not rows:
-                return []
-            head = JobSpec(**json.loads(rows[0]["spec"]))
-            size = limit(head) if callable(limit) else limit
-            ids = [rows[0]["id"]]
-            if key is not None and size > 1:
-                wanted = key(head)
-                for row in rows[1:]:
-                    if len(ids) >= size:
-                        break
-                    if key(JobSpec(**json.loads(row["spec"]))) == wanted:
-                        ids.append(row["id"])
-            db.executemany(
-                "UPDATE jobs SET status = ?, started_at = ?, attempts = attempts + 1,"
-                " progress_step = 0, progress_total = 0 WHERE id = ? AND status = ?",
-                [(RUNNING, started_at, job_id, QUEUED) for job_id in ids],
-            )
-        return [self.get(job_id) for job_id in ids]
+    def claim_next(self, *, started_at: str) -> Job | None:
+        """``claim_batch`` of one: the head of the queue, or ``None``."""
+        ...
 
     def finish(
         self,
@@ -310,107 +69,62 @@ class SQLiteStore:
         error: str | None = None,
         progress: tuple[int, int] | None = None,
     ) -> Job:
-        """Atomically move a ``running`` job to ``completed``, ``failed`` or ``cancelled``."""
-        assert status in (COMPLETED, FAILED, CANCELLED)
-        step, total = progress if progress else (None, None)
-        with self._write() as db:
-            cur = db.execute(
-                "UPDATE jobs SET status = ?, completed_at = ?, duration_seconds = ?,"
-                " output_path = ?, error = ?,"
-                " progress_step = COALESCE(?, progress_step),"
-                " progress_total = COALESCE(?, progress_total)"
-                " WHERE id = ? AND status = ?",
-                (
-                    status,
-                    completed_at,
-                    duration_seconds,
-                    output_path,
-                    error,
-                    step,
-                    total,
-                    job_id,
-                    RUNNING,
-                ),
-            )
-            if cur.rowcount != 1:
-                raise RuntimeError(f"job {job_id} is not running; cannot mark it {status}")
-        return self.get(job_id)
+        """Move a ``running`` job to ``completed``, ``failed`` or ``cancelled``; raises
+        ``RuntimeError`` if it is not running (the first finish stands)."""
+        ...
 
     def cancel_queued(self, job_id: int, *, completed_at: str) -> Job | None:
-        """Atomically move a ``queued`` job to ``cancelled``; ``None`` if it was not queued."""
-        with self._write() as db:
-            cur = db.execute(
-                "UPDATE jobs SET status = ?, completed_at = ? WHERE id = ? AND status = ?",
-                (CANCELLED, completed_at, job_id, QUEUED),
-            )
-        return self.get(job_id) if cur.rowcount == 1 else None
+        """Move a ``queued`` job to ``cancelled``; ``None`` if it was not queued."""
+        ...
 
-    def requeue(self, job_id: int, *, count_attempt: bool) -> Job:
-        """Put a ``running`` job back at the head of the queue (one transaction).
-
-        ``count_attempt=False`` (a clean shutdown) gives back the attempt the claim counted;
-        only interruptions we did not choose count towards ``queue.max_attempts``.
-        """
-        with self._write() as db:
-            head = db.execute(
-                "SELECT COALESCE(MIN(seq), 1) - 1 FROM jobs WHERE status = ?", (QUEUED,)
-            ).fetchone()[0]
-            cur = db.execute(
-                "UPDATE jobs SET status = ?, seq = ?, started_at = NULL,"
-                " attempts = attempts - ?, progress_step = 0, progress_total = 0"
-                " WHERE id = ? AND status = ?",
-                (QUEUED, head, 0 if count_attempt else 1, job_id, RUNNING),
-            )
-            if cur.rowcount != 1:
-                raise RuntimeError(f"job {job_id} is not running; cannot requeue it")
-        return self.get(job_id)
+    def requeue(self, job_ids: Sequence[int], *, count_attempt: bool) -> list[Job]:
+        """Put ``running`` jobs back at the head of the queue in the given order, in one
+        transaction; others are left alone. ``count_attempt=False`` (a clean stop) gives
+        back the attempt their claim counted."""
+        ...
 
     def recover(self, *, max_attempts: int, completed_at: str) -> list[Job]:
-        """Start-up recovery, in one transaction: every ``running`` job (its process died)
-        goes back to the head of the queue in its original order, or fails once it has been
-        interrupted ``max_attempts`` times. Returns the jobs touched, as they are now.
-        """
-        with self._write() as db:
-            rows = db.execute(
-                "SELECT id, attempts FROM jobs WHERE status = ? ORDER BY seq", (RUNNING,)
-            ).fetchall()
-            head = db.execute(
-                "SELECT COALESCE(MIN(seq), 1) FROM jobs WHERE status = ?", (QUEUED,)
-            ).fetchone()[0]
-            requeue = [row["id"] for row in rows if row["attempts"] < max_attempts]
-            for offset, job_id in enumerate(requeue):
-                db.execute(
-                    "UPDATE jobs SET status = ?, seq = ?, started_at = NULL,"
-                    " progress_step = 0, progress_total = 0 WHERE id = ?",
-                    (QUEUED, head - len(requeue) + offset, job_id),
-                )
-            for row in rows:
-                if row["attempts"] >= max_attempts:
-                    db.execute(
-                        "UPDATE jobs SET status = ?, completed_at = ?, error = ? WHERE id = ?",
-                        (
-                            FAILED,
-                            completed_at,
-                            f"the daemon stopped unexpectedly while this job ran, "
-                            f"{row['attempts']} times; giving up so the queue can go on "
-                            f"(queue.max_attempts is {max_attempts})",
-                            row["id"],
-                        ),
-                    )
-        return [self.get(row["id"]) for row in rows]
+        """Start-up, in one transaction: every ``running`` job (its process died) goes back
+        to the head in its order, or fails once interrupted ``max_attempts`` times.
+        Returns the jobs touched, as they are now."""
+        ...
 
-    # -- claims: files taken from the inbox ---------------------------------------------
-    # A claim is recorded *before* the file is renamed out of the drop area and its jobs are
-    # inserted in the same transaction that marks it submitted, so a crash at any point
+    # -- jobs: queries -----------------------------------------------------------------
+    def get(self, job_id: int) -> Job | None: ...
+    def running(self) -> list[Job]: ...
+    def queued(self, limit: int | None = None) -> list[Job]:
+        """Queued jobs in queue order."""
+        ...
+
+    def history(self, limit: int, before: int | None = None) -> list[Job]:
+        """Finished jobs, newest first; ``before`` (an id) pages on."""
+        ...
+
+    def overview(
+        self, *, queued_limit: int, history_limit: int, before: int | None = None
+    ) -> tuple[list[Job], list[Job], list[Job]]:
+        """``(running, queued, history)`` read from one snapshot: a job is in exactly one."""
+        ...
+
+    def queue_position(self, job: Job) -> int:
+        """1-based place of a queued job, 0 for a running one, -1 for a finished one."""
+        ...
+
+    def counts(self) -> dict[str, int]:
+        """Number of jobs in each status (every status present)."""
+        ...
+
+    def recent_durations(self, spec: JobSpec, limit: int = 20) -> list[float]:
+        """Durations of recent completed jobs, those like ``spec`` first (for ETAs)."""
+        ...
+
+    # -- inbox claims ------------------------------------------------------------------
+    # A claim is recorded *before* the file is renamed out of the drop area, and its jobs
+    # are inserted in the same transaction that marks it submitted, so a crash at any point
     # leaves a state that start-up can finish without losing or doubling a job.
     def create_claim(self, original: str, claimed: str, *, created_at: str) -> int:
         """Record the intent to claim ``original`` by renaming it to ``claimed``."""
-        with self._write() as db:
-            cur = db.execute(
-                "INSERT INTO claims (original, claimed, state, created_at) VALUES (?, ?, ?, ?)",
-                (original, claimed, CLAIMING, created_at),
-            )
-            return cur.lastrowid
+        ...
 
     def submit_claim(
         self,
@@ -423,15 +137,7 @@ class SQLiteStore:
     ) -> list[Job]:
         """Queue every job of a claimed file and mark the claim ``submitted``, atomically.
         Idempotent: a claim already submitted returns its jobs and inserts nothing."""
-        with self._write() as db:
-            state = db.execute("SELECT state FROM claims WHERE id = ?", (claim_id,)).fetchone()[
-                "state"
-            ]
-            if state == CLAIMING:
-                for spec in specs:
-                    self._insert(db, spec, submitted_at, source, source_name, claim_id)
-                db.execute("UPDATE claims SET state = ? WHERE id = ?", (SUBMITTED, claim_id))
-        return self.claim_jobs(claim_id)
+        ...
 
     def update_claim(
         self,
@@ -441,128 +147,19 @@ class SQLiteStore:
         final_path: str | None = None,
         note_path: str | None = None,
     ) -> None:
-        with self._write() as db:
-            db.execute(
-                "UPDATE claims SET state = ?, final_path = COALESCE(?, final_path),"
-                " note_path = COALESCE(?, note_path) WHERE id = ?",
-                (state, final_path, note_path, claim_id),
-            )
+        """Set a claim's state (and where the file and its note went)."""
+        ...
 
     def delete_claim(self, claim_id: int) -> None:
-        with self._write() as db:
-            db.execute("DELETE FROM claims WHERE id = ? AND state = ?", (claim_id, CLAIMING))
+        """Forget a claim that is still ``claiming`` (the file was never renamed)."""
+        ...
 
-    def get_claim(self, claim_id: int) -> dict | None:
-        row = self._db().execute("SELECT * FROM claims WHERE id = ?", (claim_id,)).fetchone()
-        return dict(row) if row else None
-
+    def get_claim(self, claim_id: int) -> dict | None: ...
     def open_claims(self) -> list[dict]:
         """Claims a crash may have left half-way: ``claiming`` or ``submitted``."""
-        rows = self._db().execute(
-            "SELECT * FROM claims WHERE state IN (?, ?) ORDER BY id", OPEN_CLAIM_STATES
-        )
-        return [dict(row) for row in rows]
+        ...
 
-    def claim_jobs(self, claim_id: int) -> list[Job]:
-        return self._many("SELECT * FROM jobs WHERE claim_id = ? ORDER BY id", (claim_id,))
-
-    # -- queries -------------------------------------------------------------------------
-    def get(self, job_id: int) -> Job | None:
-        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
-
-    def running(self) -> list[Job]:
-        return self._many("SELECT * FROM jobs WHERE status = ? ORDER BY seq", (RUNNING,))
-
-    def queued(self, limit: int | None = None) -> list[Job]:
-        return self._many(
-            "SELECT * FROM jobs WHERE status = ? ORDER BY seq LIMIT ?",
-            (QUEUED, -1 if limit is None else limit),
-        )
-
-    def history(self, limit: int, before: int | None = None) -> list[Job]:
-        """Finished jobs, newest (highest id) first; ``before`` pages on by id.
-
-        Written as a walk down the primary key (most jobs are finished, so it stops after
-        about ``limit`` rows); filtering by status through an index would sort them all.
-        """
-        return self._many(
-            "SELECT * FROM jobs WHERE id < ? AND status NOT IN (?, ?) ORDER BY id DESC LIMIT ?",
-            (before if before is not None else 2**63 - 1, QUEUED, RUNNING, limit),
-        )
-
-    def overview(
-        self, *, queued_limit: int, history_limit: int, before: int | None = None
-    ) -> tuple[list[Job], list[Job], list[Job]]:
-        """``(running, queued, history)`` read from one snapshot of the database.
-
-        Three separate reads would race the workers: a job that starts between the read of
-        the running jobs and the read of the queue would be in neither list, and one that
-        finishes in between would be in two.
-        """
-        db = self._db()
-        # A deferred transaction: in WAL mode its first SELECT pins a read snapshot that
-        # the following SELECTs share, without blocking any writer.
-        db.execute("BEGIN")
-        try:
-            return (
-                self.running(),
-                self.queued(queued_limit),
-                self.history(history_limit, before),
-            )
-        finally:
-            db.execute("COMMIT")
-
-    def queue_position(self, job: Job) -> int:
-        """1-based place of a queued job, 0 for a running one, -1 for a finished one."""
-        if job.status == RUNNING:
-            return 0
-        if job.status != QUEUED:
-            return -1
-        row = (
-            self._db()
-            .execute(
-                "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < "
-                "(SELECT seq FROM jobs WHERE id = ?)",
-                (QUEUED, job.id),
-            )
-            .fetchone()
-        )
-        return row[0] + 1
-
-    def counts(self) -> dict[str, int]:
-        rows = self._db().execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
-        counts = {status: 0 for status in (QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED)}
-        counts.update({status: n for status, n in rows})
-        return counts
-
-    def recent_durations(self, spec: JobSpec, limit: int = 20) -> list[float]:
-        """Durations of the latest completed jobs; those of the same size and steps first."""
-        rows = (
-            self._db()
-            .execute(
-                "SELECT duration_seconds, spec FROM jobs WHERE status = ? AND duration_seconds"
-                " IS NOT NULL ORDER BY id DESC LIMIT 200",
-                (COMPLETED,),
-            )
-            .fetchall()
-        )
-        similar, other = [], []
-        for duration, raw in rows:
-            s = json.loads(raw)
-            if (s["width"], s["height"], s["steps"]) == (spec.width, spec.height, spec.steps):
-                similar.append(duration)
-            else:
-                # Scale by work (pixels x steps): a rough but honest estimate for a new size.
-                work = s["width"] * s["height"] * s["steps"]
-                other.append(duration * spec.width * spec.height * spec.steps / work)
-        return (similar or other)[:limit]
-
+    def claim_jobs(self, claim_id: int) -> list[Job]: ...
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            for db in self._connections:
-                # Closing from another thread than the one that used it last may complain.
-                with contextlib.suppress(sqlite3.ProgrammingError):
-                    db.close()
-            self._connections.clear()
-        self._local = threading.local()
+        """Release connections; later calls raise ``RuntimeError``."""
+        ...

@@ -1,10 +1,15 @@
-"""The worker: claims batches of compatible jobs and drives a backend, one worker per device.
+"""Workers: claim batches of compatible jobs and drive a backend, one worker per device; and
+the supervisor that starts them and replaces one whose backend hangs.
 
 A batch is the head of the queue plus later queued jobs that can share its forward passes
-(same size, steps, scheduler and guidance: see :func:`batch_key`). Each job keeps its own
-seed, prompts, progress, output and metadata, and can be cancelled on its own: it ends at the
-next step and the rest of the batch goes on. A batch that runs out of GPU memory is split in
+(the backend's :meth:`~imagineerd.backends.Backend.batch_key`). Each job keeps its own seed,
+prompts, progress, output and metadata, and can be cancelled on its own: it ends at the next
+step and the rest of the batch goes on. A batch that runs out of GPU memory is split in
 halves and retried, and later batches of that size are capped, instead of failing its jobs.
+
+Workers know the daemon only through :class:`WorkerHost`: the few things a worker asks of
+the rest of the program. Nothing here reaches into the daemon, and the daemon reads worker
+state only through :meth:`Supervisor.states`.
 """
 
 from __future__ import annotations
@@ -14,44 +19,74 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from PIL import Image
 
-from .backends import Backend
+from .backends import Backend, BackendBase
 from .errors import BackendError, ImagineerdError, JobInterrupted, JobTimeout
 from .jobs import CANCELLED, FAILED, Job, JobSpec
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
 
 log = logging.getLogger(__name__)
 
 #: The reason a shutdown gives when it stops a running job: the job goes back to the queue.
 SHUTDOWN = "shutdown"
 
-
-def batch_key(spec: JobSpec) -> Hashable:
-    """Jobs with equal keys can run as one batch (one pipeline call)."""
-    return (spec.width, spec.height, spec.steps, spec.scheduler, spec.guidance_scale)
+#: How a worker groups jobs before its backend is loaded (the same as the base backend's).
+_DEFAULT_BACKEND = BackendBase()
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return "out of memory" in str(exc).lower()
+class WorkerHost(Protocol):
+    """What a worker needs from the program around it (the daemon implements it)."""
+
+    stopping: threading.Event
+
+    def load_backend(self, device: str | None) -> Backend:
+        """Create the backend for ``device``; raises ``ImagineerdError`` with advice."""
+        ...
+
+    def job_timeout(self) -> float:
+        """``performance.job_timeout`` now (0: no limit); read per batch, so it is live."""
+        ...
+
+    def claim_batch(
+        self, limit: Callable[[JobSpec], int], key: Callable[[JobSpec], Hashable]
+    ) -> list[Job]: ...
+    def wait_for_work(self, timeout: float) -> None: ...
+    def has_queued_jobs(self) -> bool: ...
+    def job_started(self, job: Job) -> None: ...
+    def report_progress(self, job_id: int, step: int, total: int) -> None: ...
+    def interrupt_reason(self, job_id: int) -> str | None: ...
+    def clear_interrupt(self, job_id: int) -> None: ...
+    def job_finished(
+        self,
+        job: Job,
+        status: str,
+        *,
+        duration_seconds: float | None = None,
+        output_path: str | None = None,
+        error: str | None = None,
+    ) -> Job: ...
+    def jobs_requeued(self, jobs: list[Job]) -> None:
+        """Put running jobs back at the head of the queue, in their order (a clean stop)."""
+        ...
+
+    def save_later(
+        self, job: Job, image: Image.Image, *, duration: float, model_label: str | None
+    ) -> None:
+        """Write the image off the worker thread, then finish the job."""
+        ...
 
 
 class Worker(threading.Thread):
     """Loads the backend once (eagerly, so the first job does not wait for it) and then runs
-    batches in FIFO order until the daemon stops. A job's failure never stops the worker."""
+    batches in FIFO order until the host stops. A job's failure never stops the worker."""
 
     def __init__(
-        self, daemon: Daemon, *, device: str | None = None, max_batch: int = 1, index: int = 0
+        self, host: WorkerHost, *, device: str | None = None, max_batch: int = 1, index: int = 0
     ) -> None:
         super().__init__(name=f"imagineerd-worker-{index}", daemon=True)
-        self.daemon_ref = daemon
+        self.host = host
         self.device = device
         self.max_batch = max_batch
         self._backend: Backend | None = None
@@ -59,7 +94,7 @@ class Worker(threading.Thread):
         self.backend_error: str | None = None
         # Batch size caps learnt from out-of-memory errors, per image size.
         self._caps: dict[tuple[int, int], int] = {}
-        # What the daemon's watchdog looks at: the batch in hand and since when.
+        # What the supervisor looks at: the batch in hand and since when.
         self.active: dict[int, Job] = {}
         self.batch_started: float | None = None
         self.abandoned = False
@@ -67,49 +102,35 @@ class Worker(threading.Thread):
     # -- backend -------------------------------------------------------------------------
     def backend(self) -> Backend:
         if self._backend is None:
-            settings = self.daemon_ref.backend_settings()
-            if self.device is not None:
-                settings["device"] = self.device
             self.backend_state = "loading"
             try:
-                self._backend = self.daemon_ref.backend_factory(settings)
+                self._backend = self.host.load_backend(self.device)
             except ImagineerdError as exc:
                 self.backend_state, self.backend_error = "error", exc.message
                 raise
-            except Exception as exc:
-                self.backend_state, self.backend_error = "error", str(exc)
-                log.exception("backend failed to load")
-                raise BackendError(
-                    f"the {settings['backend']} backend failed to load: {exc}"
-                ) from exc
             self.backend_state, self.backend_error = "ready", None
         return self._backend
 
-    @property
-    def model_label(self) -> str:
-        label = getattr(self._backend, "model_label", None)
-        return label or self.daemon_ref.config["model"]["name"]
+    def batch_key(self, spec: JobSpec) -> Hashable:
+        return (self._backend or _DEFAULT_BACKEND).batch_key(spec)
 
     def batch_limit(self, spec: JobSpec) -> int:
         return min(self.max_batch, self._caps.get((spec.width, spec.height), self.max_batch))
 
     # -- loop ----------------------------------------------------------------------------
     def run(self) -> None:
-        d = self.daemon_ref
+        host = self.host
         try:
             self.backend()
         except Exception as exc:  # reported on each job until it loads
             log.error("backend not ready: %s", exc)
-        while not d.stopping.is_set() and not self.abandoned:
+        while not host.stopping.is_set() and not self.abandoned:
             try:
-                batch = d.store.claim_batch(
-                    started_at=d.now_iso(), limit=self.batch_limit, key=batch_key
-                )
+                batch = host.claim_batch(self.batch_limit, self.batch_key)
                 if not batch:
-                    idle = getattr(self._backend, "idle", None)
-                    if idle is not None and idle(d.has_queued_jobs):
+                    if self._backend is not None and self._backend.idle(host.has_queued_jobs):
                         continue  # the backend used the quiet time (e.g. to compile)
-                    d.wait_for_work(timeout=1.0)
+                    host.wait_for_work(timeout=1.0)
                     continue
                 self.process(batch)
             except Exception:
@@ -120,29 +141,29 @@ class Worker(threading.Thread):
 
     def process(self, jobs: list[Job]) -> None:
         """Run one batch to the end: every job completes, fails, is cancelled or requeued."""
-        d = self.daemon_ref
+        host = self.host
         for job in jobs:
-            d.job_started(job)
+            host.job_started(job)
         active = self.active = {job.id: job for job in jobs}
         started = self.batch_started = time.monotonic()
-        timeout = d.config["performance"]["job_timeout"]
+        timeout = host.job_timeout()
 
         def elapsed() -> float:
             return round(time.monotonic() - started, 3)
 
         def make_on_step(ids: list[int]) -> Callable[[int, int], None]:
             def on_step(step: int, total: int) -> None:
-                if self.abandoned:  # the watchdog gave up on us: stop, touch nothing
+                if self.abandoned:  # the supervisor gave up on us: stop, touch nothing
                     raise JobInterrupted("abandoned")
                 for job_id in ids:
                     if job_id not in active:
                         continue
-                    d.report_progress(job_id, step, total)
-                    reason = d.interrupt_reason(job_id)
+                    host.report_progress(job_id, step, total)
+                    reason = host.interrupt_reason(job_id)
                     if reason == SHUTDOWN:
                         raise JobInterrupted(SHUTDOWN)
                     if reason is not None:  # this job alone stops; the batch goes on
-                        d.job_finished(active.pop(job_id), CANCELLED, duration_seconds=elapsed())
+                        host.job_finished(active.pop(job_id), CANCELLED, duration_seconds=elapsed())
                 if not any(job_id in active for job_id in ids):
                     raise JobInterrupted("every job of the batch was interrupted")
                 if timeout and time.monotonic() - started > timeout:
@@ -157,31 +178,32 @@ class Worker(threading.Thread):
             backend = self.backend()
             images = self._generate(backend, jobs, active, make_on_step)
             if self.abandoned:
-                return  # its jobs were failed by the watchdog; a new worker runs the queue
+                return  # its jobs were failed by the supervisor; a new worker runs the queue
         except JobInterrupted as exc:
             if self.abandoned:
                 return
             if exc.message == SHUTDOWN:
-                for job in active.values():
-                    d.job_requeued(job)
+                host.jobs_requeued([job for job in jobs if job.id in active])
         except Exception as exc:
             if self.abandoned:
                 return
-            message = describe_failure(exc)
+            message = describe_failure(exc, self._backend)
             if not isinstance(exc, ImagineerdError):
                 log.exception("batch of %d job(s) failed", len(active))
             for job in active.values():
-                d.job_finished(job, FAILED, duration_seconds=elapsed(), error=message)
+                host.job_finished(job, FAILED, duration_seconds=elapsed(), error=message)
         else:
             duration = elapsed()
             for job_id, job in active.items():
                 # PNG encoding and the disk write happen off this thread: the GPU goes on.
-                d.save_later(job, images[job_id], duration=duration, model_label=self.model_label)
+                host.save_later(
+                    job, images[job_id], duration=duration, model_label=backend.model_label
+                )
         finally:
             self.batch_started = None
             self.active = {}
             for job in jobs:
-                d.clear_interrupt(job.id)
+                host.clear_interrupt(job.id)
 
     def _generate(
         self,
@@ -198,7 +220,7 @@ class Worker(threading.Thread):
                 [job.spec for job in live], make_on_step([j.id for j in live])
             )
         except Exception as exc:
-            if not is_out_of_memory(exc) or len(live) == 1:
+            if not backend.is_out_of_memory(exc) or len(live) == 1:
                 raise
             half = len(live) // 2
             spec = live[0].spec
@@ -224,17 +246,101 @@ class Worker(threading.Thread):
         return {job.id: image for job, image in zip(live, images, strict=True)}
 
 
+class Supervisor:
+    """Starts one worker per device and watches them.
+
+    A backend that reports steps is stopped at the next step once it passes
+    ``performance.job_timeout``. One that stops calling back (a driver hang, a deadlock)
+    cannot be interrupted from Python: past the limit plus a grace period its jobs fail, the
+    stuck thread is abandoned and a new worker takes over the device's queue.
+    """
+
+    def __init__(self, host: WorkerHost, devices: list[str], max_batch: int | str) -> None:
+        self.host = host
+        self.workers: list[Worker] = []
+        for index, device in enumerate(devices):
+            batch = max_batch
+            if batch == "auto":
+                # Batching pays where kernel launches dominate (GPUs), not on CPUs.
+                batch = 8 if device.startswith("cuda") else 1
+            self.workers.append(Worker(host, device=device, max_batch=int(batch), index=index))
+        self._watchdog = threading.Thread(
+            target=self._watch, name="imagineerd-watchdog", daemon=True
+        )
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+        self._watchdog.start()
+
+    def join(self, timeout: float | None) -> None:
+        for worker in self.workers:
+            if worker.is_alive():
+                worker.join(timeout)
+            if worker.is_alive():
+                log.error("%s did not stop within %ss", worker.name, timeout)
+
+    @property
+    def max_batch(self) -> int:
+        return max((w.max_batch for w in self.workers), default=1)
+
+    def states(self) -> list[dict[str, Any]]:
+        """Each worker as ``/api/health`` shows it."""
+        return [
+            {
+                "device": w.device,
+                "state": w.backend_state,
+                "error": w.backend_error,
+                "max_batch": w.max_batch,
+            }
+            for w in self.workers
+        ]
+
+    def _watch(self) -> None:
+        while not self.host.stopping.wait(0.5):
+            timeout = self.host.job_timeout()
+            if timeout:
+                self.check(timeout)
+
+    def check(self, timeout: float) -> None:
+        """Abandon and replace every worker whose batch is past ``timeout`` + grace."""
+        grace = max(2.0, timeout * 0.25)
+        for index, worker in enumerate(list(self.workers)):
+            started = worker.batch_started
+            if started is None or worker.abandoned:
+                continue
+            waited = time.monotonic() - started
+            if waited < timeout + grace:
+                continue
+            worker.abandoned = True
+            log.error("%s has not responded for %.0f s; restarting it", worker.name, waited)
+            for job in list(worker.active.values()):
+                self.host.job_finished(
+                    job,
+                    FAILED,
+                    duration_seconds=round(waited, 3),
+                    error=f"the backend stopped responding: no result after {waited:.0f} s "
+                    f"(performance.job_timeout is {timeout:g} s); the job was stopped and "
+                    "the worker restarted",
+                )
+            replacement = Worker(
+                self.host, device=worker.device, max_batch=worker.max_batch, index=len(self.workers)
+            )
+            self.workers[index] = replacement
+            replacement.start()
+
+
 def free_gpu_memory() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def describe_failure(exc: BaseException) -> str:
+def describe_failure(exc: BaseException, backend: Backend | None = None) -> str:
     if isinstance(exc, ImagineerdError):
         return exc.message
     name = type(exc).__name__
-    if is_out_of_memory(exc):
+    if (backend or _DEFAULT_BACKEND).is_out_of_memory(exc):
         return (
             f"out of memory on the GPU ({exc}); try a smaller width/height, or fewer "
             "steps at this size"

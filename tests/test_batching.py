@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from imagineerd import hookimpl
+from imagineerd.backends import BackendBase
 from imagineerd.daemon import Daemon
 from imagineerd.jobs import CANCELLED, COMPLETED, RUNNING
 from imagineerd.plugins import get_plugin_manager
@@ -98,7 +99,7 @@ def test_cancel_one_job_inside_a_batch(make_config):
         d.stop()
 
 
-class FlakyMemoryBackend:
+class FlakyMemoryBackend(BackendBase):
     """Raises CUDA's real out-of-memory error for batches larger than two (a real GPU
     cannot be made to run out of memory on demand here)."""
 
@@ -146,7 +147,7 @@ def test_out_of_memory_splits_the_batch_and_loses_no_job(make_config):
         d.stop()
 
 
-class SlowBackend:
+class SlowBackend(BackendBase):
     """Takes a little time per step and records which device each batch ran on."""
 
     seen: list[tuple[str, str]] = []

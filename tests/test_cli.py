@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from imagineerd import __version__, outputs
+from imagineerd import config as config_mod
+from imagineerd.cli import security_warnings
 
-from .conftest import write_config
+from .conftest import wait_for, write_config
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -87,3 +91,50 @@ def test_full_size_architectures_have_the_real_parameter_counts():
         counts[arch] = sum(p.numel() for p in unet.parameters())
     assert 855e6 < counts["sd15"] < 865e6  # SD1.5 UNet: 859.5M
     assert 2.55e9 < counts["sdxl"] < 2.58e9  # SDXL UNet: 2.567B
+
+
+def test_a_port_in_use_is_one_clear_line_and_a_non_zero_exit(tmp_path: Path, tiny_model: Path):
+    config = write_config(tmp_path, tiny_model)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "--config", str(config), "--port", str(port))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, result.stderr
+    assert f"port {port} is already in use" in errors[0] and "--port" in errors[0]
+
+
+def test_token_prints_a_token_the_config_accepts(tmp_path: Path):
+    first, second = run("token"), run("token")
+    assert first.returncode == 0
+    token = first.stdout.splitlines()[0]
+    assert len(token) >= 40 and token != second.stdout.splitlines()[0]
+    line = next(x for x in first.stdout.splitlines() if "auth_token:" in x)
+    (tmp_path / "config.yaml").write_text("server:\n" + line + "\n")
+    assert config_mod.load(tmp_path / "config.yaml")["server"]["auth_token"] == token
+
+
+def test_serving_on_the_network_without_a_token_warns_at_start(tmp_path: Path, tiny_model):
+    config = write_config(tmp_path, tiny_model, server={"host": "0.0.0.0"})
+    log = tmp_path / "serve.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("IMAGINEERD_AUTH_TOKEN", None)
+    with log.open("wb") as out:  # a file, not a pipe: nothing can fill up and block
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "imagineerd", "serve", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            wait_for(lambda: "serving" in log.read_text(), 120, 0.1)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+    text = log.read_text()
+    assert "WARNING" in text and "without a token" in text and "imagineerd token" in text
+    assert security_warnings("127.0.0.1", "") == [] and security_warnings("::1", "") == []
+    assert security_warnings("0.0.0.0", "s3cret") == []

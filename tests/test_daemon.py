@@ -159,6 +159,42 @@ def test_recovery_completes_a_job_whose_image_was_already_written(make_config):
         d2.stop()
 
 
+def test_recovery_announces_every_job_it_finishes_or_requeues(make_config):
+    """Start-up recovery finishes jobs like any other path: an event and the hook each."""
+    from imagineerd import hookimpl
+    from imagineerd.plugins import get_plugin_manager
+
+    d = Daemon(make_config(queue={"max_attempts": 1}))
+    d.start(workers=False)
+    written = d.submit({"prompt": "image already written"})
+    doomed = d.submit({"prompt": "keeps killing the daemon"})
+    first = d.store.claim_next(started_at=d.now_iso())
+    d.save_output(first, Image.new("RGB", (64, 64)), duration=0.5, model_label="m")
+    d.store.claim_next(started_at=d.now_iso())  # 1 attempt = queue.max_attempts
+    d.store.close()  # the process died with both running
+
+    finished: list[tuple[int, str]] = []
+
+    class Recorder:
+        @hookimpl
+        def imagineerd_job_finished(self, job):
+            finished.append((job["id"], job["status"]))
+
+    d2 = Daemon(
+        make_config(queue={"max_attempts": 1}), plugin_manager=get_plugin_manager([Recorder()])
+    )
+    with d2.events.subscribe() as sub:
+        d2.start(workers=False)
+        events = []
+        while (event := sub.get(timeout=0.1)) is not None:
+            events.append((event.type, event.data["id"]))
+    try:
+        assert sorted(finished) == [(written.id, COMPLETED), (doomed.id, FAILED)]
+        assert ("job.completed", written.id) in events and ("job.failed", doomed.id) in events
+    finally:
+        d2.stop()
+
+
 def test_unavailable_model_fails_the_job_with_advice_and_daemon_stays_up(make_config, tmp_path):
     d = Daemon(make_config(model={"name": "nobody/no-such-model"}))
     d.start()
@@ -223,7 +259,7 @@ def test_hooks_see_submitted_and_finished_jobs(make_config):
 
 
 def test_estimated_time_remaining_counts_batches_ahead(make_config):
-    from imagineerd.worker import Worker
+    from imagineerd.worker import Supervisor
 
     d = Daemon(make_config())
     d.start(workers=False)
@@ -239,12 +275,12 @@ def test_estimated_time_remaining_counts_batches_ahead(make_config):
         views = [d.job_view(j) for j in queued]
         assert [v["queue_position"] for v in views] == [1, 2, 3, 4, 5]
         assert [v["estimated_time_remaining"] for v in views] == [10, 20, 30, 40, 50]
-        d.workers = [Worker(d, max_batch=4)]  # not started: only its batch size counts
+        d.supervisor = Supervisor(d, ["cpu"], 4)  # not started: only its batch size counts
         assert [d.job_view(j)["estimated_time_remaining"] for j in queued] == [10, 10, 10, 10, 20]
         running = d.store.claim_next(started_at=d.now_iso())
         d.report_progress(running.id, 1, 2)  # half done
         assert d.job_view(d.job(running.id))["estimated_time_remaining"] == 5.0
         assert d.job_view(d.job(queued[1].id))["estimated_time_remaining"] == 15.0
     finally:
-        d.workers = []
+        d.supervisor = None
         d.stop()

@@ -20,8 +20,9 @@ from .conftest import wait_finished
 PLUGIN = """
 from PIL import Image
 from imagineerd import hookimpl
+from imagineerd.backends import BackendBase
 
-class SolidBackend:
+class SolidBackend(BackendBase):
     def __init__(self, settings):
         self.color = settings["name"]
         self.model_label = "solid-" + settings["name"]

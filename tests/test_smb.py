@@ -14,7 +14,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -159,8 +158,9 @@ def test_prompt_file_over_smb_becomes_an_image_on_the_outputs_share(samba, tmp_p
 
     # Junk names cannot even be created on the inbox share.
     (tmp_path / "Thumbs.db").write_text("x")
-    smbclient("Imagineer-inbox", "put Thumbs.db", tmp_path)
-    time.sleep(0.5)
+    refused = smbclient("Imagineer-inbox", "put Thumbs.db", tmp_path)
+    # smbclient returns once the server answered the create: refused, nothing written.
+    assert "NT_STATUS_" in refused.stdout + refused.stderr
     assert not (root / "inbox" / "Thumbs.db").exists()
 
 

@@ -1,35 +1,87 @@
 from __future__ import annotations
 
+import contextlib
+import shutil
+import sqlite3
+import subprocess
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from imagineerd import config as config_mod
+from imagineerd.errors import ConfigError, Unavailable
 from imagineerd.jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, validate
-from imagineerd.store import SQLiteStore
+from imagineerd.sqlite_store import SQLiteStore
+from imagineerd.store import CLAIMING, DONE, SUBMITTED, Store
 
 T = "2026-01-01T00:00:00.000000"
+DATA = Path(__file__).parent / "data"
 
 
 def spec(prompt: str = "p", **fields):
     return validate({"prompt": prompt, "seed": 1, **fields}, config_mod.DEFAULTS["generation"])
 
 
+def open_sqlite(directory: Path) -> Callable[[], Store]:
+    return lambda: SQLiteStore(directory / "jobs.db")
+
+
+#: Every store implementation runs the whole contract below. Each entry opens a store on a
+#: fresh database; calling the opener again opens a second store object on the same data
+#: (as a second worker process, or the same daemon after a restart, would).
+STORES = {"sqlite": open_sqlite}
+
+
+@pytest.fixture(params=sorted(STORES))
+def open_store(request, tmp_path: Path) -> Iterator[Callable[[], Store]]:
+    opened: list[Store] = []
+
+    def open_() -> Store:
+        store = STORES[request.param](tmp_path)()
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        store.close()
+
+
 @pytest.fixture
-def store(tmp_path: Path):
+def store(open_store) -> Store:
+    return open_store()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[SQLiteStore]:
     s = SQLiteStore(tmp_path / "jobs.db")
     yield s
     s.close()
 
 
-def test_database_is_wal_with_full_sync(store: SQLiteStore):
-    db = store._db()
+def test_every_store_implements_the_whole_contract(store: Store):
+    assert isinstance(store, Store)
+
+
+def test_the_contract_suite_exercises_every_store_method():
+    """A method added to the Store protocol must get a contract test here."""
+    source = Path(__file__).read_text()
+    methods = [
+        name for name, value in vars(Store).items() if callable(value) and not name.startswith("_")
+    ]
+    assert len(methods) >= 20
+    untested = [name for name in methods if f"store.{name}(" not in source]
+    assert not untested, f"no contract test calls {untested}"
+
+
+def test_database_is_wal_with_full_sync(sqlite_store: SQLiteStore):
+    db = sqlite_store._db()
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
-def test_fifo_order_and_positions(store: SQLiteStore):
+def test_fifo_order_and_positions(store: Store):
     jobs = [store.add(spec(f"p{i}"), submitted_at=T) for i in range(5)]
     assert [store.queue_position(j) for j in jobs] == [1, 2, 3, 4, 5]
     first = store.claim_next(started_at=T)
@@ -40,7 +92,7 @@ def test_fifo_order_and_positions(store: SQLiteStore):
     assert store.queued(2)[-1].id == jobs[2].id
 
 
-def test_transitions_are_guarded_by_status(store: SQLiteStore):
+def test_transitions_are_guarded_by_status(store: Store):
     a = store.add(spec("a"), submitted_at=T)
     b = store.add(spec("b"), submitted_at=T)
     assert store.cancel_queued(b.id, completed_at=T).status == CANCELLED
@@ -64,7 +116,7 @@ def test_transitions_are_guarded_by_status(store: SQLiteStore):
     assert store.counts() == {QUEUED: 0, RUNNING: 0, COMPLETED: 1, FAILED: 0, CANCELLED: 1}
 
 
-def test_history_is_newest_first_and_pages_by_id(store: SQLiteStore):
+def test_history_is_newest_first_and_pages_by_id(store: Store):
     ids = []
     for i in range(7):
         job = store.add(spec(f"p{i}"), submitted_at=T)
@@ -76,20 +128,18 @@ def test_history_is_newest_first_and_pages_by_id(store: SQLiteStore):
     assert [j.id for j in store.history(3, before=page[-1].id)] == ids[::-1][3:6]
 
 
-def test_concurrent_claims_never_take_the_same_job(tmp_path: Path):
-    path = tmp_path / "jobs.db"
-    store = SQLiteStore(path)
+def test_concurrent_claims_never_take_the_same_job(open_store):
+    store = open_store()
     for i in range(60):
         store.add(spec(f"p{i}"), submitted_at=T)
     claimed: list[int] = []
     lock = threading.Lock()
 
     def claimer() -> None:
-        own = SQLiteStore(path)  # a separate store object, as a second worker process has
+        own = open_store()  # a separate store object, as a second worker process has
         while (job := own.claim_next(started_at=T)) is not None:
             with lock:
                 claimed.append(job.id)
-        own.close()
 
     threads = [threading.Thread(target=claimer) for _ in range(4)]
     for t in threads:
@@ -97,23 +147,20 @@ def test_concurrent_claims_never_take_the_same_job(tmp_path: Path):
     for t in threads:
         t.join()
     assert sorted(claimed) == list(range(1, 61))
-    store.close()
 
 
-def test_overview_is_one_snapshot_while_workers_move_jobs(tmp_path: Path):
+def test_overview_is_one_snapshot_while_workers_move_jobs(open_store):
     """Every job is in exactly one of running/queued/history, however the workers race."""
-    path = tmp_path / "jobs.db"
-    store = SQLiteStore(path)
+    store = open_store()
     total = 300
     for i in range(total):
         store.add(spec(f"p{i}"), submitted_at=T)
     stop = threading.Event()
 
     def worker() -> None:
-        own = SQLiteStore(path)
+        own = open_store()
         while (job := own.claim_next(started_at=T)) is not None:
             own.finish(job.id, COMPLETED, completed_at=T)
-        own.close()
         stop.set()
 
     thread = threading.Thread(target=worker)
@@ -128,24 +175,21 @@ def test_overview_is_one_snapshot_while_workers_move_jobs(tmp_path: Path):
         looks += 1
     thread.join()
     assert looks > 1  # the worker really ran while the store was being read
-    store.close()
 
 
-def test_recovery_puts_running_jobs_back_at_the_head_in_order(tmp_path: Path):
-    path = tmp_path / "jobs.db"
-    store = SQLiteStore(path)
-    a, b, c = (store.add(spec(p), submitted_at=T) for p in "abc")
-    store.claim_next(started_at=T)  # a runs, then the process "dies"
+def test_recovery_puts_running_jobs_back_at_the_head_in_order(open_store):
+    store = open_store()
+    a, b, c, d = (store.add(spec(p), submitted_at=T) for p in "abcd")
+    store.claim_batch(started_at=T, limit=2, key=lambda s: 0)  # a, b run; the process "dies"
     store.close()
-    reopened = SQLiteStore(path)
+    reopened = open_store()
     touched = reopened.recover(max_attempts=3, completed_at=T)
-    assert [(j.id, j.status) for j in touched] == [(a.id, QUEUED)]
-    assert [j.id for j in reopened.queued()] == [a.id, b.id, c.id]
+    assert [(j.id, j.status) for j in touched] == [(a.id, QUEUED), (b.id, QUEUED)]
+    assert [j.id for j in reopened.queued()] == [a.id, b.id, c.id, d.id]
     assert reopened.get(a.id).attempts == 1
-    reopened.close()
 
 
-def test_attempt_cap_fails_a_job_that_keeps_killing_the_daemon(store: SQLiteStore):
+def test_attempt_cap_fails_a_job_that_keeps_killing_the_daemon(store: Store):
     job = store.add(spec("crashy"), submitted_at=T)
     store.add(spec("next"), submitted_at=T)
     for attempt in (1, 2):
@@ -159,19 +203,135 @@ def test_attempt_cap_fails_a_job_that_keeps_killing_the_daemon(store: SQLiteStor
     assert store.claim_next(started_at=T).spec.prompt == "next"
 
 
-def test_requeue_on_clean_shutdown_does_not_count_an_attempt(store: SQLiteStore):
+def test_requeue_on_clean_shutdown_does_not_count_an_attempt(store: Store):
     store.add(spec("a"), submitted_at=T)
     b = store.add(spec("b"), submitted_at=T)
     running = store.claim_next(started_at=T)
     store.claim_next(started_at=T)  # b running too (two workers)
-    back = store.requeue(running.id, count_attempt=False)
+    (back,) = store.requeue([running.id], count_attempt=False)
     assert back.status == QUEUED and back.attempts == 0 and back.started_at is None
-    crashed = store.requeue(b.id, count_attempt=True)
+    (crashed,) = store.requeue([b.id], count_attempt=True)
     assert crashed.attempts == 1
     assert [j.id for j in store.queued()] == [b.id, running.id]  # each went to the head
 
 
-def test_recent_durations_prefer_similar_jobs(store: SQLiteStore):
+def test_a_requeued_batch_keeps_its_queue_order_ahead_of_the_rest(store: Store):
+    jobs = [store.add(spec(f"p{i}"), submitted_at=T) for i in range(6)]
+    batch = store.claim_batch(started_at=T, limit=4, key=lambda s: 0)
+    assert [j.id for j in batch] == [j.id for j in jobs[:4]]
+    store.finish(batch[1].id, COMPLETED, completed_at=T)  # one finished meanwhile
+    back = store.requeue([j.id for j in batch], count_attempt=False)
+    assert [j.id for j in back] == [batch[0].id, batch[1].id, batch[2].id, batch[3].id]
+    assert back[1].status == COMPLETED  # left alone: it was no longer running
+    expected = [jobs[0].id, jobs[2].id, jobs[3].id, jobs[4].id, jobs[5].id]
+    assert [j.id for j in store.queued()] == expected
+
+
+def test_claim_batch_takes_the_head_and_compatible_jobs_up_to_the_limit(store: Store):
+    sizes = [64, 128, 64, 64, 128, 64]
+    jobs = [store.add(spec(f"p{i}", width=w), submitted_at=T) for i, w in enumerate(sizes)]
+    batch = store.claim_batch(
+        started_at=T, limit=lambda head: 3 if head.width == 64 else 1, key=lambda s: s.width
+    )
+    assert [j.id for j in batch] == [jobs[0].id, jobs[2].id, jobs[3].id]
+    assert all(j.status == RUNNING and j.attempts == 1 for j in batch)
+    (head,) = store.claim_batch(started_at=T, limit=lambda head: 1, key=lambda s: s.width)
+    assert head.id == jobs[1].id  # FIFO: the head always comes first
+    assert [j.id for j in store.running()] == [jobs[i].id for i in (0, 1, 2, 3)]
+
+
+def test_claims_record_an_inbox_file_once_and_queue_its_jobs_once(store: Store):
+    claim = store.create_claim("a.txt", "/inbox/.claimed/x-a.txt", created_at=T)
+    assert store.get_claim(claim)["state"] == CLAIMING
+    assert [c["id"] for c in store.open_claims()] == [claim]
+    specs = [spec("one"), spec("two")]
+    queued = store.submit_claim(claim, specs, submitted_at=T, source="inbox", source_name="a.txt")
+    again = store.submit_claim(claim, specs, submitted_at=T, source="inbox", source_name="a.txt")
+    assert [j.id for j in again] == [j.id for j in queued] and len(queued) == 2  # never twice
+    assert [j.spec.prompt for j in store.claim_jobs(claim)] == ["one", "two"]
+    assert all(j.claim_id == claim and j.source == "inbox" for j in queued)
+    store.delete_claim(claim)  # only a claim still `claiming` can be deleted
+    assert store.get_claim(claim)["state"] == SUBMITTED
+    store.update_claim(claim, DONE, final_path="/inbox/done/a.txt", note_path="/n")
+    assert store.get_claim(claim)["final_path"] == "/inbox/done/a.txt"
+    assert store.open_claims() == []
+    gone = store.create_claim("b.txt", "/inbox/.claimed/y-b.txt", created_at=T)
+    store.delete_claim(gone)
+    assert store.get_claim(gone) is None
+
+
+def test_cancel_history_counts_and_overview_agree(store: Store):
+    a, b, c = (store.add(spec(p), submitted_at=T) for p in "abc")
+    store.claim_next(started_at=T)
+    store.cancel_queued(c.id, completed_at=T)
+    running, queued, history = store.overview(queued_limit=10, history_limit=10)
+    assert ([j.id for j in running], [j.id for j in queued], [j.id for j in history]) == (
+        [a.id],
+        [b.id],
+        [c.id],
+    )
+    assert store.counts()[CANCELLED] == 1 and store.counts()[RUNNING] == 1
+
+
+def test_a_closed_store_refuses_work(open_store):
+    store = open_store()
+    store.add(spec("a"), submitted_at=T)
+    store.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        store.add(spec("b"), submitted_at=T)
+
+
+def test_a_commit_that_fails_does_not_wedge_the_connection(sqlite_store: SQLiteStore):
+    """A real SQLite COMMIT failure that leaves the transaction open (a deferred foreign key
+    check fails only at COMMIT): the next write on the same thread must still work."""
+    db = sqlite_store._db()
+    db.execute("PRAGMA foreign_keys = ON")
+    db.execute(
+        "CREATE TABLE notes (job_id INTEGER REFERENCES jobs (id) DEFERRABLE INITIALLY DEFERRED)"
+    )
+    with pytest.raises(sqlite3.IntegrityError), sqlite_store._write() as tx:
+        tx.execute("INSERT INTO notes VALUES (12345)")  # no such job: fails at COMMIT
+    assert not db.in_transaction
+    job = sqlite_store.add(spec("after"), submitted_at=T)
+    assert sqlite_store.get(job.id).spec.prompt == "after"
+
+
+@pytest.fixture
+def tiny_state(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs as the state folder (needs root, as in CI)."""
+    mount = tmp_path / "state"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()})")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_state_disk_is_a_clear_retryable_error_and_writes_resume(tiny_state: Path):
+    store = SQLiteStore(tiny_state / "jobs.db")
+    try:
+        first = store.add(spec("before"), submitted_at=T)
+        filler = tiny_state / "filler"
+        with open(filler, "wb", buffering=0) as handle, contextlib.suppress(OSError):
+            while True:
+                handle.write(b"\0" * 4096)
+        with pytest.raises(Unavailable, match="paths.state"):
+            for i in range(100):
+                store.add(spec("x" * 1900 + str(i)), submitted_at=T)
+        filler.unlink()  # space is back: the same connection writes again
+        later = store.add(spec("after"), submitted_at=T)
+        assert [j.id for j in store.queued()][0] == first.id
+        assert store.get(later.id).spec.prompt == "after"
+    finally:
+        store.close()
+
+
+def test_recent_durations_prefer_similar_jobs(store: Store):
     for size, duration in ((512, 10.0), (1024, 40.0), (512, 12.0)):
         job = store.add(spec("x", width=size, height=size), submitted_at=T)
         store.claim_next(started_at=T)
@@ -180,26 +340,56 @@ def test_recent_durations_prefer_similar_jobs(store: SQLiteStore):
     assert store.recent_durations(spec("q", width=256, height=256))  # scaled from others
 
 
-def test_hot_queries_use_indexes_not_scans_or_sorts(store: SQLiteStore):
+def test_hot_queries_use_indexes_not_scans_or_sorts(sqlite_store: SQLiteStore):
     """What keeps the API fast with 100 000 jobs (benchmarks/http_load.py measures it): no
     query the store runs on a request path scans the table or sorts it in a temp b-tree.
     The statements are captured from the store itself, so this follows the code."""
     ran: list[str] = []
-    store._db().set_trace_callback(ran.append)
-    job = store.add(spec("a"), submitted_at=T)
-    store.add(spec("b"), submitted_at=T)
-    store.claim_batch(started_at=T, limit=4, key=lambda s: s.width)
-    store.queue_position(store.get(job.id))
-    store.history(50)
-    store.history(50, before=10)
-    store.recent_durations(spec("c"))
-    store.queued(1000)
-    store.running()
-    store._db().set_trace_callback(None)
+    sqlite_store._db().set_trace_callback(ran.append)
+    job = sqlite_store.add(spec("a"), submitted_at=T)
+    sqlite_store.add(spec("b"), submitted_at=T)
+    sqlite_store.claim_batch(started_at=T, limit=4, key=lambda s: s.width)
+    sqlite_store.queue_position(sqlite_store.get(job.id))
+    sqlite_store.history(50)
+    sqlite_store.history(50, before=10)
+    sqlite_store.recent_durations(spec("c"))
+    sqlite_store.queued(1000)
+    sqlite_store.running()
+    sqlite_store._db().set_trace_callback(None)
     selects = {sql for sql in ran if sql.lstrip().upper().startswith("SELECT")}
     assert len(selects) >= 8
     for sql in selects:
-        plan = " | ".join(row[3] for row in store._db().execute(f"EXPLAIN QUERY PLAN {sql}"))
+        plan = " | ".join(row[3] for row in sqlite_store._db().execute(f"EXPLAIN QUERY PLAN {sql}"))
         assert "TEMP B-TREE" not in plan, (sql, plan)
         for step in plan.split(" | "):
             assert not (step.startswith("SCAN jobs") and "INDEX" not in step), (sql, plan)
+
+
+def test_a_database_from_a_newer_version_is_refused_with_advice(tmp_path: Path):
+    store = SQLiteStore(tmp_path / "jobs.db")
+    job = store.add(spec("kept"), submitted_at=T)
+    store._db().execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    store.close()
+    with pytest.raises(ConfigError) as info:
+        SQLiteStore(tmp_path / "jobs.db")
+    assert "schema version 99" in info.value.message and "Upgrade imagineerd" in info.value.message
+    raw = sqlite3.connect(tmp_path / "jobs.db")  # and nothing was touched
+    assert raw.execute("SELECT value FROM meta").fetchone()[0] == "99"
+    assert raw.execute("SELECT COUNT(*) FROM jobs WHERE id = ?", (job.id,)).fetchone()[0] == 1
+    raw.close()
+
+
+def test_a_database_made_by_the_last_release_opens_with_its_jobs(tmp_path: Path):
+    """tests/data/release-0.1.0.db was written by the first release (schema 1): a queued, a
+    running and a completed job, and an inbox claim."""
+    path = tmp_path / "imagineerd.db"
+    shutil.copy(DATA / "release-0.1.0.db", path)
+    store = SQLiteStore(path)
+    try:
+        assert store.counts() == {QUEUED: 1, RUNNING: 1, COMPLETED: 1, FAILED: 0, CANCELLED: 0}
+        (recovered,) = store.recover(max_attempts=3, completed_at=T)
+        assert recovered.status == QUEUED
+        assert [j.spec.prompt for j in store.queued()] == ["was running", "was queued"]
+        assert store.open_claims() == [] and store.get_claim(1)["state"] == DONE
+    finally:
+        store.close()

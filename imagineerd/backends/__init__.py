@@ -6,8 +6,9 @@ worker thread, with the ``model:`` section of config, and kept resident.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+import sys
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -26,10 +27,59 @@ StepCallback = Callable[[int, int], None]
 GenerationRequest = JobSpec
 
 
+@runtime_checkable
 class Backend(Protocol):
-    def generate(
-        self, batch: list[GenerationRequest], on_step: StepCallback
-    ) -> list[Image.Image]: ...
+    """What a worker needs from a backend. Subclass :class:`BackendBase`, which supplies
+    every optional capability with a sensible default, and override what you can do better.
+    """
+
+    #: Shown in PNG metadata as ``Model:``; ``None`` uses ``model.name`` from config.
+    model_label: str | None
+
+    def generate(self, batch: list[GenerationRequest], on_step: StepCallback) -> list[Image.Image]:
+        """One image per request, in order; ``on_step`` once per denoising step."""
+        ...
+
+    def batch_key(self, request: GenerationRequest) -> Hashable:
+        """Requests with equal keys may share one :meth:`generate` call."""
+        ...
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        """Whether ``error`` means the batch did not fit (the worker then splits it)."""
+        ...
+
+    def idle(self, busy: Callable[[], bool]) -> bool:
+        """Called while the queue is empty: do background work (compiling) and return True
+        if some was done; check ``busy()`` to give way as soon as a job arrives."""
+        ...
+
+
+class BackendBase:
+    """Defaults for every optional capability of :class:`Backend`."""
+
+    model_label: str | None = None
+
+    def generate(self, batch: list[GenerationRequest], on_step: StepCallback) -> list[Image.Image]:
+        raise NotImplementedError
+
+    def batch_key(self, request: GenerationRequest) -> Hashable:
+        # What one diffusers pipeline call shares; prompts and seeds are per image.
+        return (
+            request.width,
+            request.height,
+            request.steps,
+            request.scheduler,
+            request.guidance_scale,
+        )
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(error, torch.cuda.OutOfMemoryError):
+            return True
+        return "out of memory" in str(error).lower()
+
+    def idle(self, busy: Callable[[], bool]) -> bool:
+        return False
 
 
 class BackendRegistry:

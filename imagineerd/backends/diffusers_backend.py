@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from PIL import Image
 
 from .. import hookimpl
 from ..errors import BackendError, ConfigError
-from . import GenerationRequest, StepCallback
+from . import BackendBase, GenerationRequest, StepCallback
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def detect_arch(name: str, setting: str = "auto") -> str:
     return "sd15"
 
 
-class DiffusersBackend:
+class DiffusersBackend(BackendBase):
     """Runs a StableDiffusion(XL)Pipeline; one instance per worker (per device)."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
@@ -192,7 +193,7 @@ class DiffusersBackend:
     def bucket_for(self, size: int) -> int | None:
         return next((b for b in self.buckets if b >= size), None)
 
-    def idle(self, busy: Any = None) -> bool:
+    def idle(self, busy: Callable[[], bool] | None = None) -> bool:
         """Compile one pending shape while nothing is queued; True if it did some work."""
         if not self._to_compile or (busy is not None and busy()):
             return False

@@ -166,6 +166,7 @@ def test_cookie_login_serves_images_and_events_and_logs_no_token(start_api, capl
     # Scripts may still put the token in a GET's query; the log shows it masked.
     assert requests.get(url + "/api/jobs", params={"token": "s3cret-token"}, timeout=10).ok
     assert_error(requests.get(url + "/api/jobs", params={"token": "nope"}, timeout=10), 401)
+    assert requests.get(url + "/api/jobs?tok%65n=s3cret-token", timeout=10).ok  # same name
     assert browser.delete(url + "/api/session", timeout=10).ok  # log out
     assert_error(browser.get(url + "/api/jobs", timeout=10), 401)
     logged = "\n".join(r.getMessage() for r in caplog.records)
@@ -256,7 +257,7 @@ def test_thumbnails_of_non_images_sizes_and_cache_bound(start_api):
         (outputs / f"img{i}.png").write_bytes(png)
     body = assert_error(api("GET", "/api/outputs/img0.png", params={"thumb": 300}), 400, "thumb")
     assert "128, 256, 512" in body["error"]
-    for size in (1, 16, 1000, 1024, 5000):
+    for size in (0, -1, 1, 16, 1000, 1024, 5000, "0128", "x", 2**70):
         assert_error(api("GET", "/api/outputs/img0.png", params={"thumb": size}), 400, "thumb")
     gallery = api.daemon.gallery
     gallery.max_thumbnail_files = 4

@@ -182,10 +182,16 @@ class Outputs:
         resp.media = {"outputs": images, "next_before": images[-1]["filename"] if more else None}
 
     def on_get_item(self, req: falcon.Request, resp: falcon.Response, filename: str) -> None:
-        thumb = int_param(req, "thumb", None, 1, 1 << 16)
-        if thumb is not None and thumb not in THUMBNAIL_SIZES:
-            sizes = ", ".join(map(str, THUMBNAIL_SIZES))
-            raise ValidationError(f"thumb must be one of {sizes}, got {thumb}", field="thumb")
+        raw = req.get_param("thumb")
+        thumb = None
+        if raw:
+            # A few fixed sizes only: each size asked for is a file in the cache.
+            thumb = next((size for size in THUMBNAIL_SIZES if str(size) == raw), None)
+            if thumb is None:
+                sizes = ", ".join(map(str, THUMBNAIL_SIZES))
+                raise ValidationError(
+                    f"thumb must be one of {sizes}, got {raw[:20]!r}", field="thumb"
+                )
         gallery = self.daemon.gallery
         path = gallery.thumbnail(filename, thumb) if thumb else gallery.resolve(filename)
         try:

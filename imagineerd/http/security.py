@@ -30,7 +30,7 @@ import socket
 import time
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 import falcon
 
@@ -42,12 +42,19 @@ SESSION_COOKIE = "imagineerd_session"
 #: A session cookie is accepted for this long after login (then the UI asks again).
 SESSION_MAX_AGE = 30 * 24 * 3600
 REDACTED = "********"
-_TOKEN_PARAM = re.compile(r"(?<=[?&])(token=)[^&#]*", re.IGNORECASE)
+_QUERY_PART = re.compile(r"([?&;])([^=&;#]*)=([^&;#]*)")
 
 
 def redact_token(text: str) -> str:
-    """``text`` (a request URI or a Referer) with any ``token=`` value masked, for logs."""
-    return _TOKEN_PARAM.sub(r"\g<1>" + REDACTED, text)
+    """``text`` (a request URI or a Referer) with any ``token=`` value masked, for logs.
+    The name is compared decoded, as the query parser reads it (``tok%65n=`` is a token)."""
+
+    def mask(match: re.Match[str]) -> str:
+        if unquote_plus(match.group(2)).strip().lower() != "token":
+            return match.group(0)
+        return f"{match.group(1)}{match.group(2)}={REDACTED}"
+
+    return _QUERY_PART.sub(mask, text)
 
 
 # ------------------------------------------------------------------------- Host check

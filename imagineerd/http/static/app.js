@@ -394,6 +394,14 @@ function connectEvents() {
   source.onerror = () => {
     indicator.classList.remove("live");
     indicator.title = "live updates: reconnecting…";
+    // The browser retries a dropped stream by itself, but not one the server refused (the
+    // session ended: 401; too many tabs: 503). Check in a while, and ask for the token if
+    // that is what is missing, then connect again.
+    if (source.readyState === EventSource.CLOSED) {
+      setTimeout(() => {
+        if (state.events === source) refreshJobs().then(connectEvents).catch(() => {});
+      }, 5000);
+    }
   };
   const on = (type, handler) => source.addEventListener(type, (e) => handler(JSON.parse(e.data)));
   on("job.submitted", (job) => { upsertQueued(job); renderQueue(); });

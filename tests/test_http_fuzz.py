@@ -183,6 +183,9 @@ headers = st.dictionaries(
             "Origin",
             "Accept",
             "X-Forwarded-For",
+            "Sec-Fetch-Site",
+            "Cookie",
+            "Host",
         ]
     ),
     st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40),

@@ -311,3 +311,15 @@ def test_session_cookie_is_secure_when_the_page_is_on_https(start_api):
         headers={"Origin": f"https://{host}", "Sec-Fetch-Site": "same-origin"},
     )
     assert proxied.status_code == 200 and "Secure" in proxied.headers["Set-Cookie"]
+
+
+def test_no_page_may_frame_the_ui_or_sniff_outputs(api: Api):
+    for path in ("/", "/app.js", "/api/health", "/api/nothing"):
+        headers = api("GET", path).headers
+        assert headers["X-Frame-Options"] == "DENY", path
+        assert headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+        assert headers["X-Content-Type-Options"] == "nosniff"
+    status, headers, _ = raw(
+        api, b"GET / HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+    )
+    assert status == 421 and headers["x-frame-options"] == "DENY"

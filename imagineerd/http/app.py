@@ -1,9 +1,9 @@
 """``create_app(daemon, config)``: the Falcon application.
 
 Collaborators are injected: the daemon (the only thing resources talk to) and the config.
-Middleware, outermost first: access log, the Host check, CORS (only when origins are
-configured), the body size limit, the token, the same-site and JSON rule for state changes
-(security.py says why each exists).
+Middleware, outermost first: access log, security headers, the Host check, CORS (only when
+origins are configured), the body size limit, the token, the same-site and JSON rule for
+state changes (security.py says why each exists).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ..config import Config
 from ..daemon import Daemon
 from ..errors import ImagineerdError
 from . import errors, resources
-from .security import BearerAuth, HostCheck, SameSite, redact_token
+from .security import BearerAuth, HostCheck, SameSite, SecurityHeaders, redact_token
 
 access_log = logging.getLogger("imagineerd.access")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -83,7 +83,11 @@ def auth_token(config: Config) -> str:
 def create_app(daemon: Daemon, config: Config, *, streams: Any = None) -> falcon.App:
     server = config["server"]
     token = auth_token(config)
-    middleware: list[Any] = [AccessLog(), HostCheck(server["allowed_hosts"], server["host"])]
+    middleware: list[Any] = [
+        AccessLog(),
+        SecurityHeaders(),
+        HostCheck(server["allowed_hosts"], server["host"]),
+    ]
     if server["cors_origins"]:
         middleware.append(
             falcon.CORSMiddleware(allow_origins=server["cors_origins"], expose_headers=["Location"])

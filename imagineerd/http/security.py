@@ -142,6 +142,19 @@ class HostCheck:
         )
 
 
+class SecurityHeaders:
+    """On every response: no framing by other sites' pages (clickjacking: a hidden frame of
+    the UI under a page's own buttons), and no content sniffing (an output named ``.png``
+    holding other bytes is never run as a page)."""
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool
+    ) -> None:
+        resp.set_header("X-Content-Type-Options", "nosniff")
+        resp.set_header("X-Frame-Options", "DENY")
+        resp.set_header("Content-Security-Policy", "frame-ancestors 'none'")
+
+
 # --------------------------------------------------------------------- same-site rule
 def origin_of_host(req: falcon.Request) -> str:
     """``host[:port]`` this request was sent to, as the browser wrote it in ``Host``."""

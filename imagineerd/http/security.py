@@ -16,6 +16,12 @@ Why each exists (README, "Security"):
 - **Session cookie**. Browsers cannot put a header on ``<img>`` or ``EventSource``
   requests, so the UI logs in once (``POST /api/session``) and the browser sends an
   ``HttpOnly; SameSite=Strict`` cookie instead of the token appearing in URLs.
+
+Written by hand: Falcon has no host, origin or session middleware (its CORSMiddleware, used
+in app.py, only answers preflights and adds headers; it refuses nothing), and the libraries
+that do this (Django's ALLOWED_HOSTS and CSRF, Starlette's TrustedHostMiddleware) belong to
+other frameworks. Each check is a few lines over the standard library's ``ipaddress``,
+``hmac`` and ``urllib.parse``.
 """
 
 from __future__ import annotations

@@ -74,9 +74,9 @@ def split_host(value: str) -> str | None:
             return None
         host, rest = value[: end + 1], value[end + 1 :]
     else:
-        host, _, port = value.partition(":")
-        rest = f":{port}" if _ else ""
-    if rest and not re.fullmatch(r":\d{1,5}", rest):
+        host, colon, port = value.partition(":")
+        rest = f"{colon}{port}"
+    if rest and not re.fullmatch(r":\d{0,5}", rest):  # RFC 3986 allows an empty port
         return None
     return host.rstrip(".") or None
 

@@ -309,8 +309,17 @@ function eta(job) {
   return job.estimated_time_remaining ?? null;
 }
 
+function progressOf(job) {
+  return job.progress || { step: 0, total: job.steps, percent: 0 };
+}
+
+function progressText(job) {
+  const progress = progressOf(job);
+  return `Step ${progress.step}/${progress.total} · ${Math.round(progress.percent)}% · ETA ${formatSeconds(eta(job))}`;
+}
+
 function runningCard(job) {
-  const progress = job.progress || { step: 0, total: job.steps, percent: 0 };
+  const progress = progressOf(job);
   return el("div", { class: "card running-job", "data-job": job.id },
     el("div", { class: "sub" }, `Running · job #${job.id}`),
     el("div", { class: "prompt-text" }, job.prompt),
@@ -318,8 +327,7 @@ function runningCard(job) {
       "aria-valuenow": String(progress.percent), "aria-label": "progress" },
     el("div", { style: `width:${progress.percent}%` })),
     el("div", { class: "row" },
-      el("span", { class: "progress-text" },
-        `Step ${progress.step}/${progress.total} · ${Math.round(progress.percent)}% · ETA ${formatSeconds(eta(job))}`),
+      el("span", { class: "progress-text" }, progressText(job)),
       el("span", { style: "flex:1" }),
       el("button", { type: "button", class: "danger", onclick: () => interrupt(job.id) }, "Stop")));
 }
@@ -352,10 +360,15 @@ function renderQueue() {
 }
 
 function renderProgress(jobs = state.running) {
-  // Cheap per-step update: only the running cards, not the whole queue.
+  // Cheap per-step update of the bar and the text in place: a card rebuilt at every step
+  // would pull its Stop button from under the pointer of whoever is about to click it.
   for (const job of jobs) {
+    const progress = progressOf(job);
     for (const card of document.querySelectorAll(`.running-job[data-job="${job.id}"]`)) {
-      card.replaceWith(runningCard(job));
+      const bar = $(".progress", card);
+      bar.setAttribute("aria-valuenow", String(progress.percent));
+      bar.firstElementChild.style.width = `${progress.percent}%`;
+      $(".progress-text", card).textContent = progressText(job);
     }
   }
 }

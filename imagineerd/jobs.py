@@ -11,6 +11,7 @@ import math
 import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any
 
 from .errors import ValidationError
@@ -268,6 +269,12 @@ def validate(
             raw = defaults[name]
         values[name] = CHECKS[name](raw)
     return JobSpec(**values)
+
+
+def iso(when: datetime) -> str:
+    """A job timestamp: local time with microseconds, as the original API's examples show
+    (``2025-10-13T14:32:15.123456``)."""
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
 @dataclass

@@ -202,9 +202,9 @@ def test_a_database_locked_by_another_program_is_waited_for_or_reported(tmp_path
 
 
 def test_workers_outlive_a_locked_database(make_config, caplog):
-    d = Daemon(make_config())
-    d.store.close()
-    d.store = SQLiteStore(d.state_dir / "imagineerd.db", timeout=0.2)
+    config = make_config()
+    impatient = SQLiteStore(config.path_for("state") / "imagineerd.db", timeout=0.2)
+    d = Daemon(config, store=impatient)
     d.start()
     try:
         before = d.submit({"prompt": "before the lock"}).id

@@ -299,3 +299,20 @@ def test_atomic_write_replaces_a_planted_link_by_default(tmp_path: Path):
     config_mod.atomic_write_text(receipt, "receipt")
     assert not receipt.is_symlink() and receipt.read_text() == "receipt"
     assert victim.read_text() == "precious"
+
+
+def test_a_folder_fsync_that_fails_after_the_rename_is_not_an_error(tmp_path, monkeypatch):
+    """The file is in place by then: the caller (the API) must not report a saved change as
+    failed, so the folder's fsync failing (some network filesystems refuse it) is logged."""
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(22, "Invalid argument")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = tmp_path / "config.yaml"
+    target.write_text("generation: {steps: 20}\n")
+    config_mod.update_file(target, {"generation": {"steps": 21}})
+    assert config_mod.load(target)["generation"]["steps"] == 21

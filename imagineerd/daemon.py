@@ -267,31 +267,48 @@ class Daemon:
             **{name: provider() for name, provider in list(self._status_providers.items())},
         }
 
-    def update_config(self, data: Any) -> dict[str, Any]:
-        """Validate a full configuration, save it atomically to config.yaml, apply the live
-        sections (``generation``, ``queue``) at once; return the saved config and the keys
-        that take effect only after a restart."""
+    def update_config(self, data: Any, *, merge: bool = False) -> dict[str, Any]:
+        """Change the saved configuration from a frontend (the HTTP API).
+
+        ``merge`` (PATCH) changes the keys given, section by section; otherwise (PUT) ``data``
+        must carry every section and key. Only keys in ``config.REMOTE_KEYS`` may change (a
+        read-only key sent back unchanged is fine), ``model.name`` only to one of
+        :meth:`available_models`. The whole resulting file is validated before anything is
+        written; only the changed keys are written, atomically, keeping comments and hand
+        edits. Live sections apply at once. Returns the saved config and the keys that take
+        effect only after a restart.
+        """
         with self._config_lock:
-            new = config_mod.Config(data, self.config.path)
-            config_mod.save(new)
-            self.saved_config = copy.deepcopy(new.data)
-            for section in config_mod.LIVE_SECTIONS:
-                self.config.data[section] = copy.deepcopy(new.data[section])
-            restart = config_mod.restart_required(self.config.data, new.data)
-        self.events.publish("config.changed", {"restart_required": restart})
-        return {"config": new.data, "restart_required": restart}
+            changes = config_mod.remote_changes(
+                self.saved_config, data, merge=merge, models=self.available_models()
+            )
+            if changes:
+                saved = config_mod.update_file(self.config.path, changes).data
+                self.saved_config = copy.deepcopy(saved)
+                # Nothing below may fail: the change is on disk and must be reported as saved.
+                for section in config_mod.LIVE_SECTIONS:
+                    self.config.data[section] = copy.deepcopy(saved[section])
+            saved = copy.deepcopy(self.saved_config)
+            restart = config_mod.restart_required(self.config.data, saved)
+        if changes:
+            self.events.publish("config.changed", {"restart_required": restart})
+        return {"config": saved, "restart_required": restart}
 
     def pending_restart(self) -> list[str]:
         """Saved config keys that differ from the running ones until the next restart."""
-        return config_mod.restart_required(self.config.data, self.saved_config)
+        with self._config_lock:
+            return config_mod.restart_required(self.config.data, self.saved_config)
 
     def update_generation(self, values: Any) -> dict[str, Any]:
-        """Change some generation defaults (validated with the job bounds) and save."""
-        config_mod.validate({"generation": values})  # errors name generation.<key>
-        with self._config_lock:
-            merged = copy.deepcopy(self.saved_config)
-            merged["generation"].update(values)
-            return self.update_config(merged)
+        """Change some generation defaults (validated with the job bounds) and save: a PATCH
+        of the ``generation`` section, so errors name ``generation.<key>``."""
+        return self.update_config({"generation": values}, merge=True)
+
+    def available_models(self) -> list[str]:
+        """The values ``model.name`` may take over the API: for now the model saved in
+        config.yaml (any other name could be any file on the server; other models are set
+        in config.yaml on the server)."""
+        return [self.saved_config["model"]["name"]]
 
     # -- inbox claims (see store.py for why each step is its own transaction) -----------
     def create_claim(self, original: str, claimed: str) -> int:

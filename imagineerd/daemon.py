@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from . import __version__, backends, jobs, outputs
+from . import __version__, backends, config_file, config_remote, jobs, outputs
 from . import config as config_mod
 from .backends import Backend, build_registry
 from .config import Config
@@ -279,11 +279,11 @@ class Daemon:
         effect only after a restart.
         """
         with self._config_lock:
-            changes = config_mod.remote_changes(
+            changes = config_remote.remote_changes(
                 self.saved_config, data, merge=merge, models=self.available_models()
             )
             if changes:
-                saved = config_mod.update_file(self.config.path, changes).data
+                saved = config_file.update_file(self.config.path, changes).data
                 self.saved_config = copy.deepcopy(saved)
                 # Nothing below may fail: the change is on disk and must be reported as saved.
                 for section in config_mod.LIVE_SECTIONS:

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from imagineerd import config as config_mod
+from imagineerd import config_file, fsutil
 from imagineerd.errors import ConfigError, Conflict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def test_save_is_atomic_and_keeps_comments(tmp_path: Path):
     config = load_text(tmp_path, original)
     config.data["generation"]["steps"] = 42
     config.data["generation"]["scheduler"] = "ddim"
-    config_mod.save(config)
+    config_file.save(config)
     text = (tmp_path / "config.yaml").read_text()
     assert "# my settings" in text and "# fast" in text
     again = config_mod.load(tmp_path / "config.yaml")
@@ -189,7 +190,7 @@ def test_saving_a_last_release_config_changes_only_what_was_asked(tmp_path: Path
     path = tmp_path / "config.yaml"
     shutil.copy(fixture, path)
     before = path.read_text()
-    config_mod.update_file(path, {"generation": {"steps": 25}, "queue": {"max_attempts": 4}})
+    config_file.update_file(path, {"generation": {"steps": 25}, "queue": {"max_attempts": 4}})
     after = path.read_text()
     changed = [
         line
@@ -216,7 +217,7 @@ def test_text_that_yaml_1_1_reads_otherwise_is_saved_so_it_reads_back(tmp_path: 
     true and ``1:30`` as 90. Saved text must load back as the same text."""
     path = tmp_path / "config.yaml"
     path.write_text("generation: {steps: 20}\n")
-    config_mod.update_file(
+    config_file.update_file(
         path,
         {"generation": {"negative_prompt": text}, "presets": {text: {"negative_prompt": text}}},
     )
@@ -228,17 +229,17 @@ def test_text_that_yaml_1_1_reads_otherwise_is_saved_so_it_reads_back(tmp_path: 
 def test_update_file_keeps_hand_edits_and_refuses_a_file_broken_on_disk(tmp_path: Path):
     path = tmp_path / "config.yaml"
     path.write_text("# mine\nserver:\n  threads: 8  # hand edit\n")
-    config_mod.update_file(path, {"generation": {"steps": 9}})
+    config_file.update_file(path, {"generation": {"steps": 9}})
     text = path.read_text()
     assert "threads: 8  # hand edit" in text and "# mine" in text and "steps: 9" in text
     path.write_text("paths: {inbox: outputs}\n")  # valid YAML, invalid config
     with pytest.raises(Conflict) as info:
-        config_mod.update_file(path, {"generation": {"steps": 10}})
+        config_file.update_file(path, {"generation": {"steps": 10}})
     assert info.value.field == "paths.inbox" and "fix it there" in info.value.message
     assert path.read_text() == "paths: {inbox: outputs}\n"
     path.unlink()  # writing only the change would make a file of defaults, token included
     with pytest.raises(Conflict, match="gone from disk"):
-        config_mod.update_file(path, {"generation": {"steps": 10}})
+        config_file.update_file(path, {"generation": {"steps": 10}})
     assert not path.exists()
 
 
@@ -261,7 +262,7 @@ def record_fsyncs(monkeypatch) -> list[os.stat_result]:
 def test_atomic_write_fsyncs_the_folder_after_the_rename(tmp_path: Path, monkeypatch):
     calls = record_fsyncs(monkeypatch)
     target = tmp_path / "note.txt"
-    config_mod.atomic_write_text(target, "hello")
+    fsutil.atomic_write_text(target, "hello")
     folder = tmp_path.stat()
     assert [stat.S_ISDIR(c.st_mode) for c in calls] == [False, True]  # file, then its folder
     assert (calls[1].st_dev, calls[1].st_ino) == (folder.st_dev, folder.st_ino)
@@ -275,15 +276,15 @@ def test_saving_a_symlinked_config_writes_through_and_keeps_the_link(tmp_path, m
     link = tmp_path / "config.yaml"
     link.symlink_to(real)
     calls = record_fsyncs(monkeypatch)
-    config_mod.atomic_write_text(link, "generation: {steps: 21}\n", follow_symlinks=True)
+    fsutil.atomic_write_text(link, "generation: {steps: 21}\n", follow_symlinks=True)
     assert link.is_symlink() and real.read_text() == "generation: {steps: 21}\n"
     folder = real.parent.stat()
     assert (calls[-1].st_dev, calls[-1].st_ino) == (folder.st_dev, folder.st_ino)
     assert sorted(p.name for p in real.parent.iterdir()) == ["config.yaml"]  # no temp file
     config = config_mod.load(link)
     config.data["generation"]["steps"] = 22
-    config_mod.save(config)
-    config_mod.update_file(link, {"generation": {"scheduler": "ddim"}})
+    config_file.save(config)
+    config_file.update_file(link, {"generation": {"scheduler": "ddim"}})
     assert link.is_symlink() and os.readlink(link) == str(real)
     assert config_mod.load(link)["generation"]["steps"] == 22
     assert "scheduler: ddim" in real.read_text()
@@ -296,7 +297,7 @@ def test_atomic_write_replaces_a_planted_link_by_default(tmp_path: Path):
     victim.write_text("precious")
     receipt = tmp_path / "job.result.yaml"
     receipt.symlink_to(victim)
-    config_mod.atomic_write_text(receipt, "receipt")
+    fsutil.atomic_write_text(receipt, "receipt")
     assert not receipt.is_symlink() and receipt.read_text() == "receipt"
     assert victim.read_text() == "precious"
 
@@ -314,5 +315,5 @@ def test_a_folder_fsync_that_fails_after_the_rename_is_not_an_error(tmp_path, mo
     monkeypatch.setattr(os, "fsync", fsync)
     target = tmp_path / "config.yaml"
     target.write_text("generation: {steps: 20}\n")
-    config_mod.update_file(target, {"generation": {"steps": 21}})
+    config_file.update_file(target, {"generation": {"steps": 21}})
     assert config_mod.load(target)["generation"]["steps"] == 21

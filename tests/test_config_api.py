@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from imagineerd import config as config_mod
+from imagineerd import config_remote
 from imagineerd.daemon import Daemon
 
 from .conftest import Api
@@ -127,7 +128,7 @@ def test_every_key_outside_the_allow_list_is_read_only(start_api):
         (section, key)
         for section, keys in config_mod.DEFAULTS.items()
         for key in keys
-        if key not in config_mod.REMOTE_KEYS.get(section, ())
+        if key not in config_remote.REMOTE_KEYS.get(section, ())
     ]
     assert ("server", "auth_token") in read_only and ("queue", "max_attempts") not in read_only
     for section, key in [*read_only, ("model", "name")]:

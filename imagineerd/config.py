@@ -23,6 +23,7 @@ import yaml
 
 from .config_schema import (
     SCHEMA,
+    check_key,
     check_presets,
     check_shape,
     key_name,
@@ -118,14 +119,7 @@ def validate(data: Any) -> dict[str, dict[str, Any]]:
         if not isinstance(values, Mapping):
             raise ConfigError(f"{section} must be a mapping of keys", field=section)
         for key, value in values.items():
-            dotted = f"{section}.{key}"
-            if key not in SCHEMA[section]:
-                raise ConfigError(
-                    f"unknown key {section}.{key_name(key)}; known keys in {section}: "
-                    f"{', '.join(SCHEMA[section])}",
-                    field=dotted,
-                )
-            merged[section][key] = SCHEMA[section][key](dotted, value)
+            merged[section][key] = check_key(section, key, value)
     return merged
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from . import jobs
 from .config import DEFAULTS
-from .config_schema import SCHEMA, check_presets, check_shape, key_name, show_value
+from .config_schema import SCHEMA, check_key, check_presets, check_shape, key_name, show_value
 from .errors import ConfigError, Forbidden
 
 #: What the HTTP API may change: section -> keys; ``presets`` (job settings only) is writable
@@ -102,11 +102,7 @@ def _section_changes(
     for key, raw in values.items():
         dotted = f"{section}.{key}"
         if key not in SCHEMA[section]:
-            raise ConfigError(
-                f"unknown key {section}.{key_name(key)}; known keys in {section}: "
-                f"{', '.join(SCHEMA[section])}",
-                field=dotted,
-            )
+            check_key(section, key, raw)  # raises: an unknown key, naming the known ones
         try:
             value = SCHEMA[section][key](dotted, raw)
         except ConfigError:

@@ -328,3 +328,14 @@ def check_presets(value: Any) -> dict[str, dict[str, Any]]:
             checked[field] = _job_field(field)(dotted, raw)
         presets[name] = checked
     return presets
+
+
+def check_key(section: str, key: Any, value: Any) -> Any:
+    """``value`` checked as ``section.key``; an unknown key names the known ones."""
+    if key not in SCHEMA[section]:
+        raise ConfigError(
+            f"unknown key {section}.{key_name(key)}; known keys in {section}: "
+            f"{', '.join(SCHEMA[section])}",
+            field=f"{section}.{key}",
+        )
+    return SCHEMA[section][key](f"{section}.{key}", value)

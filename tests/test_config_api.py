@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,6 @@ import yaml
 
 from imagineerd import config as config_mod
 from imagineerd import config_remote
-from imagineerd.daemon import Daemon
 
 from .conftest import Api
 from .test_config import RELEASE_SAVED, RELEASE_SHIPPED
@@ -41,27 +40,16 @@ def raw_json(api: Api, method: str, path: str, text: str):
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[[Path], Api]]:
+def serve(start_api) -> Callable[[Path], Api]:
     """A real daemon and server on an existing config file; host and port are overridden in
     memory only, as ``imagineerd serve --host --port`` does."""
-    from imagineerd.http.server import HttpService
-
-    started: list[tuple[Daemon, Any]] = []
 
     def start(path: Path) -> Api:
         config = config_mod.load(path)
         config.data["server"].update(host="127.0.0.1", port=0)
-        daemon = Daemon(config)
-        daemon.start(workers=False)
-        service = HttpService(daemon, config)
-        service.start()
-        started.append((daemon, service))
-        return Api(daemon, service)
+        return start_api(workers=False, config=config)
 
-    yield start
-    for daemon, service in reversed(started):
-        service.stop()
-        daemon.stop()
+    return start
 
 
 def changed_lines(before: str, after: str) -> list[str]:

@@ -117,26 +117,8 @@ def test_a_hung_backend_is_abandoned_and_a_new_worker_takes_over(start):
     assert d.job(hung.id).status == FAILED and not list(d.outputs_dir.glob(f"*_{hung.id}.png"))
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path):
-    """A 320 KiB tmpfs as the outputs folder (needs root, as in CI)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        pytest.skip(
-            f"cannot mount a tmpfs here ({result.stderr.strip()}); the unwritable "
-            "outputs test in test_daemon.py covers the same path"
-        )
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
-
-
-def test_full_disk_fails_jobs_clearly_and_recovers_when_space_returns(make_config, tiny_disk):
+def test_full_disk_fails_jobs_clearly_and_recovers_when_space_returns(make_config, tmpfs):
+    tiny_disk = tmpfs("small", "320k")
     filler = tiny_disk / "filler.bin"
     filler.write_bytes(b"\0" * (300 * 1024))
     d = Daemon(

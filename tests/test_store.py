@@ -3,7 +3,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sqlite3
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -296,23 +295,8 @@ def test_a_commit_that_fails_does_not_wedge_the_connection(sqlite_store: SQLiteS
     assert sqlite_store.get(job.id).spec.prompt == "after"
 
 
-@pytest.fixture
-def tiny_state(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs as the state folder (needs root, as in CI)."""
-    mount = tmp_path / "state"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()})")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
-
-
-def test_a_full_state_disk_is_a_clear_retryable_error_and_writes_resume(tiny_state: Path):
+def test_a_full_state_disk_is_a_clear_retryable_error_and_writes_resume(tmpfs):
+    tiny_state = tmpfs("state", "256k")
     store = SQLiteStore(tiny_state / "jobs.db")
     try:
         first = store.add(spec("before"), submitted_at=T)

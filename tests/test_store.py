@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import sqlite3
 import threading
@@ -377,3 +378,16 @@ def test_a_database_made_by_the_last_release_opens_with_its_jobs(tmp_path: Path)
         assert store.open_claims() == [] and store.get_claim(1)["state"] == DONE
     finally:
         store.close()
+
+
+def test_a_lone_surrogate_the_last_release_stored_reads_back_as_a_replacement(
+    sqlite_store: SQLiteStore,
+):
+    """0.1.0 accepted {"prompt": "\\ud800 ..."} and stored the escape; every answer that
+    carried that job was a 500 from then on. It now reads back as U+FFFD."""
+    job = sqlite_store.add(spec("placeholder"), submitted_at=T)
+    raw = json.dumps({**spec("x").to_dict(), "prompt": "a \ud800 b", "negative_prompt": "\udcff"})
+    sqlite_store._db().execute("UPDATE jobs SET spec = ? WHERE id = ?", (raw, job.id))
+    stored = sqlite_store.get(job.id)
+    assert stored.spec.prompt == "a \ufffd b" and stored.spec.negative_prompt == "\ufffd"
+    json.dumps(stored.to_dict(), ensure_ascii=False).encode("utf-8")  # any answer can carry it

@@ -1,26 +1,36 @@
-"""Configuration: load and validate ``config.yaml``, save changes atomically.
+"""Configuration: load and validate ``config.yaml``.
 
-Every key has a default (``DEFAULTS``) and a checker (``_SCHEMA``); a file may set any subset.
+Every key has a default (``DEFAULTS``) and a checker (``config_schema.SCHEMA``); a file may set
+any subset.
 Unknown keys are errors, not silently ignored, because a misspelt key that does nothing is the
 hardest configuration bug to find. Relative paths are relative to the config file's folder.
+Beyond each key, the whole configuration is checked (folders that must not overlap, a usable
+host and token, text that can be stored), both when the file is loaded and before the HTTP API
+writes a change. Writing the file is ``config_file``; what the API may change is
+``config_remote``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
+import logging
 import os
-import re
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import jobs
-from .errors import ConfigError, Conflict, ValidationError
+from .config_schema import (
+    SCHEMA,
+    check_key,
+    check_presets,
+    check_shape,
+    key_name,
+)
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "server": {
@@ -72,170 +82,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
-
-def _str(*, nonempty: bool = False, choices: tuple[str, ...] | None = None) -> Callable:
-    def check(key: str, value: Any) -> str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be text, got {value!r}", field=key)
-        if nonempty and not value.strip():
-            raise ConfigError(f"{key} must not be empty", field=key)
-        if choices is not None and value not in choices:
-            raise ConfigError(
-                f"{key} must be one of {', '.join(choices)}, got {value!r}", field=key
-            )
-        return value
-
-    return check
-
-
-def _int(lo: int, hi: int) -> Callable:
-    def check(key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise ConfigError(
-                f"{key} must be a whole number from {lo} to {hi}, got {value!r}", field=key
-            )
-        return value
-
-    return check
-
-
-def _float(lo: float, hi: float) -> Callable:
-    def check(key: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-            raise ConfigError(
-                f"{key} must be a number from {lo:g} to {hi:g}, got {value!r}", field=key
-            )
-        return float(value)
-
-    return check
-
-
-def _bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}", field=key)
-    return value
-
-
-def _one_device(value: Any) -> bool:
-    return isinstance(value, str) and (
-        value in ("auto", "cpu", "mps", "cuda") or re.fullmatch(r"cuda:\d+", value) is not None
-    )
-
-
-def _device(key: str, value: Any) -> str | list[str]:
-    """One device, or a list of devices: one worker each, all on the same queue."""
-    if _one_device(value):
-        return value
-    if isinstance(value, list) and value and all(_one_device(v) and v != "auto" for v in value):
-        return list(value)
-    raise ConfigError(
-        f"{key} must be auto, cpu, mps, cuda, cuda:N or a list like [cuda:0, cuda:1], "
-        f"got {value!r}",
-        field=key,
-    )
-
-
-def _auto_or(check: Callable) -> Callable:
-    def wrapped(key: str, value: Any) -> Any:
-        return value if value == "auto" else check(key, value)
-
-    return wrapped
-
-
-def _buckets(key: str, value: Any) -> list[int]:
-    if (
-        not isinstance(value, list)
-        or not value
-        or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64 for v in value)
-    ):
-        raise ConfigError(
-            f"{key} must be a list of batch sizes from 1 to 64, got {value!r}", field=key
-        )
-    return sorted(set(value))
-
-
-def _origins(key: str, value: Any) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(
-            f'{key} must be a list of origins like [http://nas.local:8080] (or ["*"]), '
-            f"got {value!r}",
-            field=key,
-        )
-    return list(value)
-
-
-def _hosts(key: str, value: Any) -> list[str]:
-    if not isinstance(value, list) or not all(
-        isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9.*:\[\]_-]+", v) for v in value
-    ):
-        raise ConfigError(
-            f"{key} must be a list of host names like [nas.example.com, imagineerd.lan], "
-            f"got {value!r}",
-            field=key,
-        )
-    return [v.lower() for v in value]
-
-
-def _job_field(name: str) -> Callable:
-    """Config's generation defaults obey exactly the job bounds (one validator, jobs.py)."""
-
-    def check(key: str, value: Any) -> Any:
-        try:
-            return jobs.CHECKS[name](value)
-        except ValidationError as exc:
-            raise ConfigError(f"{key}: {exc.message}", field=key) from None
-
-    return check
-
-
-_SCHEMA: dict[str, dict[str, Callable]] = {
-    "server": {
-        "host": _str(nonempty=True),
-        "port": _int(0, 65535),
-        "threads": _int(2, 256),
-        "max_event_streams": _int(0, 1000),
-        "max_body_bytes": _int(1024, 1 << 30),
-        "auth_token": _str(),
-        "cors_origins": _origins,
-        "allowed_hosts": _hosts,
-        "connection_limit": _int(1, 10000),
-        "channel_timeout": _int(1, 86400),
-    },
-    "paths": {
-        "outputs": _str(nonempty=True),
-        "inbox": _str(nonempty=True),
-        "state": _str(nonempty=True),
-    },
-    "model": {
-        "backend": _str(nonempty=True),
-        "name": _str(nonempty=True),
-        "arch": _str(choices=("auto", "sd15", "sdxl")),
-        "device": _device,
-        "dtype": _str(choices=("auto", "float32", "float16", "bfloat16")),
-        "cache_dir": _str(),
-    },
-    "generation": {name: _job_field(name) for name in jobs.DEFAULTABLE},
-    "inbox": {
-        "enabled": _bool,
-        "settle_seconds": _float(0, 3600),
-        "rescan_seconds": _float(1, 86400),
-        "polling": _bool,
-        "max_file_bytes": _int(1, 1 << 30),
-        "max_jobs_per_file": _int(1, 100000),
-        "outputs_subfolder": _bool,
-    },
-    "presets": {},  # free-form names; checked by _presets
-    "queue": {"max_attempts": _int(1, 100)},
-    "performance": {
-        "max_batch": _auto_or(_int(1, 64)),
-        "compile": _auto_or(_bool),
-        "batch_buckets": _buckets,
-        "channels_last": _auto_or(_bool),
-        "job_timeout": _float(0, 86400),
-    },
-}
-
-
 #: Sections whose keys take effect while running; a change to any other key needs a restart.
 LIVE_SECTIONS = ("generation", "queue", "presets")
 
@@ -257,14 +103,15 @@ def validate(data: Any) -> dict[str, dict[str, Any]]:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError("the configuration must be a mapping of sections (server:, model:, ...)")
+    check_shape(data)
     merged = copy.deepcopy(DEFAULTS)
     for section, values in data.items():
         if section == "presets":
-            merged["presets"] = _presets(values)
+            merged["presets"] = check_presets(values)
             continue
-        if section not in _SCHEMA:
+        if section not in SCHEMA:
             raise ConfigError(
-                f"unknown section {section!r}; known sections: {', '.join(_SCHEMA)}",
+                f"unknown section {key_name(section)}; known sections: {', '.join(SCHEMA)}",
                 field=str(section),
             )
         if values is None:
@@ -272,54 +119,8 @@ def validate(data: Any) -> dict[str, dict[str, Any]]:
         if not isinstance(values, Mapping):
             raise ConfigError(f"{section} must be a mapping of keys", field=section)
         for key, value in values.items():
-            dotted = f"{section}.{key}"
-            if key not in _SCHEMA[section]:
-                raise ConfigError(
-                    f"unknown key {dotted}; known keys in {section}: {', '.join(_SCHEMA[section])}",
-                    field=dotted,
-                )
-            merged[section][key] = _SCHEMA[section][key](dotted, value)
+            merged[section][key] = check_key(section, key, value)
     return merged
-
-
-#: Inbox subfolders the daemon itself uses; they cannot name a preset.
-RESERVED_FOLDERS = ("done", "failed")
-PRESET_FIELDS = (*jobs.DEFAULTABLE, "seed")
-
-
-def _presets(value: Any) -> dict[str, dict[str, Any]]:
-    """``presets: {name: {job field: value}}``; each value obeys the job bounds."""
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigError("presets must be a mapping of preset names", field="presets")
-    presets = {}
-    for name, fields in value.items():
-        key = f"presets.{name}"
-        if (
-            not isinstance(name, str)
-            or not name
-            or name.startswith(".")
-            or "/" in name
-            or "\\" in name
-            or name.lower() in RESERVED_FOLDERS
-        ):
-            raise ConfigError(
-                f"{key}: a preset name must be a plain folder name, not done or failed", field=key
-            )
-        if not isinstance(fields, Mapping):
-            raise ConfigError(f"{key} must be a mapping of job fields", field=key)
-        checked = {}
-        for field, raw in fields.items():
-            dotted = f"{key}.{field}"
-            if field not in PRESET_FIELDS:
-                raise ConfigError(
-                    f"unknown key {dotted}; a preset may set {', '.join(PRESET_FIELDS)}",
-                    field=dotted,
-                )
-            checked[field] = _job_field(field)(dotted, raw)
-        presets[name] = checked
-    return presets
 
 
 class Config:
@@ -328,6 +129,7 @@ class Config:
     def __init__(self, data: Mapping[str, Any] | None = None, path: Path | None = None) -> None:
         self.data = validate(data)
         self.path = Path(path).resolve() if path is not None else None
+        check_folders(self)
 
     @property
     def base_dir(self) -> Path:
@@ -362,6 +164,92 @@ class Config:
         return settings
 
 
+#: Folders no setting of paths may be: the daemon moves files out of its inbox and publishes
+#: its outputs, so a system folder there is how a typo (or an attacker) ruins a machine.
+#: Each also as its real path, since /bin is a link to /usr/bin on merged-/usr systems.
+SYSTEM_FOLDERS = frozenset(
+    q
+    for p in (
+        "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc",
+        "/run", "/sbin", "/sys", "/usr", "/var",
+    )
+    for q in (Path(p), Path(os.path.realpath(p)))
+)  # fmt: skip
+
+#: Pseudo-filesystems: nothing inside them is a folder for files either.
+PSEUDO_FOLDERS = tuple(Path(p) for p in ("/proc", "/sys", "/dev"))
+
+
+def check_folders(config: Config) -> None:
+    """Refuse ``paths`` that overlap in a way that breaks something.
+
+    - No folder is the filesystem root or a system folder such as /etc or /usr.
+    - outputs and inbox are apart (neither is, or is inside, the other): the inbox takes what
+      is dropped into it and is usually a writable share, the outputs folder is published.
+    - state (the job database) is not in outputs (it would be published) nor in the inbox (a
+      writable share could replace or delete it).
+    - outputs and inbox do not hold the config file: it would be published with its token,
+      or taken by the inbox as a prompt file.
+
+    state may hold the others (``state: .`` keeps the database beside config.yaml), and the
+    shipped layout (outputs, inbox and state side by side next to config.yaml) passes.
+    Symbolic links are followed, so a link cannot hide an overlap.
+    """
+    folders = {name: Path(os.path.realpath(config.path_for(name))) for name in DEFAULTS["paths"]}
+    home = Path(os.path.realpath(config.base_dir))
+    for name, folder in folders.items():
+        key = f"paths.{name}"
+        if folder.parent == folder:
+            raise ConfigError(
+                f"{key} is {folder}, the root of the filesystem; give it a folder of its own, "
+                f"such as {name} (beside config.yaml)",
+                field=key,
+            )
+        if folder in SYSTEM_FOLDERS or any(folder.is_relative_to(p) for p in PSEUDO_FOLDERS):
+            raise ConfigError(
+                f"{key} is {folder}, a system folder; give it a folder of its own, such as "
+                f"{name} (beside config.yaml)",
+                field=key,
+            )
+    for name, why in (
+        ("outputs", "config.yaml and its token would be published with the images"),
+        ("inbox", "the inbox would take config.yaml as a prompt file"),
+    ):
+        if home.is_relative_to(folders[name]):
+            raise ConfigError(
+                f"paths.{name} ({folders[name]}) holds this config file's folder ({home}): "
+                f"{why}; use a folder of its own, e.g. {name} (beside config.yaml)",
+                field=f"paths.{name}",
+            )
+    outputs, inbox, state = folders["outputs"], folders["inbox"], folders["state"]
+    if inbox == outputs:
+        raise ConfigError(
+            f"paths.inbox and paths.outputs are the same folder ({inbox}): the inbox takes what "
+            "is dropped there and the outputs folder is published; give each its own folder, "
+            "e.g. inbox and outputs side by side",
+            field="paths.inbox",
+        )
+    for inner, outer in (("inbox", "outputs"), ("outputs", "inbox")):
+        if folders[inner].is_relative_to(folders[outer]):
+            raise ConfigError(
+                f"paths.{inner} ({folders[inner]}) is inside paths.{outer} "
+                f"({folders[outer]}); the inbox (a drop folder, often writable by anyone on "
+                "the share) and the published outputs must not overlap; put them side by "
+                "side, e.g. inbox and outputs",
+                field=f"paths.{inner}",
+            )
+    for name, why in (
+        ("outputs", "the job database would be published with the images"),
+        ("inbox", "anyone who can drop a file could replace or delete the job database"),
+    ):
+        if state.is_relative_to(folders[name]):
+            raise ConfigError(
+                f"paths.state ({state}) is inside paths.{name} ({folders[name]}): {why}; "
+                "give state a folder of its own, e.g. state (beside config.yaml)",
+                field="paths.state",
+            )
+
+
 def load(path: str | os.PathLike) -> Config:
     """Read and validate a config file; errors name the file, the key and the problem."""
     path = Path(path)
@@ -382,66 +270,3 @@ def load(path: str | os.PathLike) -> Config:
         return Config(data, path)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc.message}", field=exc.field) from None
-
-
-def save(config: Config) -> None:
-    """Write ``config.data`` back to its file atomically, keeping the file's comments.
-
-    ruamel.yaml's round-trip mode is used because a config file whose comments vanish on the
-    first save from the web UI is a config file nobody can read any more. Only values that
-    differ from what the file holds are written; keys left at their default stay out.
-    """
-    from ruamel.yaml import YAML
-
-    if config.path is None:
-        raise ConfigError("this configuration has no file to save to")
-    rt = YAML()
-    rt.preserve_quotes = True
-    try:
-        doc = rt.load(config.path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        doc = {}
-    except Exception as exc:  # ruamel raises several parser/scanner error types
-        raise Conflict(
-            f"{config.path} on disk is no longer valid YAML ({exc}); fix or replace the file, "
-            "then save again"
-        ) from None
-    if not isinstance(doc, Mapping):
-        raise Conflict(f"{config.path} on disk is not a mapping of sections; fix it first")
-    for section, values in config.data.items():
-        file_section = doc.get(section)
-        if section == "presets":  # free-form: the section is replaced as a whole
-            if (file_section or {}) != values and (values or file_section is not None):
-                doc["presets"] = values
-            continue
-        for key, value in values.items():
-            current = file_section.get(key) if isinstance(file_section, Mapping) else None
-            if (
-                current == value
-                or (file_section is None or key not in file_section)
-                and (DEFAULTS[section][key] == value)
-            ):
-                continue
-            if not isinstance(file_section, Mapping):
-                doc[section] = file_section = {}
-            file_section[key] = value
-    buffer = io.StringIO()
-    rt.dump(doc, buffer)
-    atomic_write_text(config.path, buffer.getvalue())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

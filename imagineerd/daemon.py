@@ -10,41 +10,32 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-import os
-import statistics
 import threading
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from . import __version__, jobs, outputs
+from . import __version__, backends, config_file, config_remote, jobs, outputs
 from . import config as config_mod
 from .backends import Backend, build_registry
 from .config import Config
-from .errors import BackendError, Conflict, Gone, ImagineerdError, NotFound, Unavailable
+from .errors import Conflict, Gone, NotFound, Unavailable
 from .events import EventBus
 from .gallery import Gallery
-from .jobs import COMPLETED, FAILED, QUEUED, RUNNING, Job
+from .jobs import COMPLETED, FAILED, QUEUED, RUNNING, Job, iso
 from .plugins import get_plugin_manager
+from .saver import ImageSaver
 from .sqlite_store import SQLiteStore
 from .store import Store
+from .views import JobViews, progress_dict
 from .worker import SHUTDOWN, Supervisor, Worker, describe_failure
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "imagineerd.db"
-
-
-def iso(when: datetime) -> str:
-    # Always with microseconds, as the original API's examples show ("2025-10-13T14:32:15.123456").
-    return when.strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
 class Daemon:
@@ -80,11 +71,10 @@ class Daemon:
         self._work = threading.Condition()
         self._work_pending = False
         self._lock = threading.Lock()
-        self._progress: dict[int, tuple[int, int]] = {}
+        self.views = JobViews(self.store, self._capacity)
         self._interrupts: dict[int, str] = {}
         self._started = False
-        self._saver = ThreadPoolExecutor(max_workers=2, thread_name_prefix="imagineerd-save")
-        self._saves: set[Future] = set()
+        self.saver = ImageSaver(config, self.outputs_dir, clock, self._image_saved)
         # What config.yaml says now; differs from ``config`` by keys that need a restart.
         self.saved_config: dict[str, Any] = copy.deepcopy(config.data)
         self._config_lock = threading.RLock()
@@ -110,51 +100,11 @@ class Daemon:
         return self.supervisor.workers if self.supervisor is not None else []
 
     def devices(self) -> list[str]:
-        """``model.device`` as a list: one worker each. ``auto`` is every visible GPU (or
-        the single best device when there is none)."""
-        setting = self.config["model"]["device"]
-        if isinstance(setting, list):
-            return setting
-        if setting == "auto":
-            import torch
-
-            count = torch.cuda.device_count()
-            if count > 1:
-                return [f"cuda:{i}" for i in range(count)]
-            return ["cuda" if count else "auto"]
-        return [setting]
-
-    def backend_settings(self) -> dict[str, Any]:
-        """What a backend factory receives: the ``model:`` section (``name`` made absolute
-        when local, ``cache_dir`` resolved) plus ``performance``, ``state_dir`` and
-        ``warm_sizes``."""
-        settings = self.config.model_settings()
-        settings["performance"] = dict(self.config["performance"])
-        settings["state_dir"] = str(self.state_dir)
-        # Sizes a compiling backend prepares first: the default one.
-        generation = self.config["generation"]
-        settings["warm_sizes"] = [[generation["width"], generation["height"]]]
-        return settings
+        return backends.devices(self.config["model"]["device"])
 
     def load_backend(self, device: str | None) -> Backend:
         """A new backend for ``device`` (called on the worker's own thread)."""
-        settings = self.backend_settings()
-        if device is not None:
-            settings["device"] = device
-        try:
-            backend = self.backend_factory(settings)
-        except ImagineerdError:
-            raise
-        except Exception as exc:
-            log.exception("backend failed to load")
-            raise BackendError(f"the {settings['backend']} backend failed to load: {exc}") from exc
-        if not isinstance(backend, Backend):
-            raise BackendError(
-                f"the {settings['backend']} backend does not implement the backend protocol "
-                "(generate, batch_key, is_out_of_memory, idle, model_label); subclass "
-                "imagineerd.backends.BackendBase"
-            )
-        return backend
+        return backends.create(self.backend_factory, backends.settings(self.config, device))
 
     def job_timeout(self) -> float:
         return self.config["performance"]["job_timeout"]
@@ -176,7 +126,7 @@ class Daemon:
                 COMPLETED,
                 completed_at=meta.get("completed_at") or self.now_iso(),
                 duration_seconds=meta.get("duration_seconds"),
-                output_path=self.output_ref(found),
+                output_path=self.saver.output_ref(found),
             )
             log.warning("job %s had finished its image before the stop; completed", job.id)
             self._announce_finished(done)
@@ -202,7 +152,7 @@ class Daemon:
         self.wake()
         if self.supervisor is not None:
             self.supervisor.join(timeout)
-        self._saver.shutdown(wait=True)  # images already generated are still written
+        self.saver.shutdown()  # images already generated are still written
         self.store.close()
 
     def wake(self) -> None:
@@ -282,53 +232,12 @@ class Daemon:
 
     def job_view(self, job: Job) -> dict[str, Any]:
         """A job as the API shows it: the record plus queue position, ETA and live progress."""
-        view = job.to_dict()
-        if job.status in (QUEUED, RUNNING):
-            view["queue_position"] = self.store.queue_position(job)
-            view["estimated_time_remaining"] = self.estimate_remaining(job, view["queue_position"])
-        if job.status == RUNNING:
-            step, total = self._progress.get(job.id, (0, job.spec.steps))
-            view["progress"] = progress_dict(step, total)
-        elif job.progress_total:
-            view["progress"] = progress_dict(job.progress_step, job.progress_total)
-        return view
-
-    def estimate_remaining(self, job: Job, position: int) -> float | None:
-        """Seconds until ``job`` completes, from the mean duration of recent similar jobs (a
-        job's duration is its batch's): what is left of the running batch that ends first,
-        plus the batches needed for the jobs up to this one, shared among the workers."""
-        durations = self.store.recent_durations(job.spec)
-        if not durations:
-            return None
-        mean = statistics.fmean(durations)
-        if job.status == RUNNING:
-            return round(mean * self._fraction_left(job), 1)
-        running = self.store.running()
-        current = min((self._fraction_left(r) for r in running), default=0.0)
-        per_batch = self.supervisor.max_batch if self.supervisor is not None else 1
-        batches = math.ceil(position / per_batch) / max(len(self.workers), 1)
-        return round(mean * (current + batches), 1)
-
-    def _fraction_left(self, job: Job) -> float:
-        step, total = self._progress.get(job.id, (0, job.spec.steps))
-        return 1 - step / max(total, 1)
+        return self.views.view(job)
 
     def list_jobs(
         self, *, limit: int = 50, before: int | None = None, queued_limit: int = 1000
     ) -> dict[str, Any]:
-        running, queued, history = self.store.overview(
-            queued_limit=queued_limit, history_limit=limit, before=before
-        )
-        running_views = [self.job_view(j) for j in running]
-        return {
-            # The original API has one running job; with batching or several GPUs there can
-            # be more, so ``running`` lists them all and ``current`` stays the first.
-            "current": running_views[0] if running_views else None,
-            "running": running_views,
-            # Positions follow from the order; asking the store per job would be O(n^2).
-            "queued": [dict(j.to_dict(), queue_position=i + 1) for i, j in enumerate(queued)],
-            "history": [self.job_view(j) for j in history],
-        }
+        return self.views.overview(limit=limit, before=before, queued_limit=queued_limit)
 
     def register_status(self, name: str, provider: Callable[[], dict[str, Any]] | None) -> None:
         """Show ``provider()`` under ``name`` in :meth:`health` (``None`` removes it)."""
@@ -358,31 +267,48 @@ class Daemon:
             **{name: provider() for name, provider in list(self._status_providers.items())},
         }
 
-    def update_config(self, data: Any) -> dict[str, Any]:
-        """Validate a full configuration, save it atomically to config.yaml, apply the live
-        sections (``generation``, ``queue``) at once; return the saved config and the keys
-        that take effect only after a restart."""
+    def update_config(self, data: Any, *, merge: bool = False) -> dict[str, Any]:
+        """Change the saved configuration from a frontend (the HTTP API).
+
+        ``merge`` (PATCH) changes the keys given, section by section; otherwise (PUT) ``data``
+        must carry every section and key. Only keys in ``config.REMOTE_KEYS`` may change (a
+        read-only key sent back unchanged is fine), ``model.name`` only to one of
+        :meth:`available_models`. The whole resulting file is validated before anything is
+        written; only the changed keys are written, atomically, keeping comments and hand
+        edits. Live sections apply at once. Returns the saved config and the keys that take
+        effect only after a restart.
+        """
         with self._config_lock:
-            new = config_mod.Config(data, self.config.path)
-            config_mod.save(new)
-            self.saved_config = copy.deepcopy(new.data)
-            for section in config_mod.LIVE_SECTIONS:
-                self.config.data[section] = copy.deepcopy(new.data[section])
-            restart = config_mod.restart_required(self.config.data, new.data)
-        self.events.publish("config.changed", {"restart_required": restart})
-        return {"config": new.data, "restart_required": restart}
+            changes = config_remote.remote_changes(
+                self.saved_config, data, merge=merge, models=self.available_models()
+            )
+            if changes:
+                saved = config_file.update_file(self.config.path, changes).data
+                self.saved_config = copy.deepcopy(saved)
+                # Nothing below may fail: the change is on disk and must be reported as saved.
+                for section in config_mod.LIVE_SECTIONS:
+                    self.config.data[section] = copy.deepcopy(saved[section])
+            saved = copy.deepcopy(self.saved_config)
+            restart = config_mod.restart_required(self.config.data, saved)
+        if changes:
+            self.events.publish("config.changed", {"restart_required": restart})
+        return {"config": saved, "restart_required": restart}
 
     def pending_restart(self) -> list[str]:
         """Saved config keys that differ from the running ones until the next restart."""
-        return config_mod.restart_required(self.config.data, self.saved_config)
+        with self._config_lock:
+            return config_mod.restart_required(self.config.data, self.saved_config)
 
     def update_generation(self, values: Any) -> dict[str, Any]:
-        """Change some generation defaults (validated with the job bounds) and save."""
-        config_mod.validate({"generation": values})  # errors name generation.<key>
-        with self._config_lock:
-            merged = copy.deepcopy(self.saved_config)
-            merged["generation"].update(values)
-            return self.update_config(merged)
+        """Change some generation defaults (validated with the job bounds) and save: a PATCH
+        of the ``generation`` section, so errors name ``generation.<key>``."""
+        return self.update_config({"generation": values}, merge=True)
+
+    def available_models(self) -> list[str]:
+        """The values ``model.name`` may take over the API: for now the model saved in
+        config.yaml (any other name could be any file on the server; other models are set
+        in config.yaml on the server)."""
+        return [self.saved_config["model"]["name"]]
 
     # -- inbox claims (see store.py for why each step is its own transaction) -----------
     def create_claim(self, original: str, claimed: str) -> int:
@@ -420,12 +346,12 @@ class Daemon:
         return self.store.claim_batch(started_at=self.now_iso(), limit=limit, key=key)
 
     def job_started(self, job: Job) -> None:
-        self._progress[job.id] = (0, job.spec.steps)
+        self.views.progress[job.id] = (0, job.spec.steps)
         self.events.publish("job.started", self.job_view(job))
 
     def report_progress(self, job_id: int, step: int, total: int) -> None:
         # A dict store and a non-blocking publish: nothing here may slow a denoising step.
-        self._progress[job_id] = (step, total)
+        self.views.progress[job_id] = (step, total)
         self.events.publish("job.progress", {"id": job_id, **progress_dict(step, total)})
 
     def interrupt_reason(self, job_id: int) -> str | None:
@@ -472,7 +398,7 @@ class Daemon:
                 duration_seconds=duration_seconds,
                 output_path=output_path,
                 error=error,
-                progress=self._progress.pop(job.id, None),
+                progress=self.views.progress.pop(job.id, None),
             )
         except RuntimeError:
             # Already finished elsewhere (e.g. failed by the watchdog): the first word stands.
@@ -492,82 +418,37 @@ class Daemon:
     ) -> None:
         """Write a finished job's image on a saver thread, then mark the job completed (or
         failed, if the write fails), so the worker can start its next batch at once."""
-
-        def save() -> None:
-            try:
-                output = self.save_output(job, image, duration=duration, model_label=model_label)
-            except Exception as exc:
-                if not isinstance(exc, OSError):
-                    log.exception("job %s: writing its image failed", job.id)
-                self.job_finished(
-                    job, FAILED, duration_seconds=duration, error=describe_failure(exc)
-                )
-            else:
-                self.job_finished(job, COMPLETED, duration_seconds=duration, output_path=output)
-
-        future = self._saver.submit(save)
-        with self._lock:
-            self._saves.add(future)
-        future.add_done_callback(self._saves.discard)
+        self.saver.save_later(job, image, duration=duration, model_label=model_label)
 
     def drain_saves(self) -> None:
         """Wait until every image handed to the saver is written and its job finished."""
-        with self._lock:
-            pending = list(self._saves)
-        futures_wait(pending)
+        self.saver.drain()
 
     def has_queued_jobs(self) -> bool:
         return bool(self.store.queued(1))
 
     def jobs_requeued(self, jobs: list[Job]) -> None:
         for job in jobs:
-            self._progress.pop(job.id, None)
+            self.views.progress.pop(job.id, None)
         for job in self.store.requeue([job.id for job in jobs], count_attempt=False):
             self.events.publish("job.requeued", self.job_view(job))
 
-    def save_output(
-        self, job: Job, image: Image.Image, *, duration: float, model_label: str | None
-    ) -> str:
-        """Write the job's PNG with both metadata chunks; return the path the API shows."""
-        now = self.clock()
-        model = self.config["model"]
-        text = outputs.job_metadata(
-            job,
-            model_label=model_label or model["name"],
-            model_name=model["name"],
-            backend=model["backend"],
-            completed_at=iso(now),
-            duration=duration,
-        )
-        folder = self.outputs_dir
-        if job.source == "inbox" and job.source_name and self.config["inbox"]["outputs_subfolder"]:
-            folder = folder / outputs.slugify(Path(job.source_name).stem)
-        path = outputs.save_png(
-            image, folder, outputs.output_name(job.id, job.spec.prompt, now), text
-        )
-        return self.output_ref(path)
+    def _image_saved(
+        self, job: Job, duration: float, output_path: str | None, error: BaseException | None
+    ) -> None:
+        if error is None:
+            self.job_finished(job, COMPLETED, duration_seconds=duration, output_path=output_path)
+        else:
+            self.job_finished(job, FAILED, duration_seconds=duration, error=describe_failure(error))
 
-    def output_ref(self, path: Path) -> str:
-        """``outputs/<name>.png`` (relative to the config folder) as the original API shows it."""
-        try:
-            return (
-                Path(os.path.relpath(path, self.config.base_dir)).as_posix()
-                if Path(path).resolve().is_relative_to(self.config.base_dir)
-                else str(path)
-            )
-        except ValueError:
-            return str(path)
+    def _capacity(self) -> tuple[int, int]:
+        """``(workers, images per batch)``: how fast the queue drains, for ETAs."""
+        if self.supervisor is None:
+            return 0, 1
+        return len(self.supervisor.workers), self.supervisor.max_batch
 
     def _hook(self, name: str, **kwargs: Any) -> None:
         try:
             getattr(self.pm.hook, name)(**kwargs)
         except Exception:
             log.exception("plugin hook %s failed", name)
-
-
-def progress_dict(step: int, total: int) -> dict[str, Any]:
-    return {
-        "step": step,
-        "total": total,
-        "percent": round(100.0 * step / total, 1) if total else 0.0,
-    }

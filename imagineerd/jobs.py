@@ -7,10 +7,13 @@ stored spec reproduces the image). A *job* is a spec plus its life in the queue.
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any
 
 from .errors import ValidationError
@@ -217,6 +220,9 @@ def bounds_summary() -> str:
     return "; ".join(p.rule() for p in PARAMS.values() if p.kind in ("int", "float"))
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """A fully resolved, valid generation request."""
@@ -232,6 +238,18 @@ class JobSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSpec:
+        """A spec as a store saved it. The first release stored text with lone surrogates
+        (JSON escapes such as ``\\ud800``) that no answer can carry; they read back as
+        U+FFFD so such a job can still be shown, listed and cancelled."""
+        fields = json.loads(text)
+        for name in ("prompt", "negative_prompt"):
+            value = fields.get(name)
+            if isinstance(value, str):
+                fields[name] = _SURROGATE.sub("\ufffd", value)
+        return cls(**fields)
 
     @property
     def sampler_label(self) -> str:
@@ -268,6 +286,12 @@ def validate(
             raw = defaults[name]
         values[name] = CHECKS[name](raw)
     return JobSpec(**values)
+
+
+def iso(when: datetime) -> str:
+    """A job timestamp: local time with microseconds, as the original API's examples show
+    (``2025-10-13T14:32:15.123456``)."""
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
 @dataclass

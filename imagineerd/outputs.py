@@ -24,6 +24,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from . import __version__
+from .fsutil import fsync_dir
 from .jobs import Job
 
 TEMP_PREFIX = ".imagineerd-"
@@ -126,18 +127,6 @@ def job_metadata(
     }
 
 
-def fsync_directory(directory: Path) -> None:
-    """Make a rename into ``directory`` durable: after a power cut the new name is there.
-
-    (The file's own fsync covers its bytes, not the directory entry that names it.)
-    """
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_png(image: Image.Image, directory: Path, name: str, text: Mapping[str, str]) -> Path:
     """Write ``image`` as ``directory/name`` with text chunks, atomically.
 
@@ -157,7 +146,8 @@ def save_png(image: Image.Image, directory: Path, name: str, text: Mapping[str, 
         os.chmod(tmp, 0o644)
         final = directory / name
         os.replace(tmp, final)
-        fsync_directory(directory)
+        # The file's own fsync covers its bytes, not the directory entry that names it.
+        fsync_dir(directory)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

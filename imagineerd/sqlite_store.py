@@ -60,7 +60,7 @@ def _row_to_job(row: sqlite3.Row) -> Job:
     return Job(
         id=row["id"],
         status=row["status"],
-        spec=JobSpec(**json.loads(row["spec"])),
+        spec=JobSpec.from_json(row["spec"]),
         submitted_at=row["submitted_at"],
         source=row["source"],
         source_name=row["source_name"],
@@ -145,7 +145,7 @@ class SQLiteStore(SQLiteDatabase):
             ).fetchall()
             if not rows:
                 return []
-            head = JobSpec(**json.loads(rows[0]["spec"]))
+            head = JobSpec.from_json(rows[0]["spec"])
             size = limit(head) if callable(limit) else limit
             ids = [rows[0]["id"]]
             if key is not None and size > 1:
@@ -153,7 +153,7 @@ class SQLiteStore(SQLiteDatabase):
                 for row in rows[1:]:
                     if len(ids) >= size:
                         break
-                    if key(JobSpec(**json.loads(row["spec"]))) == wanted:
+                    if key(JobSpec.from_json(row["spec"])) == wanted:
                         ids.append(row["id"])
             db.executemany(
                 "UPDATE jobs SET status = ?, started_at = ?, attempts = attempts + 1,"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -115,8 +116,12 @@ def start_api(make_config: Callable[..., config_mod.Config]) -> Iterator[Callabl
 
     started: list[tuple[Daemon, Any]] = []
 
-    def start(workers: bool = True, **sections: dict[str, Any]) -> Api:
-        config = make_config(**sections)
+    def start(
+        workers: bool = True, config: config_mod.Config | None = None, **sections: dict[str, Any]
+    ) -> Api:
+        """``config``: an existing configuration to serve instead of a new one."""
+        if config is None:
+            config = make_config(**sections)
         daemon = Daemon(config)
         daemon.start(workers=workers)
         service = HttpService(daemon, config)
@@ -128,6 +133,30 @@ def start_api(make_config: Callable[..., config_mod.Config]) -> Iterator[Callabl
     for daemon, service in reversed(started):
         service.stop()
         daemon.stop()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
+    """``tmpfs(name, size)``: a small tmpfs mounted at ``tmp_path/name``, to fill a disk for
+    real (needs root, as in CI; skipped elsewhere). Unmounted after the test."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str) -> Path:
+        where = tmp_path / name
+        where.mkdir()
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()})")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=False)
 
 
 @pytest.fixture

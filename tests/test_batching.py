@@ -83,7 +83,7 @@ def test_cancel_one_job_inside_a_batch(make_config):
     ids = [d.submit({"prompt": f"p{i}", "steps": 150, "seed": i}).id for i in range(3)]
     d.start()
     try:
-        wait_for(lambda: d._progress.get(ids[1], (0, 0))[0] >= 2, 60)
+        wait_for(lambda: d.views.progress.get(ids[1], (0, 0))[0] >= 2, 60)
         assert all(d.job(i).status == RUNNING for i in ids)
         listing = d.list_jobs()
         assert [j["id"] for j in listing["running"]] == ids  # a batch runs several at once

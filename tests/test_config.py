@@ -1,14 +1,24 @@
 from __future__ import annotations
 
+import difflib
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
 import yaml
 
 from imagineerd import config as config_mod
-from imagineerd.errors import ConfigError
+from imagineerd import config_file, fsutil
+from imagineerd.errors import ConfigError, Conflict
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+#: config.yaml as the last release (b4dbb60) shipped it, and as that release's API saved it
+#: after a few changes (token, port, CORS origin, model, generation defaults, presets, ...).
+RELEASE_SHIPPED = DATA / "config-b4dbb60-shipped.yaml"
+RELEASE_SAVED = DATA / "config-b4dbb60-saved-by-api.yaml"
 
 
 def load_text(tmp_path: Path, text: str) -> config_mod.Config:
@@ -40,7 +50,7 @@ def test_paths_are_relative_to_the_config_file(tmp_path: Path):
     [
         ("server: {port: 70000}\n", "server.port", "0 to 65535"),
         ("server: {port: '5000'}\n", "server.port", "whole number"),
-        ("server: {host: ''}\n", "server.host", "empty"),
+        ("server: {host: ''}\n", "server.host", "host name"),
         ("paths: {outputs: 3}\n", "paths.outputs", "text"),
         ("model: {arch: sd3}\n", "model.arch", "sd15, sdxl"),
         ("model: {device: tpu}\n", "model.device", "cuda:N"),
@@ -81,7 +91,7 @@ def test_save_is_atomic_and_keeps_comments(tmp_path: Path):
     config = load_text(tmp_path, original)
     config.data["generation"]["steps"] = 42
     config.data["generation"]["scheduler"] = "ddim"
-    config_mod.save(config)
+    config_file.save(config)
     text = (tmp_path / "config.yaml").read_text()
     assert "# my settings" in text and "# fast" in text
     again = config_mod.load(tmp_path / "config.yaml")
@@ -90,3 +100,220 @@ def test_save_is_atomic_and_keeps_comments(tmp_path: Path):
     assert again["server"]["port"] == 5001
     assert "guidance_scale" not in text  # defaults are not written out
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temp file left
+
+
+# -- whole-config checks, at load time ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "words"),
+    [
+        ("paths: {inbox: outputs}\n", "paths.inbox", "same folder"),
+        ("paths: {inbox: outputs/drop}\n", "paths.inbox", "inside paths.outputs"),
+        ("paths: {outputs: inbox/images}\n", "paths.outputs", "inside paths.inbox"),
+        ("paths: {state: outputs}\n", "paths.state", "published"),
+        ("paths: {state: outputs/.state}\n", "paths.state", "published"),
+        ("paths: {state: inbox/state}\n", "paths.state", "replace or delete"),
+        ("paths: {outputs: /}\n", "paths.outputs", "root of the filesystem"),
+        ("paths: {state: /}\n", "paths.state", "root of the filesystem"),
+        ("paths: {inbox: /etc}\n", "paths.inbox", "system folder"),
+        ("paths: {outputs: /usr}\n", "paths.outputs", "system folder"),
+        ("paths: {outputs: /bin}\n", "paths.outputs", "system folder"),
+        ("paths: {inbox: /proc/self}\n", "paths.inbox", "system folder"),
+        ("paths: {outputs: .}\n", "paths.outputs", "token would be published"),
+        ("paths: {inbox: ..}\n", "paths.inbox", "as a prompt file"),
+        ("server: {host: '0.0.0.0; touch /tmp/x'}\n", "server.host", "host name"),
+        ("server: {host: 'http://nas.local'}\n", "server.host", "host name"),
+        ("server: {auth_token: 'two words'}\n", "server.auth_token", "no spaces"),
+        ('server: {auth_token: "tab\\there"}\n', "server.auth_token", "control characters"),
+        ("server: {auth_token: 'pässword'}\n", "server.auth_token", "accented"),
+        ("server: {auth_token: 's3cret '}\n", "server.auth_token", "no spaces"),
+        ('model: {name: "models/\\udcff"}\n', "model.name", "UTF-8"),
+        ('server: {cors_origins: ["http://\\udcff"]}\n', "server.cors_origins", "UTF-8"),
+        ('presets: {"\\udcff": {steps: 5}}\n', "presets", "UTF-8"),
+        ('presets: {q: {negative_prompt: "\\udcff"}}\n', "presets.q.negative_prompt", "UTF-8"),
+        ('generation: {negative_prompt: "\\udcff"}\n', "generation.negative_prompt", "UTF-8"),
+        ('presets: {"a\\nb": {steps: 5}}\n', "presets.a\nb", "plain folder name"),
+        ("presets: {q: {steps: [[[[[[[1]]]]]]]}}\n", "presets.q.steps", "nested"),
+    ],
+)
+def test_a_config_that_breaks_something_is_refused_at_load(tmp_path, text, field, words):
+    """A hand edit is caught at start, naming the file, the key and what to do instead."""
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, text)
+    assert info.value.field == field
+    assert words in info.value.message
+    assert str(tmp_path / "config.yaml") in info.value.message
+
+
+def test_an_overlap_hidden_behind_a_symlink_is_found(tmp_path: Path):
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "drop").symlink_to(tmp_path / "outputs")
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, "paths: {inbox: drop}\n")
+    assert info.value.field == "paths.inbox" and "same folder" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",  # the shipped layout: outputs, inbox and state side by side
+        "paths: {state: .}\n",  # the database beside config.yaml
+        "paths: {outputs: /srv/share/images, inbox: /srv/share/drop, state: /var/lib/imagineerd}\n",
+        "paths: {outputs: ../outputs, inbox: ../inbox}\n",
+        "server: {host: '::', auth_token: 'Zq9-_.~+/=!x'}\n",
+        "server: {host: nas.example.com}\n",
+        "server: {host: '[::1]'}\n",
+        "server: {host: 192.168.1.20}\n",
+    ],
+)
+def test_sane_layouts_and_hosts_still_load(tmp_path: Path, text: str):
+    config = load_text(tmp_path, text)
+    assert config.path_for("outputs") != config.path_for("inbox")
+
+
+def test_the_last_release_config_files_still_load_unchanged(tmp_path: Path):
+    """Upgrades keep data: what the last release shipped and what its API saved both load,
+    with every value the release read from them."""
+    assert config_mod.load(RELEASE_SHIPPED).data == config_mod.DEFAULTS
+    saved = config_mod.load(RELEASE_SAVED)
+    assert saved["server"]["auth_token"] == "s3cret" and saved["server"]["port"] == 8080
+    assert saved["server"]["cors_origins"] == ["http://nas.local:8080"]
+    assert saved["generation"]["scheduler"] == "dpmpp_2m_karras"
+    assert saved["generation"]["negative_prompt"] == "blurry, lowres"
+    assert saved["presets"]["quick"] == {"steps": 12, "scheduler": "dpmpp_2m_karras"}
+    assert saved["inbox"]["settle_seconds"] == 5.0 and saved["queue"]["max_attempts"] == 5
+
+
+@pytest.mark.parametrize("fixture", [RELEASE_SHIPPED, RELEASE_SAVED], ids=["shipped", "saved"])
+def test_saving_a_last_release_config_changes_only_what_was_asked(tmp_path: Path, fixture):
+    path = tmp_path / "config.yaml"
+    shutil.copy(fixture, path)
+    before = path.read_text()
+    config_file.update_file(path, {"generation": {"steps": 25}, "queue": {"max_attempts": 4}})
+    after = path.read_text()
+    changed = [
+        line
+        for line in difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0)
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
+    assert sorted(changed) == sorted(
+        [
+            f"-  steps: {config_mod.load(fixture)['generation']['steps']}",
+            "+  steps: 25",
+            f"-  max_attempts: {config_mod.load(fixture)['queue']['max_attempts']}",
+            "+  max_attempts: 4",
+        ]
+    )
+    again = config_mod.load(path).data
+    expected = config_mod.load(fixture).data
+    expected["generation"]["steps"], expected["queue"]["max_attempts"] = 25, 4
+    assert again == expected
+
+
+@pytest.mark.parametrize("text", ["yes", "on", "No", "1:30", "1_000", "null", "~", "#x", "a: b"])
+def test_text_that_yaml_1_1_reads_otherwise_is_saved_so_it_reads_back(tmp_path: Path, text):
+    """ruamel writes YAML 1.2, where ``yes`` is text; PyYAML (our loader) reads ``yes`` as
+    true and ``1:30`` as 90. Saved text must load back as the same text."""
+    path = tmp_path / "config.yaml"
+    path.write_text("generation: {steps: 20}\n")
+    config_file.update_file(
+        path,
+        {"generation": {"negative_prompt": text}, "presets": {text: {"negative_prompt": text}}},
+    )
+    config = config_mod.load(path)
+    assert config["generation"]["negative_prompt"] == text
+    assert config["presets"] == {text: {"negative_prompt": text}}
+
+
+def test_update_file_keeps_hand_edits_and_refuses_a_file_broken_on_disk(tmp_path: Path):
+    path = tmp_path / "config.yaml"
+    path.write_text("# mine\nserver:\n  threads: 8  # hand edit\n")
+    config_file.update_file(path, {"generation": {"steps": 9}})
+    text = path.read_text()
+    assert "threads: 8  # hand edit" in text and "# mine" in text and "steps: 9" in text
+    path.write_text("paths: {inbox: outputs}\n")  # valid YAML, invalid config
+    with pytest.raises(Conflict) as info:
+        config_file.update_file(path, {"generation": {"steps": 10}})
+    assert info.value.field == "paths.inbox" and "fix it there" in info.value.message
+    assert path.read_text() == "paths: {inbox: outputs}\n"
+    path.unlink()  # writing only the change would make a file of defaults, token included
+    with pytest.raises(Conflict, match="gone from disk"):
+        config_file.update_file(path, {"generation": {"steps": 10}})
+    assert not path.exists()
+
+
+# -- saving: durable, through symlinks ------------------------------------------------------
+
+
+def record_fsyncs(monkeypatch) -> list[os.stat_result]:
+    """Make os.fsync record what each call was for (a stat of its descriptor)."""
+    calls: list[os.stat_result] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(os.fstat(fd))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls
+
+
+def test_atomic_write_fsyncs_the_folder_after_the_rename(tmp_path: Path, monkeypatch):
+    calls = record_fsyncs(monkeypatch)
+    target = tmp_path / "note.txt"
+    fsutil.atomic_write_text(target, "hello")
+    folder = tmp_path.stat()
+    assert [stat.S_ISDIR(c.st_mode) for c in calls] == [False, True]  # file, then its folder
+    assert (calls[1].st_dev, calls[1].st_ino) == (folder.st_dev, folder.st_ino)
+    assert target.read_text() == "hello"
+
+
+def test_saving_a_symlinked_config_writes_through_and_keeps_the_link(tmp_path, monkeypatch):
+    real = tmp_path / "settings" / "config.yaml"
+    real.parent.mkdir()
+    real.write_text("# kept\ngeneration: {steps: 20}\n")
+    link = tmp_path / "config.yaml"
+    link.symlink_to(real)
+    calls = record_fsyncs(monkeypatch)
+    fsutil.atomic_write_text(link, "generation: {steps: 21}\n", follow_symlinks=True)
+    assert link.is_symlink() and real.read_text() == "generation: {steps: 21}\n"
+    folder = real.parent.stat()
+    assert (calls[-1].st_dev, calls[-1].st_ino) == (folder.st_dev, folder.st_ino)
+    assert sorted(p.name for p in real.parent.iterdir()) == ["config.yaml"]  # no temp file
+    config = config_mod.load(link)
+    config.data["generation"]["steps"] = 22
+    config_file.save(config)
+    config_file.update_file(link, {"generation": {"scheduler": "ddim"}})
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert config_mod.load(link)["generation"]["steps"] == 22
+    assert "scheduler: ddim" in real.read_text()
+
+
+def test_atomic_write_replaces_a_planted_link_by_default(tmp_path: Path):
+    """Inbox receipts live in a folder anyone on the share may write: a link planted where a
+    receipt goes is replaced, never written through to its target."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    receipt = tmp_path / "job.result.yaml"
+    receipt.symlink_to(victim)
+    fsutil.atomic_write_text(receipt, "receipt")
+    assert not receipt.is_symlink() and receipt.read_text() == "receipt"
+    assert victim.read_text() == "precious"
+
+
+def test_a_folder_fsync_that_fails_after_the_rename_is_not_an_error(tmp_path, monkeypatch):
+    """The file is in place by then: the caller (the API) must not report a saved change as
+    failed, so the folder's fsync failing (some network filesystems refuse it) is logged."""
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(22, "Invalid argument")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = tmp_path / "config.yaml"
+    target.write_text("generation: {steps: 20}\n")
+    config_file.update_file(target, {"generation": {"steps": 21}})
+    assert config_mod.load(target)["generation"]["steps"] == 21

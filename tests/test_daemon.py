@@ -110,7 +110,7 @@ def test_stop_puts_the_running_job_back_without_counting_an_attempt(make_config)
     d = Daemon(make_config())
     d.start()
     job = d.submit({"prompt": "slow", "steps": 150})
-    wait_for(lambda: d.job(job.id).status == RUNNING and d._progress.get(job.id, (0, 0))[0])
+    wait_for(lambda: d.job(job.id).status == RUNNING and d.views.progress.get(job.id, (0, 0))[0])
     d.stop()
     d2 = Daemon(make_config())
     back = d2.job(job.id)
@@ -146,7 +146,7 @@ def test_recovery_completes_a_job_whose_image_was_already_written(make_config):
     d.start(workers=False)
     job = d.submit({"prompt": "written"})
     claimed = d.store.claim_next(started_at=d.now_iso())
-    d.save_output(claimed, Image.new("RGB", (64, 64)), duration=1.25, model_label="m")
+    d.saver.save(claimed, Image.new("RGB", (64, 64)), duration=1.25, model_label="m")
     d.store.close()  # died between the rename and the store update
 
     d2 = Daemon(make_config())
@@ -169,7 +169,7 @@ def test_recovery_announces_every_job_it_finishes_or_requeues(make_config):
     written = d.submit({"prompt": "image already written"})
     doomed = d.submit({"prompt": "keeps killing the daemon"})
     first = d.store.claim_next(started_at=d.now_iso())
-    d.save_output(first, Image.new("RGB", (64, 64)), duration=0.5, model_label="m")
+    d.saver.save(first, Image.new("RGB", (64, 64)), duration=0.5, model_label="m")
     d.store.claim_next(started_at=d.now_iso())  # 1 attempt = queue.max_attempts
     d.store.close()  # the process died with both running
 

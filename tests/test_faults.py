@@ -117,26 +117,8 @@ def test_a_hung_backend_is_abandoned_and_a_new_worker_takes_over(start):
     assert d.job(hung.id).status == FAILED and not list(d.outputs_dir.glob(f"*_{hung.id}.png"))
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path):
-    """A 320 KiB tmpfs as the outputs folder (needs root, as in CI)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        pytest.skip(
-            f"cannot mount a tmpfs here ({result.stderr.strip()}); the unwritable "
-            "outputs test in test_daemon.py covers the same path"
-        )
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
-
-
-def test_full_disk_fails_jobs_clearly_and_recovers_when_space_returns(make_config, tiny_disk):
+def test_full_disk_fails_jobs_clearly_and_recovers_when_space_returns(make_config, tmpfs):
+    tiny_disk = tmpfs("small", "320k")
     filler = tiny_disk / "filler.bin"
     filler.write_bytes(b"\0" * (300 * 1024))
     d = Daemon(
@@ -202,9 +184,9 @@ def test_a_database_locked_by_another_program_is_waited_for_or_reported(tmp_path
 
 
 def test_workers_outlive_a_locked_database(make_config, caplog):
-    d = Daemon(make_config())
-    d.store.close()
-    d.store = SQLiteStore(d.state_dir / "imagineerd.db", timeout=0.2)
+    config = make_config()
+    impatient = SQLiteStore(config.path_for("state") / "imagineerd.db", timeout=0.2)
+    d = Daemon(config, store=impatient)
     d.start()
     try:
         before = d.submit({"prompt": "before the lock"}).id

@@ -472,12 +472,12 @@ def test_config_get_put_and_generation_update(api: Api):
     assert_error(api("PUT", "/api/config/generation", json={"steps": 151}), 400, "generation.steps")
     assert_error(api("PUT", "/api/config/generation", json={"seed": 1}), 400, "generation.seed")
     config = api("GET", "/api/config").json()
-    config["server"]["threads"] = 32
+    config["inbox"]["settle_seconds"] = 5  # server.* is read-only over the API (403)
     result = api("PUT", "/api/config", json=config).json()
-    assert result["restart_required"] == ["server.threads"] and "restart" in result["message"]
-    assert api("GET", "/api/config").json()["restart_required"] == ["server.threads"]
-    config["model"]["device"] = "warp"
-    assert_error(api("PUT", "/api/config", json=config), 400, "model.device")
+    assert result["restart_required"] == ["inbox.settle_seconds"] and "restart" in result["message"]
+    assert api("GET", "/api/config").json()["restart_required"] == ["inbox.settle_seconds"]
+    config["performance"]["max_batch"] = 0
+    assert_error(api("PUT", "/api/config", json=config), 400, "performance.max_batch")
 
 
 def test_config_file_broken_by_hand_gives_a_clear_conflict(api: Api):

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from datetime import datetime
 from pathlib import Path
 
@@ -83,3 +85,20 @@ def test_unicode_prompt_survives_in_png_text(tmp_path: Path):
     text = outputs.infotext(prompt, "", {"Steps": 1, "Seed": 2, "Size": "8x8"})
     path = outputs.save_png(Image.new("RGB", (8, 8)), tmp_path, "u_1.png", {"parameters": text})
     assert outputs.parse_infotext(outputs.read_metadata(path)["parameters"])["prompt"] == prompt
+
+
+def test_an_image_is_durable_after_a_power_cut_its_folder_is_fsynced(tmp_path: Path, monkeypatch):
+    """The PNG's own fsync covers its bytes; the rename into place needs the folder's."""
+    synced: list[os.stat_result] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = outputs.save_png(Image.new("RGB", (8, 8)), tmp_path, "x.png", {"parameters": "p"})
+    folder = tmp_path.stat()
+    assert [stat.S_ISDIR(s.st_mode) for s in synced] == [False, True]  # the file, then its folder
+    assert (synced[1].st_dev, synced[1].st_ino) == (folder.st_dev, folder.st_ino)
+    assert path.exists()

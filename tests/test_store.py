@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import sqlite3
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -296,23 +296,8 @@ def test_a_commit_that_fails_does_not_wedge_the_connection(sqlite_store: SQLiteS
     assert sqlite_store.get(job.id).spec.prompt == "after"
 
 
-@pytest.fixture
-def tiny_state(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs as the state folder (needs root, as in CI)."""
-    mount = tmp_path / "state"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()})")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
-
-
-def test_a_full_state_disk_is_a_clear_retryable_error_and_writes_resume(tiny_state: Path):
+def test_a_full_state_disk_is_a_clear_retryable_error_and_writes_resume(tmpfs):
+    tiny_state = tmpfs("state", "256k")
     store = SQLiteStore(tiny_state / "jobs.db")
     try:
         first = store.add(spec("before"), submitted_at=T)
@@ -393,3 +378,16 @@ def test_a_database_made_by_the_last_release_opens_with_its_jobs(tmp_path: Path)
         assert store.open_claims() == [] and store.get_claim(1)["state"] == DONE
     finally:
         store.close()
+
+
+def test_a_lone_surrogate_the_last_release_stored_reads_back_as_a_replacement(
+    sqlite_store: SQLiteStore,
+):
+    """0.1.0 accepted {"prompt": "\\ud800 ..."} and stored the escape; every answer that
+    carried that job was a 500 from then on. It now reads back as U+FFFD."""
+    job = sqlite_store.add(spec("placeholder"), submitted_at=T)
+    raw = json.dumps({**spec("x").to_dict(), "prompt": "a \ud800 b", "negative_prompt": "\udcff"})
+    sqlite_store._db().execute("UPDATE jobs SET spec = ? WHERE id = ?", (raw, job.id))
+    stored = sqlite_store.get(job.id)
+    assert stored.spec.prompt == "a \ufffd b" and stored.spec.negative_prompt == "\ufffd"
+    json.dumps(stored.to_dict(), ensure_ascii=False).encode("utf-8")  # any answer can carry it

@@ -6,14 +6,18 @@ worker thread, with the ``model:`` section of config, and kept resident.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Hashable
 from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
-from ..errors import ConfigError
+from ..config import Config
+from ..errors import BackendError, ConfigError, ImagineerdError
 from ..jobs import JobSpec
+
+log = logging.getLogger(__name__)
 
 #: ``on_step(step, total)``: called once per denoising step (1-based). It raises
 #: :class:`imagineerd.errors.JobInterrupted` to stop the generation at that step.
@@ -111,3 +115,51 @@ def build_registry(pm: Any) -> BackendRegistry:
     registry = BackendRegistry()
     pm.hook.imagineerd_register_backends(registry=registry)
     return registry
+
+
+def devices(setting: str | list[str]) -> list[str]:
+    """``model.device`` as a list: one worker each. ``auto`` is every visible GPU (or the
+    single best device when there is none)."""
+    if isinstance(setting, list):
+        return setting
+    if setting == "auto":
+        import torch
+
+        count = torch.cuda.device_count()
+        if count > 1:
+            return [f"cuda:{i}" for i in range(count)]
+        return ["cuda" if count else "auto"]
+    return [setting]
+
+
+def settings(config: Config, device: str | None) -> dict[str, Any]:
+    """What a backend factory receives: the ``model:`` section (``name`` made absolute when
+    local, ``cache_dir`` resolved) plus ``device``, ``performance``, ``state_dir`` and
+    ``warm_sizes`` (the sizes a compiling backend prepares first: the default one)."""
+    result = config.model_settings()
+    if device is not None:
+        result["device"] = device
+    result["performance"] = dict(config["performance"])
+    result["state_dir"] = str(config.path_for("state"))
+    generation = config["generation"]
+    result["warm_sizes"] = [[generation["width"], generation["height"]]]
+    return result
+
+
+def create(factory: Callable[[dict[str, Any]], Backend], settings: dict[str, Any]) -> Backend:
+    """Call a backend factory; any failure becomes a ``BackendError`` that jobs report."""
+    name = settings["backend"]
+    try:
+        backend = factory(settings)
+    except ImagineerdError:
+        raise
+    except Exception as exc:
+        log.exception("backend failed to load")
+        raise BackendError(f"the {name} backend failed to load: {exc}") from exc
+    if not isinstance(backend, Backend):
+        raise BackendError(
+            f"the {name} backend does not implement the backend protocol (generate, "
+            "batch_key, is_out_of_memory, idle, model_label); subclass "
+            "imagineerd.backends.BackendBase"
+        )
+    return backend

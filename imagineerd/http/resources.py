@@ -139,6 +139,14 @@ def redacted(config: dict[str, Any]) -> dict[str, Any]:
 
 
 class ConfigResource:
+    """``/api/config``: GET shows the saved configuration; PUT replaces it (every section and
+    key), PATCH merges into it; ``/api/config/generation`` (PUT) changes generation defaults.
+
+    Only the keys in ``config.REMOTE_KEYS`` may change over the API; the daemon enforces that
+    (403 naming the key). A read-only key may be sent back as GET showed it, the token as
+    ``********``, so a GET, edit, PUT round trip works.
+    """
+
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
 
@@ -151,21 +159,37 @@ class ConfigResource:
             "config": redacted(result["config"]),
         }
 
+    def _body(self, req: falcon.Request) -> dict[str, Any]:
+        try:
+            data = read_json_object(req)
+        except RecursionError:  # json's decoder recurses per nesting level
+            raise ValidationError(
+                "the request body is nested too deeply; a configuration is a few levels deep"
+            ) from None
+        data.pop("restart_required", None)  # accept back what GET returned
+        server = data.get("server")
+        if isinstance(server, dict) and server.get("auth_token") == REDACTED:
+            # GET shows the token this way; sent back, it means "unchanged".
+            server["auth_token"] = self.daemon.saved_config["server"]["auth_token"]
+        return data
+
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = redacted(self.daemon.saved_config)
         body["restart_required"] = self.daemon.pending_restart()
         resp.media = body
 
     def on_put(self, req: falcon.Request, resp: falcon.Response) -> None:
-        data = read_json_object(req)
-        data.pop("restart_required", None)  # accept back what GET returned
-        server = data.get("server")
-        if isinstance(server, dict) and server.get("auth_token") == REDACTED:
-            server["auth_token"] = self.daemon.saved_config["server"]["auth_token"]
-        self._answer(resp, self.daemon.update_config(data))
+        self._answer(resp, self.daemon.update_config(self._body(req)))
+
+    def on_patch(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self._answer(resp, self.daemon.update_config(self._body(req), merge=True))
 
     def on_put_generation(self, req: falcon.Request, resp: falcon.Response) -> None:
-        self._answer(resp, self.daemon.update_generation(read_json_object(req)))
+        try:
+            values = read_json_object(req)
+        except RecursionError:
+            raise ValidationError("the request body is nested too deeply") from None
+        self._answer(resp, self.daemon.update_generation(values))
 
 
 class Outputs:

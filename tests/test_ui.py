@@ -208,6 +208,8 @@ def test_token_prompt_when_auth_is_on(start_api, page: Page):
     Image.new("RGB", (64, 64), "orange").save(api.daemon.outputs_dir / "a.png")
     urls: list[str] = []
     page.on("request", lambda request: urls.append(request.url))
+    # What an earlier version left behind is wiped on the next visit.
+    page.context.add_init_script("localStorage.setItem('imagineerd.token', 'letmein')")
     page.goto(api.url)
     dialog = page.locator("#token-dialog")
     expect(dialog).to_be_visible()

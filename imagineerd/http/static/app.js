@@ -593,6 +593,8 @@ async function loadOptions() {
 }
 
 async function main() {
+  // Earlier versions kept the token itself in localStorage: do not leave it lying there.
+  try { localStorage.removeItem("imagineerd.token"); } catch { /* storage disabled */ }
   setupTabs();
   setupCreate();
   setupGallery();

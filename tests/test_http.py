@@ -293,6 +293,17 @@ def test_event_stream_sees_progress_and_completion_and_replays(api: Api):
     assert_error(api("GET", "/api/events", headers={"Last-Event-ID": "x"}), 400)
 
 
+def test_a_stream_resumed_from_an_id_the_server_no_longer_holds_starts_with_reset(start_api):
+    """As after a restart: the browser sends the last id it saw, from the old process."""
+    api = start_api(workers=False)
+    old_id = api.daemon.events.epoch - 5
+    (event,) = read_events(api, headers={"Last-Event-ID": str(old_id)}, count=1)
+    assert event[1] == "reset" and "reload" in event[2]["reason"]
+    submitted = api("POST", "/api/generate", json={"prompt": "after reset"}).json()
+    replay = read_events(api, headers={"Last-Event-ID": str(event[0])}, until="job.submitted")
+    assert [(t, d["id"]) for _, t, d in replay] == [("job.submitted", submitted["id"])]
+
+
 def test_streams_are_capped_and_the_api_stays_responsive(start_api):
     api = start_api(workers=False, server={"max_event_streams": 3, "threads": 6})
     responses = [api("GET", "/api/events", stream=True) for _ in range(3)]
@@ -579,7 +590,7 @@ def test_static_files_never_follow_links_out(tmp_path: Path):
     import falcon
     import falcon.testing
 
-    from imagineerd.http.resources import StaticFiles
+    from imagineerd.http.streams import StaticFiles
 
     root = tmp_path / "static"
     root.mkdir()

@@ -22,6 +22,7 @@ from ..daemon import Daemon
 from ..errors import ImagineerdError
 from . import errors, resources
 from .security import BearerAuth, HostCheck, SameSite, SecurityHeaders, redact_token
+from .streams import Events, StaticFiles
 
 access_log = logging.getLogger("imagineerd.access")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -124,9 +125,9 @@ def create_app(daemon: Daemon, config: Config, *, streams: Any = None) -> falcon
     app.add_route("/api/health", resources.Health(daemon, auth_required=bool(token)))
     app.add_route("/api/session", resources.Session(auth))
     app.add_route("/api/options", resources.Options(daemon))
-    app.add_route("/api/events", resources.Events(daemon, streams))
+    app.add_route("/api/events", Events(daemon, streams))
     app.add_route("/api/{path:path}", resources.NoRoute())
-    ui = resources.StaticFiles(STATIC_DIR)
+    ui = StaticFiles(STATIC_DIR)
     app.add_route("/", ui)
     app.add_route("/{filename:path}", ui, suffix="item")
     return app

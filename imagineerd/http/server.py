@@ -18,7 +18,7 @@ from waitress.server import BaseWSGIServer
 from ..config import Config
 from ..daemon import Daemon
 from .app import create_app
-from .resources import StreamLimiter
+from .streams import StreamLimiter
 
 log = logging.getLogger("imagineerd.http")
 

@@ -442,6 +442,12 @@ function connectEvents() {
     });
   }
   on("job.requeued", () => refreshJobs());
+  // The server no longer holds the events we missed (it restarted, or we were away long):
+  // everything we show may be stale, so reload it all.
+  on("reset", () => {
+    refreshJobs().catch(() => {});
+    refreshGalleryHead().catch(() => {});
+  });
   on("config.changed", () => {
     loadOptions().catch(() => {});
     if (!$("#view-settings").hidden) loadSettings();

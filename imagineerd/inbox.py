@@ -52,7 +52,7 @@ from .inbox_files import (
     unique_pair,
 )
 from .jobs import JobSpec
-from .safefile import NotRegularFileError, regular_lstat
+from .safefile import NotRegularFileError, ensure_directory, regular_lstat
 from .store import CLAIMING, DONE, FAILED_CLAIM, SUBMITTED
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,8 @@ class Inbox:
 
     # -- life cycle ----------------------------------------------------------------------
     def start(self) -> None:
-        for folder in (self.root, self.claimed_dir, self.done_dir, self.failed_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._ensure_folders()
         found = self.daemon.pm.hook.imagineerd_prompt_file_suffixes()
         self.suffixes = tuple(sorted({s.lower() for group in found for s in group}))
         self.daemon.register_status("inbox", self.status)
@@ -134,6 +134,12 @@ class Inbox:
             ", ".join(self.suffixes),
             "polling" if self.settings["polling"] else "inotify",
         )
+
+    def _ensure_folders(self) -> None:
+        """A file or link named ``done`` (say) dropped into the share is moved aside."""
+        for folder in (self.claimed_dir, self.done_dir, self.failed_dir):
+            if aside := ensure_directory(folder):
+                log.warning("inbox: %r was not a folder; renamed it %r", folder.name, aside.name)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -304,6 +310,7 @@ class Inbox:
         # database, a receipt or a JSON answer: from the claim on, the file carries a name
         # with U+FFFD in place of the bad bytes.
         rel = os.fsencode(classified[0]).decode("utf-8", "replace")
+        self._ensure_folders()
         claimed = self.claimed_dir / claim_name(Path(rel).name)
         claim_id = self.claims.create_claim(rel, str(claimed), created_at=self.daemon.now_iso())
         try:

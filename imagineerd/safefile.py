@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import stat
+import uuid
 from pathlib import Path
 
 #: Longest file name most file systems allow (ext4, XFS, btrfs, NTFS via Samba), in bytes.
@@ -112,6 +113,23 @@ def read_regular_file(path: Path | str, limit: int) -> bytes:
         return data
     finally:
         os.close(fd)
+
+
+def ensure_directory(path: Path) -> Path | None:
+    """Make ``path`` a real folder, not a file or a link to one (a link named ``done`` in a
+    share would send what we write there to its target). Anything else of that name is
+    renamed aside first, the link itself and never its target; returns where it went."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        path.mkdir(parents=True, exist_ok=True)
+        return None
+    if stat.S_ISDIR(mode):
+        return None
+    aside = path.with_name(f"{path.name}.not-a-folder-{uuid.uuid4().hex[:8]}")
+    os.rename(path, aside)
+    path.mkdir()
+    return aside
 
 
 def cut_name(name: str, max_bytes: int) -> str:

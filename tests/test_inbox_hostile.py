@@ -297,20 +297,49 @@ def test_names_of_255_bytes_are_taken_and_claims_do_not_pile_up(start_inbox):
     assert not list(env.root.glob("*.txt")) and not list((env.root / ".claimed").iterdir())
 
 
-def test_a_file_that_cannot_be_claimed_leaves_no_claim_behind(start_inbox, caplog):
+def test_a_file_that_cannot_be_claimed_leaves_no_claim_behind(start_inbox, caplog, monkeypatch):
     env = start_inbox()
-    claimed = env.root / ".claimed"
-    claimed.rmdir()
-    claimed.write_text("not a folder: every claim's rename fails\n")
+    # Every claim gets the name of a folder that is there already: each rename fails.
+    (env.root / ".claimed" / "taken-name" / "inside").mkdir(parents=True)
+    monkeypatch.setattr("imagineerd.inbox.claim_name", lambda name: "taken-name")
     env.drop("stuck.txt", "waits for its claim\n")
     wait_rescans(env, 3)
     assert claim_rows(env) == 0 and (env.root / "stuck.txt").exists()
     assert len([r for r in caplog.records if "stuck.txt" in r.getMessage()]) == 1
-    claimed.unlink()
-    claimed.mkdir()
+    monkeypatch.undo()
     os.utime(env.root / "stuck.txt")  # changed: tried again
     env.wait_done("stuck.txt", 10)
     assert claim_rows(env) == 1
+
+
+def test_files_and_links_named_like_the_inbox_folders_are_moved_aside(make_config, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "done").write_text("a file named done\n")
+    os.symlink(elsewhere, inbox / "failed")
+    os.symlink(elsewhere, inbox / ".claimed")
+    (inbox / "first.txt").write_text("a prompt\n")
+    (inbox / "broken.yaml").write_text("prompt: [unclosed\n")
+    config = make_config(inbox=FAST)
+    daemon = Daemon(config)
+    daemon.start(workers=False)
+    box = Inbox(daemon, config)
+    try:
+        call_within(10, box.start)
+        env = Env(daemon, box)
+        env.wait_done("first.txt", 10)
+        env.wait_failed("broken.yaml", 10)
+        assert list(elsewhere.iterdir()) == []  # nothing written through the links
+        assert sorted(p.name.split(".not-a-folder-")[0] for p in inbox.glob("*not-a-folder*")) == [
+            ".claimed",
+            "done",
+            "failed",
+        ]
+    finally:
+        box.stop()
+        daemon.stop()
 
 
 def test_read_regular_file_reads_only_regular_files_within_the_limit(tmp_path):

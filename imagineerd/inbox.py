@@ -35,7 +35,7 @@ from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
-from watchdog.observers.polling import PollingObserver
+from watchdog.observers.polling import PollingObserverVFS
 
 from . import hookimpl
 from .config import RESERVED_FOLDERS, Config, atomic_write_text
@@ -121,8 +121,9 @@ class Inbox:
         self.suffixes = tuple(sorted({s.lower() for group in found for s in group}))
         self.daemon.register_status("inbox", self.status)
         self.recover()
-        observer_cls = PollingObserver if self.settings["polling"] else Observer
-        self._observer = observer_cls()
+        # Polling with lstat: the default stat would walk into a linked folder (to / even).
+        poll = self.settings["polling"]
+        self._observer = PollingObserverVFS(os.lstat, os.scandir) if poll else Observer()
         self._observer.schedule(_Handler(self), str(self.root), recursive=True)
         self._observer.start()
         self.rescan()

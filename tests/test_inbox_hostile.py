@@ -112,7 +112,7 @@ def test_a_fifo_in_the_inbox_blocks_nothing_and_stop_returns_promptly(start_inbo
         unblock_fifo(fifo)
 
 
-def test_a_fifo_left_in_claimed_by_a_crash_does_not_block_start_up(make_config):
+def test_a_fifo_or_link_left_in_claimed_by_a_crash_does_not_block_start_up(make_config, tmp_path):
     config = make_config(inbox=FAST)
     daemon = Daemon(config)
     daemon.start(workers=False)
@@ -121,6 +121,12 @@ def test_a_fifo_left_in_claimed_by_a_crash_does_not_block_start_up(make_config):
     fifo = claimed_dir / "0123-pipe.txt"
     os.mkfifo(fifo)
     daemon.store.create_claim("pipe.txt", str(fifo), created_at=daemon.now_iso())
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET + "\n")
+    os.symlink(secret, claimed_dir / "0456-shadow.txt")
+    daemon.store.create_claim(
+        "shadow.txt", str(claimed_dir / "0456-shadow.txt"), created_at=daemon.now_iso()
+    )
     box = Inbox(daemon, config)
     try:
         call_within(5, box.start)
@@ -128,6 +134,9 @@ def test_a_fifo_left_in_claimed_by_a_crash_does_not_block_start_up(make_config):
         note = env.wait_failed("pipe.txt", 5)
         assert "FIFO" in note and "not a regular file" in note
         assert not (env.root / "failed" / "pipe.txt").is_file()  # the FIFO itself, moved
+        assert "a symbolic link" in env.wait_failed("shadow.txt", 5)
+        assert (env.root / "failed" / "shadow.txt").is_symlink() and secret.exists()
+        assert SECRET not in everything_written_under(env.root)
         env.drop("next.txt", "the inbox goes on\n")
         env.wait_done("next.txt", 10)
         call_within(5, box.stop)
@@ -136,6 +145,23 @@ def test_a_fifo_left_in_claimed_by_a_crash_does_not_block_start_up(make_config):
         unblock_fifo(config.path_for("inbox") / "failed" / "pipe.txt")
         box.stop()
         daemon.stop()
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_a_preset_folder_that_is_a_link_is_not_followed(start_inbox, tmp_path, polling):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = start_inbox(presets={"quick": {"steps": 3}}, inbox={"polling": polling})
+    os.symlink(elsewhere, env.root / "quick")
+    (elsewhere / "private.txt").write_text(SECRET + "\n")
+    env.drop("after.txt", "an ordinary prompt\n")
+    env.wait_done("after.txt")
+    wait_rescans(env)
+    (elsewhere / "later.txt").write_text(SECRET + " later\n")
+    env.drop("after2.txt", "another prompt\n")
+    env.wait_done("after2.txt")
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["later.txt", "private.txt"]
+    assert SECRET not in everything_written_under(env.root)
 
 
 # -- names in logs -------------------------------------------------------------------------
@@ -300,7 +326,7 @@ def test_names_of_255_bytes_are_taken_and_claims_do_not_pile_up(start_inbox):
 def test_a_file_that_cannot_be_claimed_leaves_no_claim_behind(start_inbox, caplog, monkeypatch):
     env = start_inbox()
     # Every claim gets the name of a folder that is there already: each rename fails.
-    (env.root / ".claimed" / "taken-name" / "inside").mkdir(parents=True)
+    (env.root / ".claimed" / "taken-name").mkdir()  # a file cannot be renamed onto it
     monkeypatch.setattr("imagineerd.inbox.claim_name", lambda name: "taken-name")
     env.drop("stuck.txt", "waits for its claim\n")
     wait_rescans(env, 3)

@@ -33,7 +33,7 @@ def health(env: Env) -> dict:
 def wait_rescans(env: Env, count: int = 1) -> None:
     """Wait until the inbox has looked at the whole folder ``count`` more times."""
     seen = health(env)["rescans"]
-    wait_for(lambda: health(env)["rescans"] >= seen + count, 10)
+    wait_for(lambda: health(env)["rescans"] >= seen + count, 20)
 
 
 def call_within(seconds: float, fn, *args) -> None:
@@ -104,9 +104,9 @@ def test_a_fifo_in_the_inbox_blocks_nothing_and_stop_returns_promptly(start_inbo
     os.mkfifo(fifo)
     try:
         env.drop("later.txt", "taken all the same\n")
-        assert env.wait_done("later.txt", 10)["jobs"][0]["prompt"] == "taken all the same"
+        assert env.wait_done("later.txt", 20)["jobs"][0]["prompt"] == "taken all the same"
         wait_rescans(env)
-        call_within(5, env.inbox.stop)
+        call_within(10, env.inbox.stop)
         assert fifo.exists() and not fifo.is_file()  # left alone
     finally:
         unblock_fifo(fifo)
@@ -129,17 +129,17 @@ def test_a_fifo_or_link_left_in_claimed_by_a_crash_does_not_block_start_up(make_
     )
     box = Inbox(daemon, config)
     try:
-        call_within(5, box.start)
+        call_within(10, box.start)
         env = Env(daemon, box)
-        note = env.wait_failed("pipe.txt", 5)
+        note = env.wait_failed("pipe.txt", 20)
         assert "FIFO" in note and "not a regular file" in note
         assert not (env.root / "failed" / "pipe.txt").is_file()  # the FIFO itself, moved
-        assert "a symbolic link" in env.wait_failed("shadow.txt", 5)
+        assert "a symbolic link" in env.wait_failed("shadow.txt", 20)
         assert (env.root / "failed" / "shadow.txt").is_symlink() and secret.exists()
         assert SECRET not in everything_written_under(env.root)
         env.drop("next.txt", "the inbox goes on\n")
-        env.wait_done("next.txt", 10)
-        call_within(5, box.stop)
+        env.wait_done("next.txt", 20)
+        call_within(10, box.stop)
     finally:
         unblock_fifo(fifo)
         unblock_fifo(config.path_for("inbox") / "failed" / "pipe.txt")
@@ -174,7 +174,7 @@ def test_control_characters_in_names_cannot_forge_log_lines(start_inbox, caplog)
     env.drop("other\n.csv", "not a prompt file\n")
     env.wait_done(forged)
     env.wait_failed("bad\r\x1b[2K.yaml")
-    wait_for(lambda: any("other" in r.getMessage() for r in caplog.records), 10)
+    wait_for(lambda: any("other" in r.getMessage() for r in caplog.records), 20)
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("imagineerd")]
     assert any("forged" in m for m in messages)
     for message in messages:
@@ -194,10 +194,10 @@ def test_control_characters_in_names_cannot_forge_log_lines(start_inbox, caplog)
 def test_a_poisonous_yaml_file_goes_to_failed_and_the_inbox_goes_on(start_inbox, content, words):
     env = start_inbox()
     env.drop("poison.yaml", content)
-    note = env.wait_failed("poison.yaml", 10)
+    note = env.wait_failed("poison.yaml", 20)
     assert words in note and "Traceback" not in note
     env.drop("after.txt", "still working\n")
-    env.wait_done("after.txt", 10)
+    env.wait_done("after.txt", 20)
     assert health(env)["failed"] == 1 and health(env)["taken"] == 1
 
 
@@ -233,10 +233,10 @@ class BrokenParser:
 def test_a_parser_plugin_that_raises_anything_fails_only_that_file(start_inbox, caplog):
     env = start_inbox(plugins=[BrokenParser()])
     env.drop("sheet.boom", "whatever\n")
-    note = env.wait_failed("sheet.boom", 10)
+    note = env.wait_failed("sheet.boom", 20)
     assert "KeyError: 'no such key'" in note and "Traceback" not in note
     env.drop("after.txt", "still working\n")
-    env.wait_done("after.txt", 10)
+    env.wait_done("after.txt", 20)
     assert len([r for r in caplog.records if r.exc_info]) == 1  # one traceback, in the log
 
 
@@ -251,11 +251,11 @@ def test_an_error_in_the_watcher_loop_restarts_it_and_health_shows_it(start_inbo
         return real_ready()
 
     env.inbox._ready = fail_once
-    wait_for(lambda: health(env)["restarts"] == 1, 10)
+    wait_for(lambda: health(env)["restarts"] == 1, 20)
     status = health(env)
     assert status["last_error"] == "OSError: injected fault in the watcher"
     env.drop("after.txt", "taken after the restart\n")
-    env.wait_done("after.txt", 10)
+    env.wait_done("after.txt", 20)
     assert health(env)["state"] == "watching"
     assert any("restarting" in r.getMessage() for r in caplog.records)
     env.inbox.stop()
@@ -276,10 +276,10 @@ def test_a_poison_file_left_in_claimed_by_a_crash_does_not_stop_start_up(make_co
             box = Inbox(daemon, config)
             call_within(10, box.start)
             env = Env(daemon, box)
-            assert "nested" in env.wait_failed("deep.yaml", 5)
-            assert "5,000 digits" in env.wait_failed("seed.yaml", 5)
+            assert "nested" in env.wait_failed("deep.yaml", 20)
+            assert "5,000 digits" in env.wait_failed("seed.yaml", 20)
             env.drop("after.txt", "start-up went on\n")
-            env.wait_done("after.txt", 10)
+            env.wait_done("after.txt", 20)
             box.stop()
             (env.root / "done" / "after.txt").unlink()
             (env.root / "done" / "after.result.yaml").unlink()
@@ -311,9 +311,9 @@ def test_names_of_255_bytes_are_taken_and_claims_do_not_pile_up(start_inbox):
     assert len(long_ascii) == len(long_utf8) == 255
     for number, name in enumerate((long_ascii, long_utf8, latin1)):
         drop_raw(env.root, name, b"prompt %d\n" % number)
-    wait_for(lambda: len(list((env.root / "done").glob("*.result.yaml"))) == 3, 10)
+    wait_for(lambda: len(list((env.root / "done").glob("*.result.yaml"))) == 3, 20)
     drop_raw(env.root, long_ascii, b"the same long name again\n")  # gets a -2 that fits too
-    wait_for(lambda: len(list((env.root / "done").glob("*.result.yaml"))) == 4, 10)
+    wait_for(lambda: len(list((env.root / "done").glob("*.result.yaml"))) == 4, 20)
     wait_rescans(env, 2)
     assert claim_rows(env) == 4 and env.daemon.store.open_claims() == []
     assert env.daemon.store.counts()["queued"] == 4
@@ -334,7 +334,7 @@ def test_a_file_that_cannot_be_claimed_leaves_no_claim_behind(start_inbox, caplo
     assert len([r for r in caplog.records if "stuck.txt" in r.getMessage()]) == 1
     monkeypatch.undo()
     os.utime(env.root / "stuck.txt")  # changed: tried again
-    env.wait_done("stuck.txt", 10)
+    env.wait_done("stuck.txt", 20)
     assert claim_rows(env) == 1
 
 
@@ -355,8 +355,8 @@ def test_files_and_links_named_like_the_inbox_folders_are_moved_aside(make_confi
     try:
         call_within(10, box.start)
         env = Env(daemon, box)
-        env.wait_done("first.txt", 10)
-        env.wait_failed("broken.yaml", 10)
+        env.wait_done("first.txt", 20)
+        env.wait_failed("broken.yaml", 20)
         assert list(elsewhere.iterdir()) == []  # nothing written through the links
         assert sorted(p.name.split(".not-a-folder-")[0] for p in inbox.glob("*not-a-folder*")) == [
             ".claimed",

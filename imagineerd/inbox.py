@@ -3,66 +3,63 @@
 Life of a file, each step safe against a crash at any point:
 
 1. Noticed by a watchdog event or by a rescan (at start-up and every ``inbox.rescan_seconds``:
-   events can be dropped, and none fire for files that were there before we started).
-2. Taken only when complete: closed after writing and unchanged for a moment, or unchanged
-   in size and mtime for ``inbox.settle_seconds`` (network copies arrive in pieces).
+   events can be dropped, and none fire for files that were there before we started). Only
+   regular files, by ``lstat``: a link (to ``/etc/shadow``, say), FIFO or device is left alone.
+2. Taken once unchanged in size and mtime for ``inbox.settle_seconds``. A close event does not
+   shorten that: network copies arrive in pieces, and clients that append close every time.
 3. Claimed: the claim is recorded in the store, then the file is renamed into the hidden
-   ``.claimed/`` folder, so it is processed once even if it is noticed twice.
-4. Parsed through the ``imagineerd_parse_prompt_file`` hook and validated job by job with the
-   API's validator. Any invalid job: nothing is queued, the file goes to ``failed/`` with a
-   ``.error.txt`` note saying what is wrong and where.
+   ``.claimed/`` folder, so it is processed once even if it is noticed twice. If the rename
+   fails the claim is removed again, so none pile up.
+4. Read through ``safefile`` (no link followed, never blocking, bounded), parsed through the
+   ``imagineerd_parse_prompt_file`` hook and validated job by job. Any problem, foreseen or
+   not: nothing is queued, the file goes to ``failed/`` with a ``.error.txt`` note.
 5. All its jobs are queued in one transaction with the claim marked submitted; the file goes
    to ``done/`` with a ``.result.yaml`` receipt, rewritten as each job finishes.
 
-On start-up, claims left half-way are finished: never lost, never queued twice.
+On start-up, claims left half-way are finished: never lost, never queued twice. No file can
+stop the inbox or start-up: each file and each recovered claim has its own guard, the watcher
+loop restarts after any error, and ``/api/health`` shows its state under ``inbox``. Names are
+logged with ``%r``, so a name holding a newline cannot forge a log line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-from watchdog.events import (
-    FileClosedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
-from watchdog.observers.polling import PollingObserver
+from watchdog.observers.polling import PollingObserverVFS
 
 from . import hookimpl
 from .config import RESERVED_FOLDERS, Config, atomic_write_text
 from .daemon import Daemon
 from .errors import ValidationError
-from .jobs import FINISHED, JobSpec, bounds_summary
+from .inbox_files import (
+    claim_name,
+    error_note,
+    is_junk,
+    read_prompt_text,
+    receipt_text,
+    specs_from_items,
+    unexpected_problem,
+    unique_pair,
+)
+from .jobs import JobSpec
+from .safefile import NotRegularFileError, ensure_directory, regular_lstat
+from .store import CLAIMING, DONE, FAILED_CLAIM, SUBMITTED
 
 log = logging.getLogger(__name__)
 
 CLAIMED = ".claimed"
 RECEIPT_SUFFIX = ".result.yaml"
 ERROR_SUFFIX = ".error.txt"
-_JUNK_NAMES = {"thumbs.db", "desktop.ini", ".ds_store"}
-# A file closed after writing is taken once it has been quiet this long (or settle_seconds,
-# if shorter): some clients close and reopen a file while copying it.
-CLOSED_GRACE_SECONDS = 0.3
-
-
-def is_junk(name: str) -> bool:
-    """Hidden files, editor and OS droppings, partial downloads: never prompt files."""
-    lower = name.lower()
-    return (
-        name.startswith((".", "~$", "._"))
-        or lower in _JUNK_NAMES
-        or lower.endswith((".tmp", ".part"))
-        or name.endswith("~")
-    )
 
 
 @dataclass
@@ -70,7 +67,6 @@ class _Candidate:
     size: int
     mtime_ns: int
     since: float
-    closed: bool = False
 
 
 class _Handler(FileSystemEventHandler):
@@ -81,14 +77,20 @@ class _Handler(FileSystemEventHandler):
         if event.is_directory:
             return
         path = getattr(event, "dest_path", "") or event.src_path
-        self.inbox.notice(Path(os.fsdecode(path)), closed=isinstance(event, FileClosedEvent))
+        self.inbox.notice(Path(os.fsdecode(path)))
 
 
 class Inbox:
-    """Watches ``paths.inbox``; one thread does all claiming and parsing, in order."""
+    """Watches ``paths.inbox``; one thread does all claiming and parsing, in order.
 
-    def __init__(self, daemon: Daemon, config: Config) -> None:
+    ``claims`` is where claims are recorded (the daemon's store unless given). The receipt
+    hook is registered at construction, before ``start()``: the daemon's own start-up
+    recovery can finish inbox jobs, and their receipts must be rewritten too.
+    """
+
+    def __init__(self, daemon: Daemon, config: Config, *, claims: Any = None) -> None:
         self.daemon = daemon
+        self.claims = claims if claims is not None else daemon.store
         self.config = config
         self.settings = config["inbox"]
         self.root = config.path_for("inbox")
@@ -97,6 +99,8 @@ class Inbox:
         self.failed_dir = self.root / "failed"
         self.suffixes: tuple[str, ...] = ()
         self._pending: dict[Path, _Candidate] = {}
+        # Files whose claim could not be renamed: not retried until size or mtime change.
+        self._refused: dict[Path, tuple[int, int]] = {}
         self._lock = threading.Lock()
         self._receipt_lock = threading.Lock()
         self._wake = threading.Event()
@@ -104,20 +108,26 @@ class Inbox:
         self._reported: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="imagineerd-inbox", daemon=True)
         self._observer: Any = None
+        self.state = "stopped"
+        self.restarts = self.taken = self.failed = self.rescans = 0
+        self.last_error: str | None = None
+        daemon.pm.register(self)
 
     # -- life cycle ----------------------------------------------------------------------
     def start(self) -> None:
-        for folder in (self.root, self.claimed_dir, self.done_dir, self.failed_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._ensure_folders()
         found = self.daemon.pm.hook.imagineerd_prompt_file_suffixes()
         self.suffixes = tuple(sorted({s.lower() for group in found for s in group}))
-        self.daemon.pm.register(self, name="imagineerd.inbox")
+        self.daemon.register_status("inbox", self.status)
         self.recover()
-        observer_cls = PollingObserver if self.settings["polling"] else Observer
-        self._observer = observer_cls()
+        # Polling with lstat: the default stat would walk into a linked folder (to / even).
+        poll = self.settings["polling"]
+        self._observer = PollingObserverVFS(os.lstat, os.scandir) if poll else Observer()
         self._observer.schedule(_Handler(self), str(self.root), recursive=True)
         self._observer.start()
         self.rescan()
+        self.state = "watching"
         self._thread.start()
         log.info(
             "watching inbox %s for %s files (%s)",
@@ -125,6 +135,12 @@ class Inbox:
             ", ".join(self.suffixes),
             "polling" if self.settings["polling"] else "inotify",
         )
+
+    def _ensure_folders(self) -> None:
+        """A file or link named ``done`` (say) dropped into the share is moved aside."""
+        for folder in (self.claimed_dir, self.done_dir, self.failed_dir):
+            if aside := ensure_directory(folder):
+                log.warning("inbox: %r was not a folder; renamed it %r", folder.name, aside.name)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -134,8 +150,19 @@ class Inbox:
             self._observer.join(10)
         if self._thread.is_alive():
             self._thread.join(30)
+        self.state = "stopped"
         if self.daemon.pm.is_registered(self):
             self.daemon.pm.unregister(self)
+
+    def status(self) -> dict[str, Any]:
+        """Shown under ``inbox`` in ``GET /api/health``."""
+        dead = self.state == "watching" and not self._thread.is_alive()
+        counts = ("restarts", "last_error", "taken", "failed", "rescans")
+        return {
+            "state": "dead" if dead else self.state,
+            "pending": len(self._pending),
+            **{name: getattr(self, name) for name in counts},
+        }
 
     # -- noticing ------------------------------------------------------------------------
     def _classify(self, path: Path) -> tuple[str, str | None] | None:
@@ -154,15 +181,15 @@ class Inbox:
             if preset not in self.daemon.config["presets"]:
                 self._report_once(
                     f"preset:{preset}",
-                    "ignoring inbox folder %s: no preset of that name in config (presets:)",
+                    "ignoring inbox folder %r: no preset of that name in config (presets:)",
                     preset,
                 )
                 return None
         if path.suffix.lower() not in self.suffixes:
             self._report_once(
                 f"suffix:{rel}",
-                "ignoring inbox file %s: not a %s file",
-                rel,
+                "ignoring inbox file %r: not a %s file",
+                str(rel),
                 "/".join(self.suffixes),
             )
             return None
@@ -173,45 +200,55 @@ class Inbox:
             self._reported.add(key)
             log.info(message, *args)
 
-    def notice(self, path: Path, *, closed: bool = False) -> None:
+    def notice(self, path: Path) -> None:
         """A file may be new or changed (an event, or a rescan found it)."""
-        if self._classify(path) is None:
+        classified = self._classify(path)
+        if classified is None:
             return
         try:
-            stat = path.stat()
+            stat = regular_lstat(path)
+        except NotRegularFileError as exc:
+            self._report_once(
+                f"kind:{classified[0]}",
+                "ignoring inbox entry %r: it is %s, not a regular file",
+                classified[0],
+                exc.kind,
+            )
+            stat = None
         except OSError:
-            with self._lock:
-                self._pending.pop(path, None)
-            return
+            stat = None
         with self._lock:
+            if stat is None:
+                self._pending.pop(path, None)
+                self._refused.pop(path, None)
+                return
+            if self._refused.get(path) == (stat.st_size, stat.st_mtime_ns):
+                return
+            self._refused.pop(path, None)
             cand = self._pending.get(path)
             if cand is None or (cand.size, cand.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
-                self._pending[path] = _Candidate(
-                    stat.st_size, stat.st_mtime_ns, time.monotonic(), closed
-                )
-            elif closed:
-                cand.closed = True
+                self._pending[path] = _Candidate(stat.st_size, stat.st_mtime_ns, time.monotonic())
         self._wake.set()
 
     def rescan(self) -> None:
         """Look at every file in the drop area and preset folders (missed events, start-up)."""
         try:
             entries = list(os.scandir(self.root))
+            for entry in list(entries):
+                if entry.is_dir(follow_symlinks=False) and (
+                    entry.name in self.daemon.config["presets"]
+                ):
+                    entries.extend(os.scandir(entry.path))
         except OSError as exc:
             log.error("cannot read inbox %s: %s", self.root, exc)
             return
         for entry in entries:
-            if entry.is_file(follow_symlinks=False):
+            if not entry.is_dir(follow_symlinks=False):
                 self.notice(Path(entry.path))
-            elif (
-                entry.is_dir(follow_symlinks=False) and entry.name in self.daemon.config["presets"]
-            ):
-                for sub in os.scandir(entry.path):
-                    if sub.is_file(follow_symlinks=False):
-                        self.notice(Path(sub.path))
+        self.rescans += 1
 
     def _ready(self) -> list[Path]:
-        """Candidates that have been quiet long enough, re-checked against the disk now."""
+        """Candidates unchanged for ``settle_seconds``, re-checked against the disk now."""
         settle = self.settings["settle_seconds"]
         now = time.monotonic()
         ready = []
@@ -219,21 +256,35 @@ class Inbox:
             items = list(self._pending.items())
         for path, cand in items:
             try:
-                stat = path.stat()
+                stat = regular_lstat(path)
             except OSError:
-                with self._lock:
-                    self._pending.pop(path, None)
+                self.notice(path)  # gone or no longer a regular file: forget (and log) it
                 continue
             if (stat.st_size, stat.st_mtime_ns) != (cand.size, cand.mtime_ns):
                 self.notice(path)  # still being written: start the quiet period again
-                continue
-            quiet = now - cand.since
-            if quiet >= settle or (cand.closed and quiet >= min(settle, CLOSED_GRACE_SECONDS)):
+            elif now - cand.since >= settle:
                 ready.append(path)
         return ready
 
     def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._loop()
+            except Exception as exc:  # the watcher must outlive anything one pass can raise
+                self.restarts += 1
+                error = f"{type(exc).__name__}: {exc}"
+                self.state = "restarting"
+                if error != self.last_error:
+                    log.exception("inbox: the watcher failed; restarting it")
+                else:
+                    log.error("inbox: the watcher failed again (%s); restarting it", error)
+                self.last_error = error
+                self._stopping.wait(min(0.2 * 2**self.restarts, 10.0))  # a loop that keeps failing
+        self.state = "stopped"
+
+    def _loop(self) -> None:
         next_rescan = time.monotonic() + self.settings["rescan_seconds"]
+        self.state = "watching"
         while not self._stopping.is_set():
             self._wake.wait(0.1)
             self._wake.clear()
@@ -247,8 +298,8 @@ class Inbox:
                     self._pending.pop(path, None)
                 try:
                     self.take(path)
-                except Exception:  # one bad file must never stop the inbox
-                    log.exception("inbox: could not process %s", path)
+                except Exception:  # a file that got past every guard still must not stop us
+                    log.exception("inbox: could not process %r", str(path))
 
     # -- taking a file -------------------------------------------------------------------
     def take(self, path: Path) -> None:
@@ -260,12 +311,18 @@ class Inbox:
         # database, a receipt or a JSON answer: from the claim on, the file carries a name
         # with U+FFFD in place of the bad bytes.
         rel = os.fsencode(classified[0]).decode("utf-8", "replace")
-        claimed = self.claimed_dir / f"{uuid.uuid4().hex}-{Path(rel).name}"
-        claim_id = self.daemon.create_claim(rel, str(claimed))
+        self._ensure_folders()
+        claimed = self.claimed_dir / claim_name(Path(rel).name)
+        claim_id = self.claims.create_claim(rel, str(claimed), created_at=self.daemon.now_iso())
         try:
             os.rename(path, claimed)
-        except FileNotFoundError:
-            self.daemon.delete_claim(claim_id)  # gone (deleted, or taken already)
+        except OSError as exc:
+            self.claims.delete_claim(claim_id)  # never renamed: there is nothing to finish
+            if not isinstance(exc, FileNotFoundError):  # else: deleted, or taken already
+                with contextlib.suppress(OSError), self._lock:
+                    stat = os.lstat(path)
+                    self._refused[path] = (stat.st_size, stat.st_mtime_ns)
+                    log.warning("inbox: cannot claim %r (%s); left until it changes", rel, exc)
             return
         self._process_claimed(claim_id, rel, claimed)
 
@@ -275,44 +332,26 @@ class Inbox:
         except ValidationError as exc:
             self._fail(claim_id, rel, claimed, exc.message)
             return
+        except Exception as exc:  # a parser plugin's bug, a read error: still only this file
+            log.error("inbox: unexpected error reading %r", rel, exc_info=True)
+            self._fail(claim_id, rel, claimed, unexpected_problem(exc))
+            return
         queued = self.daemon.submit_claim(claim_id, specs, rel)
-        log.info("inbox: %s -> %d job(s) %s", rel, len(queued), [j.id for j in queued])
+        log.info("inbox: %r -> %d job(s) %s", rel, len(queued), [j.id for j in queued])
         self._finish(claim_id, rel, claimed)
+        self.taken += 1
 
     def parse(self, path: Path, rel: str) -> list[JobSpec]:
         """Read, parse and validate a claimed file; ``ValidationError`` says what is wrong."""
-        limit = self.settings["max_file_bytes"]
-        size = path.stat().st_size
-        if size > limit:
-            raise ValidationError(
-                f"the file is {size:,} bytes; prompt files may be at most {limit:,} bytes "
-                "(inbox.max_file_bytes). Split it into smaller files"
-            )
-        with path.open("rb") as handle:
-            data = handle.read(limit + 1)
-        text = decode_text(data)
+        text = read_prompt_text(path, self.settings["max_file_bytes"])
         items = self.daemon.pm.hook.imagineerd_parse_prompt_file(path=Path(rel), text=text)
-        if items is None:
-            raise ValidationError(f"no plugin reads {Path(rel).suffix} files")
-        if not items:
-            raise ValidationError("no prompts found in the file (only empty lines or comments)")
-        max_jobs = self.settings["max_jobs_per_file"]
-        if len(items) > max_jobs:
-            raise ValidationError(
-                f"the file has {len(items)} jobs; the limit is {max_jobs} "
-                "per file (inbox.max_jobs_per_file). Split it"
-            )
-        preset = self._preset_for(rel)
-        specs = []
-        for index, item in enumerate(items):
-            where = getattr(item, "where", None) or f"job {index + 1}"
-            try:
-                if not isinstance(item, dict):
-                    raise ValidationError("is not a job (a mapping with prompt:)")
-                specs.append(self.daemon.validate({**preset, **item}))
-            except ValidationError as exc:
-                raise ValidationError(f"{where}: {exc.message}", field=exc.field) from None
-        return specs
+        return specs_from_items(
+            items,
+            suffix=Path(rel).suffix,
+            max_jobs=self.settings["max_jobs_per_file"],
+            preset=self._preset_for(rel),
+            validate=self.daemon.validate,
+        )
 
     def _preset_for(self, rel: str) -> dict[str, Any]:
         parts = rel.split("/")
@@ -321,33 +360,62 @@ class Inbox:
     def _fail(self, claim_id: int, rel: str, claimed: Path, message: str) -> None:
         target, note = unique_pair(self.failed_dir, Path(rel).name, ERROR_SUFFIX)
         atomic_write_text(note, error_note(rel, message, self.daemon.now_iso()))
-        os.rename(claimed, target)
-        self.daemon.update_claim(claim_id, "failed", final_path=str(target), note_path=str(note))
-        log.warning("inbox: %s failed: %s (moved to %s)", rel, message, target)
+        os.rename(claimed, target)  # a link or FIFO is moved itself, never its target
+        self.claims.update_claim(
+            claim_id, FAILED_CLAIM, final_path=str(target), note_path=str(note)
+        )
+        self.failed += 1
+        log.warning("inbox: %r failed: %r (moved to %r)", rel, message, str(target))
 
     def _finish(self, claim_id: int, rel: str, claimed: Path) -> None:
         target, note = unique_pair(self.done_dir, Path(rel).name, RECEIPT_SUFFIX)
         # Where it goes is recorded first, so a crash after the rename is finished right.
-        self.daemon.update_claim(claim_id, "submitted", final_path=str(target), note_path=str(note))
+        self.claims.update_claim(claim_id, SUBMITTED, final_path=str(target), note_path=str(note))
         os.rename(claimed, target)
         self.write_receipt(claim_id)
-        self.daemon.update_claim(claim_id, "done")
+        self.claims.update_claim(claim_id, DONE)
 
     # -- recovery and receipts -----------------------------------------------------------
     def recover(self) -> None:
-        for claim in self.daemon.open_claims():
-            claimed, rel = Path(claim["claimed"]), claim["original"]
-            if claim["state"] == "claiming":
-                if claimed.exists():
-                    log.warning("inbox: finishing %s, claimed before the last stop", rel)
-                    self._process_claimed(claim["id"], rel, claimed)
-                else:  # never renamed: the file is still in the drop area (or gone)
-                    self.daemon.delete_claim(claim["id"])
-            elif claimed.exists():  # submitted, not yet moved to done/
-                self._finish(claim["id"], rel, claimed)
-            else:
-                self.write_receipt(claim["id"])
-                self.daemon.update_claim(claim["id"], "done")
+        """Finish claims left half-way by a stop; each on its own, so none can stop start-up."""
+        try:
+            claims = self.claims.open_claims()
+        except Exception:
+            log.exception("inbox: cannot read the claims left by the last run")
+            return
+        for claim in claims:
+            try:
+                self._recover_claim(claim)
+            except Exception as exc:
+                log.error("inbox: cannot finish the claim of %r", claim["original"], exc_info=True)
+                self._fail_recovered(claim, exc)
+
+    def _recover_claim(self, claim: dict[str, Any]) -> None:
+        claimed, rel = Path(claim["claimed"]), claim["original"]
+        present = os.path.lexists(claimed)  # a dangling link is still something to move
+        if claim["state"] == CLAIMING:
+            if present:
+                log.warning("inbox: finishing %r, claimed before the last stop", rel)
+                self._process_claimed(claim["id"], rel, claimed)
+            else:  # never renamed: the file is still in the drop area (or gone)
+                self.claims.delete_claim(claim["id"])
+        elif present:  # submitted, not yet moved to done/
+            self._finish(claim["id"], rel, claimed)
+        else:
+            self.write_receipt(claim["id"])
+            self.claims.update_claim(claim["id"], DONE)
+
+    def _fail_recovered(self, claim: dict[str, Any], exc: Exception) -> None:
+        """A claim whose recovery raised: its file goes to failed/ (if nothing was queued)."""
+        claim = self.claims.get_claim(claim["id"]) or claim  # it may have moved on meanwhile
+        if claim["state"] != CLAIMING or not os.path.lexists(claim["claimed"]):
+            return  # its jobs are queued; the next start tries to move it again
+        try:
+            self._fail(
+                claim["id"], claim["original"], Path(claim["claimed"]), unexpected_problem(exc)
+            )
+        except Exception:
+            log.error("inbox: cannot move %r to failed/ either", claim["original"], exc_info=True)
 
     @hookimpl
     def imagineerd_job_finished(self, job: dict[str, Any]) -> None:
@@ -357,77 +425,9 @@ class Inbox:
                 self.write_receipt(record.claim_id)
 
     def write_receipt(self, claim_id: int) -> None:
-        claim = self.daemon.claim(claim_id)
-        if not claim or not claim["note_path"] or claim["state"] == "failed":
+        claim = self.claims.get_claim(claim_id)
+        if not claim or not claim["note_path"] or claim["state"] == FAILED_CLAIM:
             return
         with self._receipt_lock:
-            jobs = self.daemon.claim_jobs(claim_id)
-            entries = []
-            for job in jobs:
-                entry: dict[str, Any] = {
-                    "id": job.id,
-                    "prompt": job.spec.prompt,
-                    "seed": job.spec.seed,
-                    "status": job.status,
-                }
-                if job.output_path:
-                    entry["output"] = job.output_path
-                if job.error:
-                    entry["error"] = job.error
-                entries.append(entry)
-            finished = sum(j.status in FINISHED for j in jobs)
-            body = {
-                "file": claim["original"],
-                "received": claim["created_at"],
-                "finished": f"{finished} of {len(jobs)}",
-                "jobs": entries,
-            }
-            text = (
-                "# imagineerd receipt: the jobs made from this file; updated as they finish\n"
-                + yaml.safe_dump(body, sort_keys=False, allow_unicode=True, width=100)
-            )
+            text = receipt_text(claim, self.claims.claim_jobs(claim_id))
             atomic_write_text(Path(claim["note_path"]), text)
-
-
-def decode_text(data: bytes) -> str:
-    """UTF-8 (with or without BOM) or BOM-marked UTF-16, as Windows editors save text."""
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        try:
-            return data.decode("utf-16")
-        except UnicodeDecodeError:
-            pass
-    if b"\x00" in data:
-        raise ValidationError(
-            "this is not a text file (it contains binary data); save the "
-            "prompts as plain text (.txt) or YAML (.yaml)"
-        )
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ValidationError(
-            f"line {line}: the text is not UTF-8; save the file with UTF-8 "
-            "encoding (most editors offer it in 'Save as')"
-        ) from None
-
-
-def unique_pair(folder: Path, name: str, note_suffix: str) -> tuple[Path, Path]:
-    """``folder/name`` and its note, with ``-2``, ``-3``... so nothing is overwritten."""
-    stem, suffix = os.path.splitext(name)
-    n = 1
-    while True:
-        base = stem if n == 1 else f"{stem}-{n}"
-        target, note = folder / f"{base}{suffix}", folder / f"{base}{note_suffix}"
-        if not target.exists() and not note.exists():
-            return target, note
-        n += 1
-
-
-def error_note(rel: str, message: str, when: str) -> str:
-    return (
-        f'imagineerd could not use the prompt file "{rel}" (received {when}).\n'
-        "Nothing from it was queued.\n\n"
-        f"Problem: {message}\n\n"
-        "Fix the file and drop it into the inbox again. Each job needs a prompt; numbers must "
-        f"be within their limits ({bounds_summary()}).\n"
-    )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 import yaml
 
 from imagineerd import hookimpl
-from imagineerd.daemon import Daemon
+from imagineerd.daemon import DB_NAME, Daemon
 from imagineerd.inbox import Inbox
 from imagineerd.plugins import get_plugin_manager
 
@@ -46,6 +48,19 @@ class Env:
         note = self.root / "failed" / (Path(name).stem + ".error.txt")
         wait_for(note.exists, timeout)
         return note.read_text()
+
+    def wait_rescans(self, count: int = 1) -> None:
+        """Wait until the inbox has looked at the whole folder ``count`` more times."""
+        seen = self.daemon.health()["inbox"]["rescans"]
+        wait_for(lambda: self.daemon.health()["inbox"]["rescans"] >= seen + count, 10)
+
+    def claim_rows(self) -> int:
+        """Every claim ever recorded, whatever its state (read beside the store)."""
+        db = sqlite3.connect(f"file:{self.daemon.state_dir / DB_NAME}?mode=ro", uri=True)
+        try:
+            return db.execute("SELECT COUNT(*) FROM claims").fetchone()[0]
+        finally:
+            db.close()
 
 
 @pytest.fixture
@@ -123,9 +138,10 @@ def test_junk_and_other_files_are_left_alone(start_inbox):
     ]
     for name in junk:
         (env.root / name).write_text("prompt: x\n")
+    env.wait_rescans()  # seen by events and by a rescan
+    # Dropped after them, so any junk file that was going to be taken has been by now.
     env.drop("real.txt", "the only prompt\n")
     env.wait_done("real.txt")
-    time.sleep(1.2)  # a rescan has run too
     assert [j.spec.prompt for j in env.daemon.store.queued()] == ["the only prompt"]
     for name in junk:
         assert (env.root / name).exists(), name
@@ -141,8 +157,31 @@ def test_slow_writer_is_taken_once_and_complete(start_inbox):
             time.sleep(0.5)
     receipt = env.wait_done("slow.txt")
     assert [j["prompt"] for j in receipt["jobs"]] == [f"prompt number {i}" for i in range(6)]
-    time.sleep(1.5)
-    assert env.daemon.store.counts()["queued"] == 6
+    assert env.claim_rows() == 1 and env.daemon.store.counts()["queued"] == 6
+
+
+def test_a_file_appended_and_closed_line_by_line_is_taken_once_when_unchanged(start_inbox):
+    """Each append ends with a close; a close must not cut the settle time short."""
+    env = start_inbox(inbox={"settle_seconds": 1.0})
+    path = env.root / "growing.txt"
+    lines = [f"line {i}" for i in range(8)]
+
+    def write() -> None:
+        for line in lines:
+            with path.open("a") as handle:
+                handle.write(line + "\n")
+            time.sleep(0.4)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    writer.join()
+    receipt = env.wait_done("growing.txt")
+    assert [j["prompt"] for j in receipt["jobs"]] == lines
+    assert env.claim_rows() == 1
+    assert sorted(p.name for p in (env.root / "done").iterdir()) == [
+        "growing.result.yaml",
+        "growing.txt",
+    ]
 
 
 def test_two_hundred_files_at_once_give_exactly_their_jobs(start_inbox):
@@ -236,9 +275,11 @@ def test_utf16_from_windows_notepad_is_read(start_inbox):
 
 def test_presets_apply_under_the_files_own_values(start_inbox):
     env = start_inbox(presets={"quick": {"steps": 12, "scheduler": "ddim", "width": 128}})
-    env.drop("quick/a.yaml", "- just the prompt\n- {prompt: own steps, steps: 3}\n")
+    # Dropped first, so it would settle (and be taken) before a.yaml if it were not ignored.
     env.drop("nosuch/b.txt", "ignored\n")
+    env.drop("quick/a.yaml", "- just the prompt\n- {prompt: own steps, steps: 3}\n")
     env.wait_done("a.yaml")
+    assert env.claim_rows() == 1
     jobs = {j.spec.prompt: j.spec for j in env.daemon.store.queued()}
     assert set(jobs) == {"just the prompt", "own steps"}
     assert (jobs["just the prompt"].steps, jobs["just the prompt"].scheduler) == (12, "ddim")
@@ -269,15 +310,17 @@ def test_crash_between_claim_and_submit_is_finished_on_restart(make_config, tmp_
     # The process died right after renaming the file out of the drop area.
     claimed = inbox_dir / ".claimed" / "abc-crash.txt"
     claimed.write_text("survivor one\nsurvivor two\n")
-    daemon.create_claim("crash.txt", str(claimed))
+    daemon.store.create_claim("crash.txt", str(claimed), created_at=daemon.now_iso())
     # ... and another died after queueing its jobs, before moving the file to done/.
     claimed2 = inbox_dir / ".claimed" / "def-late.txt"
     claimed2.write_text("already queued\n")
-    cid = daemon.create_claim("late.txt", str(claimed2))
+    cid = daemon.store.create_claim("late.txt", str(claimed2), created_at=daemon.now_iso())
     daemon.submit_claim(cid, [daemon.validate({"prompt": "already queued"})], "late.txt")
     # ... and a third recorded its claim but never renamed the file.
     (inbox_dir / "never.txt").write_text("still in the drop area\n")
-    daemon.create_claim("never.txt", str(inbox_dir / ".claimed" / "ghi-never.txt"))
+    daemon.store.create_claim(
+        "never.txt", str(inbox_dir / ".claimed" / "ghi-never.txt"), created_at=daemon.now_iso()
+    )
 
     box = Inbox(daemon, config)
     box.start()
@@ -293,7 +336,7 @@ def test_crash_between_claim_and_submit_is_finished_on_restart(make_config, tmp_
         assert prompts == sorted(
             ["survivor one", "survivor two", "already queued", "still in the drop area"]
         )  # each exactly once
-        wait_for(lambda: daemon.open_claims() == [], 10)  # the receipt is written first
+        wait_for(lambda: daemon.store.open_claims() == [], 10)  # the receipt is written first
     finally:
         box.stop()
         daemon.stop()
@@ -355,3 +398,62 @@ def test_file_names_that_are_not_utf8_or_odd_still_work(start_inbox):
     assert prompts == ["a unicode name", "an odd name", "last line without newline"]
     odd_job = [j for j in env.daemon.store.queued() if j.spec.prompt == "an odd name"][0]
     assert "caf" in odd_job.source_name
+
+
+class RecordingClaims:
+    """The store's claim methods, counted: the inbox keeps claims only through these."""
+
+    def __init__(self, store) -> None:
+        self.store, self.calls = store, []
+
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(self.store, name)
+
+
+def test_the_inbox_keeps_claims_in_the_store_it_is_given(make_config, monkeypatch):
+    for name in ("create_claim", "update_claim", "delete_claim", "open_claims", "claim_jobs"):
+        monkeypatch.delattr(Daemon, name, raising=False)  # not the daemon's business
+    monkeypatch.delattr(Daemon, "claim", raising=False)
+    config = make_config(inbox=FAST)
+    daemon = Daemon(config)
+    daemon.start(workers=False)
+    claims = RecordingClaims(daemon.store)
+    box = Inbox(daemon, config, claims=claims)
+    box.start()
+    try:
+        Env(daemon, box).drop("kept.txt", "a prompt\n")
+        assert Env(daemon, box).wait_done("kept.txt")["jobs"][0]["prompt"] == "a prompt"
+        assert {"open_claims", "create_claim", "update_claim", "get_claim", "claim_jobs"} <= set(
+            claims.calls
+        )
+    finally:
+        box.stop()
+        daemon.stop()
+
+
+def test_receipts_of_jobs_failed_by_the_daemons_start_up_recovery_are_rewritten(make_config):
+    """The serve command builds the inbox before the daemon recovers, so the receipt hook
+    must already be registered then."""
+    config = make_config(inbox=FAST, queue={"max_attempts": 1})
+    daemon = Daemon(config)
+    daemon.start(workers=False)
+    box = Inbox(daemon, config)
+    box.start()
+    Env(daemon, box).drop("crashed.txt", "this job kills the daemon\n")
+    assert Env(daemon, box).wait_done("crashed.txt")["jobs"][0]["status"] == "queued"
+    assert daemon.store.claim_next(started_at=daemon.now_iso()).status == "running"
+    box.stop()
+    daemon.stop()  # no worker: the job stays "running", as after a crash
+
+    daemon = Daemon(config)
+    box = Inbox(daemon, config)  # before daemon.start(), as serve does
+    daemon.start(workers=False)  # recovery fails the job: it ran max_attempts times
+    try:
+        receipt = yaml.safe_load((box.done_dir / "crashed.result.yaml").read_text())
+        assert receipt["finished"] == "1 of 1"
+        assert receipt["jobs"][0]["status"] == "failed"
+        assert "stopped unexpectedly" in receipt["jobs"][0]["error"]
+    finally:
+        box.stop()
+        daemon.stop()

@@ -8,6 +8,14 @@ A file is one of:
 
 Anchors and aliases (``&x``/``*x``) are refused: prompt files never need them, and alias
 expansion is how a tiny file becomes a memory bomb.
+
+Two more limits are checked on the parser's event stream, before any Python object is built,
+because building them is where a small hostile file does its harm: nesting deeper than
+``MAX_DEPTH`` (PyYAML composes and constructs recursively, so 10 KB of ``[`` raises
+``RecursionError``, and its time grows with the square of the depth), and numbers longer than
+``MAX_NUMBER_DIGITS`` (Python refuses to build an int of more than 4,300 digits with a
+``ValueError``). The event parser itself keeps an explicit stack and stops at the first level
+too deep, so even 1 MB of brackets is refused in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -22,6 +30,12 @@ from ..errors import ValidationError
 from .prompt_items import PromptItem
 
 SUFFIXES = (".yaml", ".yml")
+#: A prompt file needs 3-4 levels (defaults/jobs, the list, a job, a list value).
+MAX_DEPTH = 20
+#: Seeds have at most 20 digits; the limits of every other number are far smaller.
+MAX_NUMBER_DIGITS = 30
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_RESOLVER = yaml.resolver.Resolver()
 
 
 def _kind(value: Any) -> str:
@@ -50,6 +64,38 @@ def _item_lines(root: yaml.Node | None) -> list[int]:
     return [root.start_mark.line + 1] if root is not None else []
 
 
+def check_events(text: str) -> None:
+    """Refuse aliases, deep nesting and overlong numbers, walking the parser's events
+    (which needs no recursion) before anything is composed or constructed."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            raise ValidationError(
+                f"line {line}: YAML aliases (*name) are not allowed in prompt files; "
+                "write the values out in full"
+            )
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ValidationError(
+                    f"line {line}: lists and mappings are nested more than {MAX_DEPTH} "
+                    "levels deep; a prompt file needs 4 at most"
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+        elif isinstance(event, yaml.ScalarEvent) and len(event.value) > MAX_NUMBER_DIGITS:
+            tag = event.tag
+            if tag in (None, "!"):
+                tag = _RESOLVER.resolve(yaml.ScalarNode, event.value, event.implicit)
+            digits = sum(ch.isalnum() for ch in event.value)
+            if tag in _NUMBER_TAGS and digits > MAX_NUMBER_DIGITS:
+                raise ValidationError(
+                    f"line {line}: a number with {digits:,} digits; numbers in prompt files "
+                    f"may have at most {MAX_NUMBER_DIGITS} digits"
+                )
+
+
 @hookimpl
 def imagineerd_prompt_file_suffixes() -> list[str]:
     return list(SUFFIXES)
@@ -60,13 +106,7 @@ def imagineerd_parse_prompt_file(path: Path, text: str) -> list[dict[str, Any]] 
     if path.suffix.lower() not in SUFFIXES:
         return None
     try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent):
-                line = event.start_mark.line + 1
-                raise ValidationError(
-                    f"line {line}: YAML aliases (*name) are not allowed in prompt files; "
-                    "write the values out in full"
-                )
+        check_events(text)
         lines = _item_lines(yaml.compose(text, Loader=yaml.SafeLoader))
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:

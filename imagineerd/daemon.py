@@ -310,10 +310,7 @@ class Daemon:
         in config.yaml on the server)."""
         return [self.saved_config["model"]["name"]]
 
-    # -- inbox claims (see store.py for why each step is its own transaction) -----------
-    def create_claim(self, original: str, claimed: str) -> int:
-        return self.store.create_claim(original, claimed, created_at=self.now_iso())
-
+    # -- inbox: a claimed file's jobs, queued at once (see store.py) -------------------
     def submit_claim(self, claim_id: int, specs: list[jobs.JobSpec], source_name: str) -> list[Job]:
         """Queue all jobs of one inbox file at once (all or none, never twice)."""
         queued = self.store.submit_claim(
@@ -323,21 +320,6 @@ class Daemon:
             self._announce_submitted(job)
         self.wake()
         return queued
-
-    def update_claim(self, claim_id: int, state: str, **paths: str) -> None:
-        self.store.update_claim(claim_id, state, **paths)
-
-    def delete_claim(self, claim_id: int) -> None:
-        self.store.delete_claim(claim_id)
-
-    def open_claims(self) -> list[dict[str, Any]]:
-        return self.store.open_claims()
-
-    def claim(self, claim_id: int) -> dict[str, Any] | None:
-        return self.store.get_claim(claim_id)
-
-    def claim_jobs(self, claim_id: int) -> list[Job]:
-        return self.store.claim_jobs(claim_id)
 
     # -- WorkerHost: called by workers -------------------------------------------------
     def claim_batch(

@@ -38,9 +38,11 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserverVFS
 
 from . import hookimpl
-from .config import RESERVED_FOLDERS, Config, atomic_write_text
+from .config import Config
+from .config_schema import RESERVED_FOLDERS
 from .daemon import Daemon
 from .errors import ValidationError
+from .fsutil import atomic_write_text
 from .inbox_files import (
     claim_name,
     error_note,

@@ -126,7 +126,9 @@ class EventBus:
                         "events after the one you saw are no longer held (the daemon "
                         "restarted or you were away long); reload the state from the API"
                     )
-                    backlog.append(Event(self._last_id, "reset", {"reason": reason}))
+                    # Its id is where the client resumes next time: at or after our epoch.
+                    reset_id = max(self._last_id, self.epoch)
+                    backlog.append(Event(reset_id, "reset", {"reason": reason}))
                 else:
                     backlog = sorted(
                         (e for e in (*self._state, *self._progress) if e.id > last_event_id),

@@ -11,10 +11,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from .errors import NotFound
-from .outputs import TEMP_PREFIX, parse_infotext
+from .outputs import TEMP_PREFIX, open_png, parse_infotext
 
 #: The thumbnail sizes served (longer side, pixels). A fixed few, so the cache cannot be
 #: filled with one file per size a client asks for.
@@ -22,6 +20,16 @@ THUMBNAIL_SIZES = (128, 256, 512)
 #: The thumbnail cache keeps at most this many files and bytes; the least recently used go.
 MAX_THUMBNAIL_FILES = 5000
 MAX_THUMBNAIL_BYTES = 512 * 1024 * 1024
+
+
+def _servable_name(name: str) -> bool:
+    """A name that can travel in a URL and a JSON answer: one that is not valid UTF-8 (an
+    old client's Latin-1 over SMB) arrives with surrogate escapes and could not."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Gallery:
@@ -54,6 +62,8 @@ class Gallery:
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             rel_root = os.path.relpath(root, self.directory)
             for name in files:
+                if not _servable_name(name):
+                    continue
                 if name.lower().endswith(".png") and not name.startswith("."):
                     found.append(name if rel_root == "." else f"{rel_root}/{name}")
         return found
@@ -100,11 +110,11 @@ class Gallery:
             "created": datetime.fromtimestamp(stat.st_mtime).strftime("%Y-%m-%dT%H:%M:%S.%f"),
         }
         try:
-            with Image.open(path) as image:
+            with open_png(path) as image:
                 entry["width"], entry["height"] = image.size
                 text = dict(getattr(image, "text", {}))
-        except (OSError, SyntaxError, ValueError):
-            return None  # not a readable PNG (yet): leave it out
+        except Exception:  # NotAPng, or damaged text chunks: not a readable PNG, left out
+            return None
         record = None
         try:
             record = json.loads(text["imagineerd"]) if "imagineerd" in text else None
@@ -175,12 +185,12 @@ class Gallery:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=target.parent)
         try:
-            with os.fdopen(fd, "wb") as handle, Image.open(source) as image:
+            with os.fdopen(fd, "wb") as handle, open_png(source) as image:
                 image = image.convert("RGB")
                 image.thumbnail((size, size))
                 image.save(handle, format="JPEG", quality=85)
             os.replace(tmp, target)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        except Exception:  # NotAPng, or pixel data Pillow cannot decode
             # A .png name on bytes that are not one (or a truncated file): the client asked
             # for something that is not an image we have, not a server fault.
             Path(tmp).unlink(missing_ok=True)

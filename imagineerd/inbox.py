@@ -24,12 +24,10 @@ logged with ``%r``, so a name holding a newline cannot forge a log line.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +51,7 @@ from .inbox_files import (
     unexpected_problem,
     unique_pair,
 )
+from .inbox_settle import Settler
 from .jobs import JobSpec
 from .safefile import NotRegularFileError, ensure_directory, regular_lstat
 from .store import CLAIMING, DONE, FAILED_CLAIM, SUBMITTED
@@ -62,13 +61,6 @@ log = logging.getLogger(__name__)
 CLAIMED = ".claimed"
 RECEIPT_SUFFIX = ".result.yaml"
 ERROR_SUFFIX = ".error.txt"
-
-
-@dataclass
-class _Candidate:
-    size: int
-    mtime_ns: int
-    since: float
 
 
 class _Handler(FileSystemEventHandler):
@@ -100,10 +92,7 @@ class Inbox:
         self.done_dir = self.root / "done"
         self.failed_dir = self.root / "failed"
         self.suffixes: tuple[str, ...] = ()
-        self._pending: dict[Path, _Candidate] = {}
-        # Files whose claim could not be renamed: not retried until size or mtime change.
-        self._refused: dict[Path, tuple[int, int]] = {}
-        self._lock = threading.Lock()
+        self._settler = Settler()
         self._receipt_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -123,11 +112,7 @@ class Inbox:
         self.suffixes = tuple(sorted({s.lower() for group in found for s in group}))
         self.daemon.register_status("inbox", self.status)
         self.recover()
-        # Polling with lstat: the default stat would walk into a linked folder (to / even).
-        poll = self.settings["polling"]
-        self._observer = PollingObserverVFS(os.lstat, os.scandir) if poll else Observer()
-        self._observer.schedule(_Handler(self), str(self.root), recursive=True)
-        self._observer.start()
+        self._start_observer()
         self.rescan()
         self.state = "watching"
         self._thread.start()
@@ -137,6 +122,24 @@ class Inbox:
             ", ".join(self.suffixes),
             "polling" if self.settings["polling"] else "inotify",
         )
+
+    def _start_observer(self) -> None:
+        # Polling with lstat: the default stat would walk into a linked folder (to / even).
+        poll = self.settings["polling"]
+        self._observer = PollingObserverVFS(os.lstat, os.scandir) if poll else Observer()
+        self._observer.schedule(_Handler(self), str(self.root), recursive=True)
+        self._observer.start()
+
+    def _check_observer(self) -> None:
+        """The file watcher's own thread can die (inotify limits, the folder replaced):
+        start a new one, and rescan for what it missed meanwhile."""
+        if self._observer is None or self._observer.is_alive() or self._stopping.is_set():
+            return
+        self.restarts += 1
+        self.last_error = "the file watcher stopped"
+        log.error("inbox: the file watcher stopped; starting a new one and rescanning")
+        self._start_observer()
+        self.rescan()
 
     def _ensure_folders(self) -> None:
         """A file or link named ``done`` (say) dropped into the share is moved aside."""
@@ -160,9 +163,11 @@ class Inbox:
         """Shown under ``inbox`` in ``GET /api/health``."""
         dead = self.state == "watching" and not self._thread.is_alive()
         counts = ("restarts", "last_error", "taken", "failed", "rescans")
+        watcher = self._observer is not None and self._observer.is_alive()
         return {
             "state": "dead" if dead else self.state,
-            "pending": len(self._pending),
+            "file_watcher": "running" if watcher else "stopped",
+            "pending": len(self._settler),
             **{name: getattr(self, name) for name in counts},
         }
 
@@ -219,18 +224,8 @@ class Inbox:
             stat = None
         except OSError:
             stat = None
-        with self._lock:
-            if stat is None:
-                self._pending.pop(path, None)
-                self._refused.pop(path, None)
-                return
-            if self._refused.get(path) == (stat.st_size, stat.st_mtime_ns):
-                return
-            self._refused.pop(path, None)
-            cand = self._pending.get(path)
-            if cand is None or (cand.size, cand.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
-                self._pending[path] = _Candidate(stat.st_size, stat.st_mtime_ns, time.monotonic())
-        self._wake.set()
+        if self._settler.seen(path, stat):
+            self._wake.set()
 
     def rescan(self) -> None:
         """Look at every file in the drop area and preset folders (missed events, start-up)."""
@@ -250,22 +245,9 @@ class Inbox:
         self.rescans += 1
 
     def _ready(self) -> list[Path]:
-        """Candidates unchanged for ``settle_seconds``, re-checked against the disk now."""
-        settle = self.settings["settle_seconds"]
-        now = time.monotonic()
-        ready = []
-        with self._lock:
-            items = list(self._pending.items())
-        for path, cand in items:
-            try:
-                stat = regular_lstat(path)
-            except OSError:
-                self.notice(path)  # gone or no longer a regular file: forget (and log) it
-                continue
-            if (stat.st_size, stat.st_mtime_ns) != (cand.size, cand.mtime_ns):
-                self.notice(path)  # still being written: start the quiet period again
-            elif now - cand.since >= settle:
-                ready.append(path)
+        ready, changed = self._settler.ready(self.settings["settle_seconds"])
+        for path in changed:
+            self.notice(path)  # forgets (and logs) what went away, restarts what changed
         return ready
 
     def _run(self) -> None:
@@ -290,14 +272,14 @@ class Inbox:
         while not self._stopping.is_set():
             self._wake.wait(0.1)
             self._wake.clear()
+            self._check_observer()
             if time.monotonic() >= next_rescan:
                 self.rescan()
                 next_rescan = time.monotonic() + self.settings["rescan_seconds"]
             for path in self._ready():
                 if self._stopping.is_set():
                     break
-                with self._lock:
-                    self._pending.pop(path, None)
+                self._settler.take(path)
                 try:
                     self.take(path)
                 except Exception:  # a file that got past every guard still must not stop us
@@ -321,10 +303,8 @@ class Inbox:
         except OSError as exc:
             self.claims.delete_claim(claim_id)  # never renamed: there is nothing to finish
             if not isinstance(exc, FileNotFoundError):  # else: deleted, or taken already
-                with contextlib.suppress(OSError), self._lock:
-                    stat = os.lstat(path)
-                    self._refused[path] = (stat.st_size, stat.st_mtime_ns)
-                    log.warning("inbox: cannot claim %r (%s); left until it changes", rel, exc)
+                self._settler.refuse(path)
+                log.warning("inbox: cannot claim %r (%s); left until it changes", rel, exc)
             return
         self._process_claimed(claim_id, rel, claimed)
 

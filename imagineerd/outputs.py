@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from PIL import Image, PngImagePlugin
 from . import __version__
 from .fsutil import fsync_dir
 from .jobs import Job
+from .safefile import open_regular
 
 TEMP_PREFIX = ".imagineerd-"
 _SLUG_MAX = 48
@@ -165,10 +166,40 @@ def remove_partial_files(directory: Path) -> list[Path]:
     return removed
 
 
+class NotAPng(OSError):
+    """A file in outputs/ that is not a PNG we can read (other bytes under a .png name, a
+    truncated write, a FIFO or device)."""
+
+
+@contextlib.contextmanager
+def open_png(path: Path) -> Iterator[Image.Image]:
+    """``path`` as a PIL image, only if it is a regular file holding a PNG.
+
+    Anything in outputs/ may have been put there by hand or over a share: Pillow would try
+    every format it knows on other bytes (some raise ``NotImplementedError``), and opening a
+    FIFO would block the thread for good. Every failure becomes ``NotAPng``.
+    """
+    try:
+        handle = open_regular(path)
+    except OSError as exc:
+        raise NotAPng(f"{path} cannot be read as an image: {exc}") from None
+    with handle:
+        try:
+            image = Image.open(handle, formats=["PNG"])
+        except Exception as exc:  # Pillow's errors for bad input are of many types
+            raise NotAPng(f"{path} is not a readable PNG ({type(exc).__name__})") from None
+        with image:
+            yield image
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
-    """The text chunks of a PNG: ``parameters`` (str) and ``imagineerd`` (parsed JSON)."""
-    with Image.open(path) as image:
-        chunks = dict(image.text) if hasattr(image, "text") else {}
+    """The text chunks of a PNG: ``parameters`` (str) and ``imagineerd`` (parsed JSON).
+    Raises ``NotAPng`` for anything that is not a readable PNG."""
+    with open_png(path) as image:
+        try:
+            chunks = dict(getattr(image, "text", {}))
+        except Exception as exc:  # the text chunks are read lazily, and may be damaged
+            raise NotAPng(f"{path} has unreadable metadata ({type(exc).__name__})") from None
     meta: dict[str, Any] = {"parameters": chunks.get("parameters")}
     raw = chunks.get("imagineerd")
     try:
@@ -184,7 +215,7 @@ def find_output_for_job(directory: Path, job_id: int) -> Path | None:
     for path in sorted(directory.rglob(f"*_{job_id}.png")):
         try:
             meta = read_metadata(path)
-        except (OSError, SyntaxError, ValueError):
+        except NotAPng:
             continue
         if (meta.get("imagineerd") or {}).get("id") == job_id:
             return path

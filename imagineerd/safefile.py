@@ -19,6 +19,7 @@ import os
 import stat
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 #: Longest file name most file systems allow (ext4, XFS, btrfs, NTFS via Samba), in bytes.
 NAME_MAX = 255
@@ -113,6 +114,21 @@ def read_regular_file(path: Path | str, limit: int) -> bytes:
         return data
     finally:
         os.close(fd)
+
+
+def open_regular(path: Path | str) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file (a link to one is followed: the
+    caller checks where links may lead); never blocks on a FIFO or device."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(path, kind_of(st.st_mode))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def ensure_directory(path: Path) -> Path | None:

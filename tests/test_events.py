@@ -94,3 +94,13 @@ def publish_from_threads() -> list:
     received = drain(sub)
     sub.close()
     return received
+
+
+def test_a_reset_before_any_event_still_gives_an_id_to_resume_from():
+    bus = EventBus()
+    with bus.subscribe(1) as sub:  # an id from long ago; nothing published yet
+        (reset,) = drain(sub)
+    assert reset.type == "reset" and reset.id >= bus.epoch
+    later = bus.publish("job.submitted", {"id": 1})
+    with bus.subscribe(reset.id) as sub:  # resuming from the reset replays, no second reset
+        assert drain(sub) == [later]

@@ -3,6 +3,7 @@ database. The job fails with a clear reason or waits, nothing is lost, the next 
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
 import threading
@@ -159,7 +160,13 @@ def hold_lock(path: Path, seconds: float) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-c", LOCKER, str(path), str(seconds)], stdout=subprocess.PIPE, text=True
     )
-    assert proc.stdout.readline().strip() == "locked"
+    # A child that never gets its lock must fail the test, not hang it.
+    ready, _, _ = select.select([proc.stdout], [], [], 30)
+    if not ready:
+        proc.kill()
+    line = proc.stdout.readline().strip() if ready else ""
+    proc.stdout.close()  # nothing more is printed; nothing left to fill a pipe
+    assert line == "locked", "the locking process did not get its lock within 30 s"
     return proc
 
 

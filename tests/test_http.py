@@ -251,11 +251,14 @@ def read_events(
     api: Api, headers: dict | None = None, until: str = "job.completed", count: int = 1000
 ) -> list[tuple[int, str, dict]]:
     events = []
+    # The server sends a heartbeat every 15 s, so a missing event fails here, not hangs.
+    deadline = time.monotonic() + 90
     with api("GET", "/api/events", stream=True, headers=headers or {}) as response:
         assert response.status_code == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
         event: dict = {}
         for line in response.iter_lines(decode_unicode=True):
+            assert time.monotonic() < deadline, f"no {until} event within 90 s: {events}"
             if line.startswith("id: "):
                 event["id"] = int(line[4:])
             elif line.startswith("event: "):
@@ -469,6 +472,10 @@ def test_cors_is_same_origin_by_default_and_configurable(start_api):
         "Access-Control-Allow-Origin"
         not in api2("GET", "/api/health", headers={"Origin": "http://evil.example"}).headers
     )
+    # ["*"], as config.yaml documents it, lets every origin in.
+    api3 = start_api(workers=False, server={"cors_origins": ["*"]})
+    response = api3("GET", "/api/health", headers={"Origin": "http://anywhere.example"})
+    assert response.headers["Access-Control-Allow-Origin"] in ("*", "http://anywhere.example")
 
 
 def test_config_get_put_and_generation_update(api: Api):

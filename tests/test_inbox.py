@@ -46,7 +46,9 @@ class Env:
 
     def wait_failed(self, name: str, timeout: float = 20) -> str:
         note = self.root / "failed" / (Path(name).stem + ".error.txt")
-        wait_for(note.exists, timeout)
+        # The note is written first, then the file is moved beside it (a crash in between
+        # leaves the file claimed, to be finished at start-up): wait for both.
+        wait_for(lambda: note.exists() and (note.parent / Path(name).name).exists(), timeout)
         return note.read_text()
 
     def wait_rescans(self, count: int = 1) -> None:

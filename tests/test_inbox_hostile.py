@@ -262,6 +262,21 @@ def test_an_error_in_the_watcher_loop_restarts_it_and_health_shows_it(start_inbo
     assert health(env)["state"] == "stopped"
 
 
+def test_a_file_watcher_that_dies_is_started_again_and_health_shows_it(start_inbox):
+    env = start_inbox()
+    first = env.inbox._observer
+    first.stop()  # as when inotify gives up: its thread ends
+    first.join(10)
+    wait_for(lambda: health(env)["restarts"] == 1, 20)
+    assert env.inbox._observer is not first and env.inbox._observer.is_alive()
+    assert health(env)["file_watcher"] == "running"
+    assert health(env)["last_error"] == "the file watcher stopped"
+    env.drop("after.txt", "seen by the new watcher\n")
+    env.wait_done("after.txt", 20)
+    env.inbox.stop()
+    assert health(env)["file_watcher"] == "stopped"
+
+
 def test_a_poison_file_left_in_claimed_by_a_crash_does_not_stop_start_up(make_config):
     config = make_config(inbox=FAST)
     daemon = Daemon(config)

@@ -323,3 +323,12 @@ def test_no_page_may_frame_the_ui_or_sniff_outputs(api: Api):
         api, b"GET / HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
     )
     assert status == 421 and headers["x-frame-options"] == "DENY"
+
+
+def test_the_log_masks_the_whole_token_value_as_the_query_parser_reads_it():
+    from imagineerd.http.security import redact_token
+
+    # The parser splits a query on "&" only, so "ab;cd" is one token: all of it is masked.
+    assert redact_token("/api/jobs?token=ab;cd&x=1") == "/api/jobs?token=********&x=1"
+    assert redact_token("/x?a=1&tok%65n=zz#f") == "/x?a=1&tok%65n=********#f"
+    assert redact_token("/x?a=token") == "/x?a=token"

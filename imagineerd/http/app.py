@@ -90,9 +90,9 @@ def create_app(daemon: Daemon, config: Config, *, streams: Any = None) -> falcon
         HostCheck(server["allowed_hosts"], server["host"]),
     ]
     if server["cors_origins"]:
-        middleware.append(
-            falcon.CORSMiddleware(allow_origins=server["cors_origins"], expose_headers=["Location"])
-        )
+        # Falcon reads only the string "*" as "any origin"; a list holding "*" matches none.
+        origins = "*" if "*" in server["cors_origins"] else server["cors_origins"]
+        middleware.append(falcon.CORSMiddleware(allow_origins=origins, expose_headers=["Location"]))
     auth = BearerAuth(token)
     # The same-site rule after the token: a request without the token learns only that.
     middleware += [BodyLimit(server["max_body_bytes"]), auth, SameSite(server["cors_origins"])]

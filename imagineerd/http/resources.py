@@ -14,7 +14,7 @@ from .. import jobs
 from ..daemon import Daemon
 from ..errors import NotFound, ValidationError
 from ..gallery import THUMBNAIL_SIZES
-from ..jobs import SCHEDULERS
+from ..jobs import SCHEDULERS, check_encodable
 from .security import SESSION_COOKIE, SESSION_MAX_AGE, BearerAuth
 
 REDACTED = "********"
@@ -23,19 +23,28 @@ REDACTED = "********"
 MAX_JSON_DEPTH = 32
 
 
-def _depth_within(data: Any, limit: int) -> bool:
-    """Whether ``data`` nests at most ``limit`` levels (iterative: no recursion to overflow)."""
-    stack = [(data, 1)]
+def _check_structure(data: Any, limit: int) -> None:
+    """400 unless ``data`` nests at most ``limit`` levels and every text in it (keys too)
+    can be stored as UTF-8. JSON's ``\\udcff`` escapes spell lone surrogates that pass as a
+    ``str`` and break later, far away: refused here, for every route with a body.
+    (Iterative: no recursion to overflow.)"""
+    stack: list[tuple[Any, int, str]] = [(data, 1, "")]
     while stack:
-        value, depth = stack.pop()
+        value, depth, where = stack.pop()
+        if isinstance(value, str):
+            check_encodable(where or "the request body", value)
+            continue
         if isinstance(value, dict):
-            value = list(value.values())
-        elif not isinstance(value, list):
+            for key in value:
+                check_encodable(f"a field name in {where or 'the body'}", key)
+            items = [(item, f"{where}.{key}" if where else key) for key, item in value.items()]
+        elif isinstance(value, list):
+            items = [(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        else:
             continue
         if depth > limit:
-            return False
-        stack.extend((item, depth + 1) for item in value if isinstance(item, dict | list))
-    return True
+            raise ValidationError(f"the request body nests more than {limit} levels deep")
+        stack.extend((item, depth + 1, path) for item, path in items)
 
 
 def read_json_object(req: falcon.Request) -> dict[str, Any]:
@@ -57,11 +66,10 @@ def read_json_object(req: falcon.Request) -> dict[str, Any]:
     except ValueError as exc:
         raise ValidationError(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:  # the parser's own stack ran out: far too deep
-        too_deep = True
-    else:
-        too_deep = not _depth_within(data, MAX_JSON_DEPTH)
-    if too_deep:
-        raise ValidationError(f"the request body nests more than {MAX_JSON_DEPTH} levels deep")
+        raise ValidationError(
+            f"the request body nests more than {MAX_JSON_DEPTH} levels deep"
+        ) from None
+    _check_structure(data, MAX_JSON_DEPTH)
     if not isinstance(data, dict):
         raise ValidationError(f"the request body must be a JSON object, not {type(data).__name__}")
     return data

@@ -48,7 +48,8 @@ SESSION_COOKIE = "imagineerd_session"
 #: A session cookie is accepted for this long after login (then the UI asks again).
 SESSION_MAX_AGE = 30 * 24 * 3600
 REDACTED = "********"
-_QUERY_PART = re.compile(r"([?&;])([^=&;#]*)=([^&;#]*)")
+# Split as the query parser splits: on "&" only (a ";" belongs to the value, as in a token)
+_QUERY_PART = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
 
 
 def redact_token(text: str) -> str:

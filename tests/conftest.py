@@ -20,6 +20,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+#: The slow tier: several processes, a real browser, a real smbd, long fuzzing, benchmarks.
+#: ``./run_tests.sh -m "not slow"`` leaves them out while iterating; CI runs everything.
+SLOW_MODULES = {
+    "test_crash",
+    "test_smb",
+    "test_ui",
+    "test_security_browser",
+    "test_http_fuzz",
+    "test_load_scripts",
+    "test_benchmark",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight SD1.5 pipeline in diffusers' folder format."""

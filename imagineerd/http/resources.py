@@ -23,12 +23,12 @@ REDACTED = "********"
 MAX_JSON_DEPTH = 32
 
 
-def _check_structure(data: Any, limit: int) -> None:
+def _check_structure(data: Any, limit: int, prefix: str = "") -> None:
     """400 unless ``data`` nests at most ``limit`` levels and every text in it (keys too)
     can be stored as UTF-8. JSON's ``\\udcff`` escapes spell lone surrogates that pass as a
     ``str`` and break later, far away: refused here, for every route with a body.
     (Iterative: no recursion to overflow.)"""
-    stack: list[tuple[Any, int, str]] = [(data, 1, "")]
+    stack: list[tuple[Any, int, str]] = [(data, 1, prefix)]
     while stack:
         value, depth, where = stack.pop()
         if isinstance(value, str):
@@ -36,7 +36,12 @@ def _check_structure(data: Any, limit: int) -> None:
             continue
         if isinstance(value, dict):
             for key in value:
-                check_encodable(f"a field name in {where or 'the body'}", key)
+                try:
+                    check_encodable("a field name", key)
+                except ValidationError as exc:  # the field at fault is the one holding it
+                    raise ValidationError(
+                        f"{exc.message} (in {where or 'the request body'})", field=where or None
+                    ) from None
             items = [(item, f"{where}.{key}" if where else key) for key, item in value.items()]
         elif isinstance(value, list):
             items = [(item, f"{where}[{i}]") for i, item in enumerate(value)]
@@ -47,8 +52,10 @@ def _check_structure(data: Any, limit: int) -> None:
         stack.extend((item, depth + 1, path) for item, path in items)
 
 
-def read_json_object(req: falcon.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+def read_json_object(req: falcon.Request, *, prefix: str = "") -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it.
+    ``prefix`` names where the body sits in a larger whole, for error fields
+    (``generation`` for ``PUT /api/config/generation``)."""
     if not req.content_length and req.content_length is not None:
         raise ValidationError("the request body is empty; send a JSON object")
     ctype = (req.content_type or "").split(";")[0].strip().lower()
@@ -69,7 +76,7 @@ def read_json_object(req: falcon.Request) -> dict[str, Any]:
         raise ValidationError(
             f"the request body nests more than {MAX_JSON_DEPTH} levels deep"
         ) from None
-    _check_structure(data, MAX_JSON_DEPTH)
+    _check_structure(data, MAX_JSON_DEPTH, prefix)
     if not isinstance(data, dict):
         raise ValidationError(f"the request body must be a JSON object, not {type(data).__name__}")
     return data
@@ -163,12 +170,7 @@ class ConfigResource:
         }
 
     def _body(self, req: falcon.Request) -> dict[str, Any]:
-        try:
-            data = read_json_object(req)
-        except RecursionError:  # json's decoder recurses per nesting level
-            raise ValidationError(
-                "the request body is nested too deeply; a configuration is a few levels deep"
-            ) from None
+        data = read_json_object(req)
         data.pop("restart_required", None)  # accept back what GET returned
         server = data.get("server")
         if isinstance(server, dict) and server.get("auth_token") == REDACTED:
@@ -188,10 +190,7 @@ class ConfigResource:
         self._answer(resp, self.daemon.update_config(self._body(req), merge=True))
 
     def on_put_generation(self, req: falcon.Request, resp: falcon.Response) -> None:
-        try:
-            values = read_json_object(req)
-        except RecursionError:
-            raise ValidationError("the request body is nested too deeply") from None
+        values = read_json_object(req, prefix="generation")
         self._answer(resp, self.daemon.update_generation(values))
 
 

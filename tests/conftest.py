@@ -88,6 +88,19 @@ def daemon(make_config: Callable[..., config_mod.Config]) -> Iterator[Daemon]:
         d.stop()
 
 
+def record_fsyncs(monkeypatch) -> list[os.stat_result]:
+    """Make os.fsync record what each call was for (a stat of its descriptor)."""
+    calls: list[os.stat_result] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(os.fstat(fd))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.02) -> Any:
     """Poll until ``predicate()`` is truthy; fail the test with a clear message otherwise."""
     deadline = time.monotonic() + timeout

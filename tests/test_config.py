@@ -13,6 +13,8 @@ from imagineerd import config as config_mod
 from imagineerd import config_file, fsutil
 from imagineerd.errors import ConfigError, Conflict
 
+from .conftest import record_fsyncs
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 #: config.yaml as the last release (b4dbb60) shipped it, and as that release's API saved it
@@ -244,19 +246,6 @@ def test_update_file_keeps_hand_edits_and_refuses_a_file_broken_on_disk(tmp_path
 
 
 # -- saving: durable, through symlinks ------------------------------------------------------
-
-
-def record_fsyncs(monkeypatch) -> list[os.stat_result]:
-    """Make os.fsync record what each call was for (a stat of its descriptor)."""
-    calls: list[os.stat_result] = []
-    real = os.fsync
-
-    def fsync(fd: int) -> None:
-        calls.append(os.fstat(fd))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return calls
 
 
 def test_atomic_write_fsyncs_the_folder_after_the_rename(tmp_path: Path, monkeypatch):

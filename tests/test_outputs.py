@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
 from datetime import datetime
 from pathlib import Path
@@ -9,6 +8,8 @@ from pathlib import Path
 from PIL import Image
 
 from imagineerd import outputs
+
+from .conftest import record_fsyncs
 
 
 def test_names_are_dated_slugged_and_unique_per_job():
@@ -89,14 +90,7 @@ def test_unicode_prompt_survives_in_png_text(tmp_path: Path):
 
 def test_an_image_is_durable_after_a_power_cut_its_folder_is_fsynced(tmp_path: Path, monkeypatch):
     """The PNG's own fsync covers its bytes; the rename into place needs the folder's."""
-    synced: list[os.stat_result] = []
-    real = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.fstat(fd))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    synced = record_fsyncs(monkeypatch)
     path = outputs.save_png(Image.new("RGB", (8, 8)), tmp_path, "x.png", {"parameters": "p"})
     folder = tmp_path.stat()
     assert [stat.S_ISDIR(s.st_mode) for s in synced] == [False, True]  # the file, then its folder

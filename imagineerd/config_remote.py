@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import jobs
-from .config import DEFAULTS
+from .config import DEFAULTS, LIVE_SECTIONS, Config, restart_required
+from .config_file import update_file
 from .config_schema import SCHEMA, check_key, check_presets, check_shape, key_name, show_value
 from .errors import ConfigError, Forbidden
 
@@ -147,3 +150,40 @@ def _preset_changes(
     found = {name: None for name in saved if name not in new}
     found.update({name: fields for name, fields in new.items() if saved.get(name) != fields})
     return found
+
+
+class LiveSettings:
+    """The running configuration and what config.yaml holds now (they differ by keys that
+    wait for a restart), changed together under one lock."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.saved: dict[str, Any] = copy.deepcopy(config.data)
+        self._lock = threading.RLock()
+
+    def update(
+        self, data: Any, *, merge: bool, models: Sequence[str]
+    ) -> tuple[dict[str, Any], list[str], bool]:
+        """Apply a change from the API: ``merge`` (PATCH) changes the keys given, section by
+        section; otherwise (PUT) ``data`` must carry every section and key. Only keys in
+        ``REMOTE_KEYS`` may change (a read-only key sent back unchanged is fine),
+        ``model.name`` only to one of ``models``. The whole resulting file is validated
+        before anything is written; only the changed keys are written, atomically, keeping
+        comments and hand edits. Live sections apply at once.
+
+        Returns ``(saved config, keys waiting for a restart, whether anything changed)``.
+        """
+        with self._lock:
+            changes = remote_changes(self.saved, data, merge=merge, models=models)
+            if changes:
+                saved = update_file(self.config.path, changes).data
+                self.saved = copy.deepcopy(saved)
+                # Nothing below may fail: the change is on disk and must be reported as saved.
+                for section in LIVE_SECTIONS:
+                    self.config.data[section] = copy.deepcopy(saved[section])
+            saved = copy.deepcopy(self.saved)
+            return saved, restart_required(self.config.data, saved), bool(changes)
+
+    def pending_restart(self) -> list[str]:
+        with self._lock:
+            return restart_required(self.config.data, self.saved)

@@ -8,7 +8,6 @@ store (finished) -> events and hooks.
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -18,8 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from . import __version__, backends, config_file, config_remote, jobs, outputs
-from . import config as config_mod
+from . import __version__, backends, config_remote, jobs, outputs
 from .backends import Backend, build_registry
 from .config import Config
 from .errors import Conflict, Gone, NotFound, Unavailable
@@ -75,9 +73,7 @@ class Daemon:
         self._interrupts: dict[int, str] = {}
         self._started = False
         self.saver = ImageSaver(config, self.outputs_dir, clock, self._image_saved)
-        # What config.yaml says now; differs from ``config`` by keys that need a restart.
-        self.saved_config: dict[str, Any] = copy.deepcopy(config.data)
-        self._config_lock = threading.RLock()
+        self.settings = config_remote.LiveSettings(config)
         # Services beside the workers (the inbox, ...) report their state in /api/health.
         self._status_providers: dict[str, Callable[[], dict[str, Any]]] = {}
 
@@ -267,37 +263,25 @@ class Daemon:
             **{name: provider() for name, provider in list(self._status_providers.items())},
         }
 
-    def update_config(self, data: Any, *, merge: bool = False) -> dict[str, Any]:
-        """Change the saved configuration from a frontend (the HTTP API).
+    @property
+    def saved_config(self) -> dict[str, Any]:
+        """What config.yaml says now; differs from ``config`` by keys that need a restart."""
+        return self.settings.saved
 
-        ``merge`` (PATCH) changes the keys given, section by section; otherwise (PUT) ``data``
-        must carry every section and key. Only keys in ``config.REMOTE_KEYS`` may change (a
-        read-only key sent back unchanged is fine), ``model.name`` only to one of
-        :meth:`available_models`. The whole resulting file is validated before anything is
-        written; only the changed keys are written, atomically, keeping comments and hand
-        edits. Live sections apply at once. Returns the saved config and the keys that take
-        effect only after a restart.
-        """
-        with self._config_lock:
-            changes = config_remote.remote_changes(
-                self.saved_config, data, merge=merge, models=self.available_models()
-            )
-            if changes:
-                saved = config_file.update_file(self.config.path, changes).data
-                self.saved_config = copy.deepcopy(saved)
-                # Nothing below may fail: the change is on disk and must be reported as saved.
-                for section in config_mod.LIVE_SECTIONS:
-                    self.config.data[section] = copy.deepcopy(saved[section])
-            saved = copy.deepcopy(self.saved_config)
-            restart = config_mod.restart_required(self.config.data, saved)
-        if changes:
+    def update_config(self, data: Any, *, merge: bool = False) -> dict[str, Any]:
+        """Change the saved configuration from a frontend (the HTTP API): see
+        :meth:`imagineerd.config_remote.LiveSettings.update`. Returns the saved config and the
+        keys that take effect only after a restart."""
+        saved, restart, changed = self.settings.update(
+            data, merge=merge, models=self.available_models()
+        )
+        if changed:
             self.events.publish("config.changed", {"restart_required": restart})
         return {"config": saved, "restart_required": restart}
 
     def pending_restart(self) -> list[str]:
         """Saved config keys that differ from the running ones until the next restart."""
-        with self._config_lock:
-            return config_mod.restart_required(self.config.data, self.saved_config)
+        return self.settings.pending_restart()
 
     def update_generation(self, values: Any) -> dict[str, Any]:
         """Change some generation defaults (validated with the job bounds) and save: a PATCH

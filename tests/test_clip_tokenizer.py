@@ -149,3 +149,26 @@ def test_package_data_ships_the_vocabulary_and_licence():
     patterns = cfg["options.package_data"]["imagineerd.backends"].replace(",", " ").split()
     for name in ("bpe_simple_vocab_16e6.txt.gz", "LICENSE-CLIP"):
         assert any(fnmatch(f"clip/{name}", pattern) for pattern in patterns), name
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_test_model_with_the_real_tokenizer_runs(tmp_path, arch):
+    """``make-test-model --real-tokenizer``: real ids reach text encoders sized for them."""
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    from imagineerd.backends.testmodel import make_test_model
+
+    folder = make_test_model(tmp_path / arch, arch=arch, real_tokenizer=True)
+    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    assert pipe.tokenizer("a photo of a cat").input_ids == REFERENCE["a photo of a cat"]
+    assert pipe.tokenizer.pad_token_id == 49407
+    assert pipe.text_encoder.config.vocab_size == 49408
+    if arch == "sdxl":
+        assert pipe.tokenizer_2.pad_token_id == 0
+        assert pipe.text_encoder_2.config.vocab_size == 49408
+    image = pipe(
+        "Café crème brûlée, 日本語 🐱", height=64, width=64, num_inference_steps=2, output_type="np"
+    ).images[0]
+    assert image.shape == (64, 64, 3)
+    assert np.isfinite(image).all()

@@ -107,7 +107,7 @@ def _boundary(root: Path, folder: Path) -> str:
 def find_checkpoint(root: Path, name: str) -> Path | None:
     """The file or diffusers folder a checkpoint ``name`` from the listing stands for, or
     None; never a path outside the models folder."""
-    if not name or name.startswith("/") or "\\" in name or ".." in name.split("/"):
+    if not name or name.startswith("/") or "\\" in name or "\0" in name or ".." in name.split("/"):
         return None
     folder = detect_layout(root)[1]["checkpoints"]
     boundary = _boundary(root, folder)
@@ -263,6 +263,7 @@ class ModelFile:
     size: int | None
     mtime_ns: int
     arch: str
+    identity: tuple[int, int] = (0, 0)  # (st_dev, st_ino) when listed
 
 
 class _Scan:
@@ -352,6 +353,7 @@ class _Scan:
             st.st_size,
             st.st_mtime_ns,
             self.arch(category, real, st) if fmt == "safetensors" else "unknown",
+            (st.st_dev, st.st_ino),
         )
 
     def arch(self, category: str, real: str, st: os.stat_result) -> str:
@@ -413,10 +415,17 @@ def scan(
     return layout, found
 
 
-def sha256_file(path: str, stopping: threading.Event | None = None) -> str | None:
-    """The hex SHA-256 of a regular file, or None if ``stopping`` was set meanwhile."""
+def sha256_file(
+    path: str, stopping: threading.Event | None = None, identity: tuple[int, int] | None = None
+) -> str | None:
+    """The hex SHA-256 of a regular file, or None if ``stopping`` was set meanwhile.
+    ``identity`` (device, inode) must match, so a file swapped for a link since it was
+    listed is never read."""
     digest = hashlib.sha256()
     with open_regular(path) as handle:
+        st = os.fstat(handle.fileno())
+        if identity is not None and (st.st_dev, st.st_ino) != identity:
+            raise ValueError("the file was replaced since it was listed")
         while chunk := handle.read(CHUNK):
             if stopping is not None and stopping.is_set():
                 return None
@@ -558,7 +567,9 @@ class ModelLibrary:
                     next_rescan = 0.0
                 if now >= next_rescan:
                     self.refresh()
-                    self._update_observer()
+                    if self._update_observer():
+                        # What was made between that scan and the new watch raised no event.
+                        self.refresh()
                     next_rescan = time.monotonic() + self.rescan_seconds
             except Exception:  # the watcher outlives anything one pass can raise
                 log.exception("models: rescanning %s failed", self.root)
@@ -566,24 +577,26 @@ class ModelLibrary:
             self._wake.wait(self.debounce / 2 if self._changed_at is not None else 5.0)
             self._wake.clear()
 
-    def _update_observer(self) -> None:
+    def _update_observer(self) -> bool:
         """Watch the folders listed from (recursively) and the layout's top folders (not
-        recursively: an A1111 root holds outputs/ and a venv we have no business watching)."""
+        recursively: an A1111 root holds outputs/ and a venv we have no business watching).
+        True when a new watch started."""
         _, folders = detect_layout(self.root)
         wanted = [(str(self.root), False), (str(self.root / "models"), False)]
         wanted += [(str(folder), True) for folder in folders.values()]
         present = tuple((p, r) for p, r in wanted if os.path.isdir(p))
         alive = self._observer is not None and self._observer.is_alive()
         if present == self._watched and alive:
-            return
+            return False
         self._stop_observer()
         if not present:
-            return
+            return False
         observer = Observer()
         for path, recursive in present:
             observer.schedule(_Handler(self), path, recursive=recursive)
         observer.start()
         self._observer, self._watched = observer, present
+        return True
 
     def _stop_observer(self) -> None:
         if self._observer is not None:
@@ -625,7 +638,7 @@ class ModelLibrary:
                     log.warning("models: cannot hash %r: %s", item.path, exc)
 
     def _hash(self, item: ModelFile) -> None:
-        digest = sha256_file(item.real, self._stopping)
+        digest = sha256_file(item.real, self._stopping, item.identity)
         st = os.stat(item.real)
         if digest is None or (st.st_size, st.st_mtime_ns) != (item.size, item.mtime_ns):
             return  # stopping, or changed while hashed: the rescan brings it back

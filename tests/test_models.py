@@ -287,6 +287,20 @@ def test_hashes_are_the_a1111_short_hash_computed_once_and_cached(tmp_path: Path
         again.stop()
 
 
+def test_a_file_swapped_for_a_link_after_it_was_listed_is_never_hashed(tmp_path: Path):
+    lora = st(tmp_path / "models" / "loras" / "a.safetensors", LORA_SD15)
+    secret = st(tmp_path / "secret.safetensors", LORA_SDXL)
+    library = ModelLibrary(tmp_path / "models", tmp_path / "state")
+    (item,) = scan(tmp_path / "models")[1]["loras"]
+    library.refresh()
+    lora.unlink()
+    lora.symlink_to(secret)
+    with pytest.raises(ValueError, match="replaced"):
+        library._hash(library._files["loras"][0])
+    assert library.hashes_computed == 0 and item.real == str(lora)
+    assert library.refresh()["loras"] == []  # and the next scan drops it
+
+
 def test_a_damaged_hash_cache_is_ignored(tmp_path: Path):
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "model-hashes.json").write_text("{not json")

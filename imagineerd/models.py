@@ -512,6 +512,9 @@ class ModelLibrary:
         """Rescan now; the new listing."""
         with self._scan_lock:
             layout, files = scan(self.root, self._arch_cache)
+            # Forget the architectures of files gone or changed, so the cache cannot grow.
+            live = {(m.real, m.size, m.mtime_ns) for items in files.values() for m in items}
+            self._arch_cache = {k: v for k, v in self._arch_cache.items() if k in live}
             with self._lock:
                 self.layout, self._files = layout, files
             self._hash_wake.set()

@@ -502,10 +502,11 @@ class ModelLibrary:
         self._stopping.set()
         self._wake.set()
         self._hash_wake.set()
-        self._stop_observer()
         for thread in self._threads:
             if thread.is_alive():
                 thread.join(10)
+        # After the watcher thread ended: it may have been replacing the observer.
+        self._stop_observer()
 
     # -- listing -------------------------------------------------------------------------
     def refresh(self) -> dict[str, Any]:
@@ -592,7 +593,7 @@ class ModelLibrary:
         if present == self._watched and alive:
             return False
         self._stop_observer()
-        if not present:
+        if not present or self._stopping.is_set():
             return False
         observer = Observer()
         for path, recursive in present:
@@ -602,10 +603,10 @@ class ModelLibrary:
         return True
 
     def _stop_observer(self) -> None:
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(10)
-            self._observer, self._watched = None, ()
+        observer, self._observer, self._watched = self._observer, None, ()
+        if observer is not None:
+            observer.stop()
+            observer.join(10)
 
     # -- hashing -------------------------------------------------------------------------
     def _load_hashes(self) -> dict[str, dict[str, Any]]:

@@ -29,6 +29,7 @@ from .config_schema import (
     key_name,
 )
 from .errors import ConfigError
+from .models import find_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "connection_limit": 100,
         "channel_timeout": 120,
     },
-    "paths": {"outputs": "outputs", "inbox": "inbox", "state": "state"},
+    "paths": {"outputs": "outputs", "inbox": "inbox", "state": "state", "models": "models"},
     "model": {
         "backend": "diffusers",
         "name": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -144,19 +145,23 @@ class Config:
         return path if path.is_absolute() else (self.base_dir / path)
 
     def path_for(self, name: str) -> Path:
-        """``paths.<name>`` as an absolute path (outputs, inbox, state)."""
+        """``paths.<name>`` as an absolute path (outputs, inbox, state, models)."""
         return self.resolve(self.data["paths"][name])
 
     def model_settings(self) -> dict[str, Any]:
         """The ``model:`` section as a backend receives it.
 
         ``name`` is made absolute when it names an existing local path relative to the config
-        file; ``cache_dir`` defaults to ``<state>/models``.
+        file, else made the path of the checkpoint it names in ``paths.models`` (as
+        ``GET /api/models`` lists it), if any; ``cache_dir`` defaults to ``<state>/models``.
         """
         settings = dict(self.data["model"])
         local = self.resolve(settings["name"])
         if local.exists():
             settings["name"] = str(local)
+        elif checkpoint := find_checkpoint(self.path_for("models"), settings["name"]):
+            # A name from GET /api/models: the backend loads files by path.
+            settings["name"] = str(checkpoint)
         cache = settings["cache_dir"]
         settings["cache_dir"] = str(
             self.resolve(cache) if cache else self.path_for("state") / "models"
@@ -190,6 +195,9 @@ def check_folders(config: Config) -> None:
       writable share could replace or delete it).
     - outputs and inbox do not hold the config file: it would be published with its token,
       or taken by the inbox as a prompt file.
+    - models is not in outputs (it would be published) and apart from the inbox (anyone on
+      the share could add models, and a .ckpt runs code when it is loaded). outputs may be
+      inside models: an A1111 webui folder holds its own outputs/.
 
     state may hold the others (``state: .`` keeps the database beside config.yaml), and the
     shipped layout (outputs, inbox and state side by side next to config.yaml) passes.
@@ -248,6 +256,21 @@ def check_folders(config: Config) -> None:
                 "give state a folder of its own, e.g. state (beside config.yaml)",
                 field="paths.state",
             )
+    models = folders["models"]
+    if models.is_relative_to(outputs):
+        raise ConfigError(
+            f"paths.models ({models}) is inside paths.outputs ({outputs}): the models would "
+            "be published with the images; give models a folder of its own, e.g. models "
+            "(beside config.yaml)",
+            field="paths.models",
+        )
+    if models.is_relative_to(inbox) or inbox.is_relative_to(models):
+        raise ConfigError(
+            f"paths.models ({models}) and paths.inbox ({inbox}) overlap: anyone who can drop "
+            "a file into the inbox could add or replace models (and a .ckpt runs code when it "
+            "is loaded); put them side by side, e.g. models and inbox",
+            field="paths.models",
+        )
 
 
 def load(path: str | os.PathLike) -> Config:

@@ -202,6 +202,7 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "outputs": _str(nonempty=True),
         "inbox": _str(nonempty=True),
         "state": _str(nonempty=True),
+        "models": _str(nonempty=True),
     },
     "model": {
         "backend": _str(nonempty=True),

@@ -24,6 +24,7 @@ from .errors import Conflict, Gone, NotFound, Unavailable
 from .events import EventBus
 from .gallery import Gallery
 from .jobs import COMPLETED, FAILED, QUEUED, RUNNING, Job, iso
+from .models import ModelLibrary
 from .plugins import get_plugin_manager
 from .saver import ImageSaver
 from .sqlite_store import SQLiteStore
@@ -74,6 +75,9 @@ class Daemon:
         self._started = False
         self.saver = ImageSaver(config, self.outputs_dir, clock, self._image_saved)
         self.settings = config_remote.LiveSettings(config)
+        self.models = ModelLibrary(
+            config.path_for("models"), self.state_dir, loaded=config.model_settings()["name"]
+        )
         # Services beside the workers (the inbox, ...) report their state in /api/health.
         self._status_providers: dict[str, Callable[[], dict[str, Any]]] = {}
 
@@ -84,6 +88,7 @@ class Daemon:
     def start(self, *, workers: bool = True) -> None:
         """Recover from an unclean stop, then start one worker per device."""
         self.recover()
+        self.models.start()
         if workers:
             self.supervisor = Supervisor(
                 self, self.devices(), self.config["performance"]["max_batch"]
@@ -142,6 +147,7 @@ class Daemon:
         """Stop taking jobs; a running job is interrupted at its next step and put back in the
         queue (without counting an attempt); then close the store."""
         self.stopping.set()
+        self.models.stop()
         with self._lock:
             for job in self.store.running() if self._started else []:
                 self._interrupts[job.id] = SHUTDOWN
@@ -289,10 +295,11 @@ class Daemon:
         return self.update_config({"generation": values}, merge=True)
 
     def available_models(self) -> list[str]:
-        """The values ``model.name`` may take over the API: for now the model saved in
-        config.yaml (any other name could be any file on the server; other models are set
-        in config.yaml on the server)."""
-        return [self.saved_config["model"]["name"]]
+        """The values ``model.name`` may take over the API: the model saved in config.yaml
+        and the checkpoints listed from ``paths.models`` (any other name could be any file
+        on the server; other models are set in config.yaml on the server)."""
+        saved = self.saved_config["model"]["name"]
+        return [saved, *(name for name in self.models.checkpoint_names() if name != saved)]
 
     # -- inbox: a claimed file's jobs, queued at once (see store.py) -------------------
     def submit_claim(self, claim_id: int, specs: list[jobs.JobSpec], source_name: str) -> list[Job]:

@@ -18,6 +18,7 @@ from imagineerd import config_remote
 
 from .conftest import Api
 from .test_config import RELEASE_SAVED, RELEASE_SHIPPED
+from .test_models import SDXL, st
 
 EDIT_ON_SERVER = "edit config.yaml on the server"
 
@@ -138,6 +139,20 @@ def test_model_name_changes_only_to_an_available_model(start_api, monkeypatch):
     assert current in body["error"] and EDIT_ON_SERVER in body["error"]
     same = api("PATCH", "/api/config", json={"model": {"name": current}})
     assert same.status_code == 200 and same.json()["restart_required"] == []
+    # A checkpoint listed from paths.models is available by its name, and that name then
+    # stands for its file (the backend loads files by path); a name beside it is not.
+    models = api.daemon.config.path_for("models")
+    mine = st(models / "checkpoints" / "sdxl" / "mine.safetensors", SDXL)
+    assert_error(api("PATCH", "/api/config", json={"model": {"name": "sdxl/other"}}), 403)
+    api("POST", "/api/models/refresh", json={})
+    assert "sdxl/mine" in api.daemon.available_models()
+    result = api("PATCH", "/api/config", json={"model": {"name": "sdxl/mine"}}).json()
+    assert result["restart_required"] == ["model.name"]
+    saved = config_mod.load(api.daemon.config.path)
+    assert saved["model"]["name"] == "sdxl/mine"
+    assert saved.model_settings()["name"] == str(mine)
+    for outside in ("../config", "/etc/shadow", "sdxl/../../config"):
+        assert_error(api("PATCH", "/api/config", json={"model": {"name": outside}}), 403)
     monkeypatch.setattr(api.daemon, "available_models", lambda: [current, "org/other-model"])
     result = api("PATCH", "/api/config", json={"model": {"name": "org/other-model"}}).json()
     assert result["restart_required"] == ["model.name"]

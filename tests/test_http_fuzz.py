@@ -140,6 +140,8 @@ ROUTES = [
     "/api/outputs/{}",
     "/api/health",
     "/api/options",
+    "/api/models",
+    "/api/models/refresh",
     "/api/{}",
     "/{}",
     "/api/jobs/{}/{}",

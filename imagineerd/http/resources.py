@@ -264,6 +264,24 @@ class Options:
         }
 
 
+class Models:
+    """``GET /api/models``: the checkpoints, LoRAs, embeddings and VAEs found in
+    ``paths.models`` and ``default``, the model jobs run with; ``POST /api/models/refresh``
+    rescans the folder first (it is also rescanned when it changes)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def _answer(self, resp: falcon.Response, listing: dict[str, Any]) -> None:
+        resp.media = {**listing, "default": self.daemon.config["model"]["name"]}
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self._answer(resp, self.daemon.models.listing())
+
+    def on_post_refresh(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self._answer(resp, self.daemon.models.refresh())
+
+
 class Health:
     """``GET /api/health``: open to all (monitors need no token). When a token is set, a
     request without it sees only the status and the counts of the original API: the model

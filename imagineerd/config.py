@@ -29,7 +29,7 @@ from .config_schema import (
     key_name,
 )
 from .errors import ConfigError
-from .models import find_checkpoint
+from .model_scan import find_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from imagineerd import config as config_mod
-from imagineerd.models import SD15_KEY, ModelLibrary, find_checkpoint, scan
+from imagineerd.model_arch import SD15_KEY
+from imagineerd.model_scan import find_checkpoint, scan
+from imagineerd.models import ModelLibrary
 
 from .conftest import wait_for
 

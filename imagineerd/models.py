@@ -108,8 +108,11 @@ class ModelLibrary:
 
     # -- life cycle ----------------------------------------------------------------------
     def start(self) -> None:
+        """Start watching and hashing; a second call (the daemon started again to add its
+        workers) changes nothing."""
         for thread in self._threads:
-            thread.start()
+            if thread.ident is None:
+                thread.start()
 
     def stop(self) -> None:
         self._stopping.set()

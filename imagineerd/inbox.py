@@ -135,10 +135,11 @@ class Inbox:
         start a new one, and rescan for what it missed meanwhile."""
         if self._observer is None or self._observer.is_alive() or self._stopping.is_set():
             return
-        self.restarts += 1
-        self.last_error = "the file watcher stopped"
         log.error("inbox: the file watcher stopped; starting a new one and rescanning")
         self._start_observer()
+        # Counted once the new watcher runs, so health never shows a restart half-done.
+        self.restarts += 1
+        self.last_error = "the file watcher stopped"
         self.rescan()
 
     def _ensure_folders(self) -> None:

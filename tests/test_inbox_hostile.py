@@ -268,7 +268,8 @@ def test_a_file_watcher_that_dies_is_started_again_and_health_shows_it(start_inb
     first.stop()  # as when inotify gives up: its thread ends
     first.join(10)
     wait_for(lambda: health(env)["restarts"] == 1, 20)
-    assert env.inbox._observer is not first and env.inbox._observer.is_alive()
+    assert env.inbox._observer is not first
+    wait_for(env.inbox._observer.is_alive, 10)
     assert health(env)["file_watcher"] == "running"
     assert health(env)["last_error"] == "the file watcher stopped"
     env.drop("after.txt", "seen by the new watcher\n")

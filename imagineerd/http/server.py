@@ -70,5 +70,10 @@ class HttpService:
         self.server.task_dispatcher.shutdown(timeout=5)
         # Close every socket from inside the server's own loop thread (closing them from here
         # would pull file descriptors from under its select()); the loop ends with its map.
-        self.server.trigger.pull_trigger(lambda: wasyncore.close_all(self.server._map))
+        try:
+            self.server.trigger.pull_trigger(lambda: wasyncore.close_all(self.server._map))
+        except OSError as exc:
+            # The loop already closed its trigger (it does when select() reports the pipe
+            # broken); there is nothing left to wake, and stopping must still finish.
+            log.warning("HTTP server's wake-up pipe was already closed (%s); stopping anyway", exc)
         self._thread.join(10)

@@ -138,3 +138,17 @@ def test_serving_on_the_network_without_a_token_warns_at_start(tmp_path: Path, t
     assert "WARNING" in text and "without a token" in text and "imagineerd token" in text
     assert security_warnings("127.0.0.1", "") == [] and security_warnings("::1", "") == []
     assert security_warnings("0.0.0.0", "s3cret") == []
+
+
+def test_a_token_from_the_environment_obeys_the_token_rules(tmp_path: Path, tiny_model: Path):
+    config = write_config(tmp_path, tiny_model)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", IMAGINEERD_AUTH_TOKEN="my token")
+    result = subprocess.run(
+        [sys.executable, "-m", "imagineerd", "serve", "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "IMAGINEERD_AUTH_TOKEN may hold only printable ASCII" in result.stderr

@@ -18,6 +18,7 @@ from typing import Any
 import falcon
 
 from ..config import Config
+from ..config_schema import SCHEMA
 from ..daemon import Daemon
 from ..errors import ImagineerdError
 from . import errors, resources
@@ -78,7 +79,12 @@ class BodyLimit:
 
 
 def auth_token(config: Config) -> str:
-    return os.environ.get("IMAGINEERD_AUTH_TOKEN") or config["server"]["auth_token"]
+    """The token in force: ``IMAGINEERD_AUTH_TOKEN`` wins over ``server.auth_token``, and is
+    held to the same rules (a token a client or proxy could alter would lock its owner out)."""
+    from_env = os.environ.get("IMAGINEERD_AUTH_TOKEN")
+    if from_env:
+        return SCHEMA["server"]["auth_token"]("IMAGINEERD_AUTH_TOKEN", from_env)
+    return config["server"]["auth_token"]
 
 
 def create_app(daemon: Daemon, config: Config, *, streams: Any = None) -> falcon.App:

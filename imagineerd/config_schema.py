@@ -241,48 +241,15 @@ MAX_VALUES = 10_000
 
 
 def check_shape(data: Any) -> None:
-    """Refuse absurd nesting or size, and text that cannot be stored as UTF-8, anywhere.
-
-    Iterative, so a hostile body cannot exhaust the stack here; run before any other check so
-    that nothing later meets a string that breaks when it is written out.
-    """
-    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
-    count = 0
-    while stack:
-        value, where, depth = stack.pop()
-        count += 1
-        if count > MAX_VALUES:
-            raise ConfigError(
-                f"the configuration holds more than {MAX_VALUES} values; a real one holds "
-                "about a hundred"
-            )
-        if isinstance(value, str):
-            _encodable(where or "the configuration", value)
-        elif isinstance(value, Mapping | list):
-            if depth >= MAX_DEPTH:
-                raise ConfigError(
-                    f"{where or 'the configuration'} is nested more than {MAX_DEPTH} levels "
-                    "deep; no setting needs that",
-                    field=where or None,
-                )
-            if isinstance(value, list):
-                stack.extend((item, where, depth + 1) for item in value)
-                continue
-            for key, item in value.items():
-                if isinstance(key, str):
-                    _encodable(where or "the configuration", key)
-                stack.append((item, f"{where}.{key}" if where else str(key), depth + 1))
-
-
-def _encodable(where: str, text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ConfigError(
-            f"{where} contains {text[exc.start]!r}, which cannot be stored as UTF-8 (a lone "
-            "surrogate, as an escape like \\udcff spells); remove it",
-            field=where,
-        ) from None
+    """Refuse absurd nesting or size, and text that cannot be stored as UTF-8, anywhere in a
+    configuration; run before any other check."""
+    jobs.check_tree(
+        data,
+        what="the configuration",
+        max_depth=MAX_DEPTH,
+        max_values=MAX_VALUES,
+        error=ConfigError,
+    )
 
 
 #: Inbox subfolders the daemon itself uses; they cannot name a preset.

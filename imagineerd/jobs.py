@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from .errors import ValidationError
+from .errors import ImagineerdError, ValidationError
 
 SEED_MAX = 2_147_483_647
 PROMPT_MAX = 2000
@@ -109,7 +109,9 @@ def check_text(name: str, value: Any, *, required: bool, max_len: int | None = P
     return value
 
 
-def check_encodable(name: str, value: str) -> str:
+def check_encodable(
+    name: str, value: str, *, error: type[ImagineerdError] = ValidationError
+) -> str:
     """Refuse text that cannot be written as UTF-8.
 
     JSON and YAML escapes can spell lone UTF-16 surrogates (``"\\udcff"``); such a ``str``
@@ -119,12 +121,62 @@ def check_encodable(name: str, value: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValidationError(
+        raise error(
             f"{name} contains text that is not valid Unicode (a lone surrogate "
             f"{value[exc.start]!r} at character {exc.start + 1}); send UTF-8 text",
             field=name,
         ) from None
     return value
+
+
+def check_tree(
+    data: Any,
+    *,
+    what: str,
+    max_depth: int,
+    max_values: int | None = None,
+    prefix: str = "",
+    error: type[ImagineerdError] = ValidationError,
+) -> None:
+    """Refuse a parsed document (a request body, a configuration) nested more than
+    ``max_depth`` levels, holding more than ``max_values`` values, or with any text, keys
+    included, that cannot be stored as UTF-8; errors name the dotted path at fault.
+
+    Iterative, so a hostile document cannot exhaust the stack here; run it before anything
+    else reads the document.
+    """
+    stack: list[tuple[Any, str, int]] = [(data, prefix, 1)]
+    count = 0
+    while stack:
+        value, where, depth = stack.pop()
+        count += 1
+        if max_values is not None and count > max_values:
+            raise error(f"{what} holds more than {max_values} values")
+        if isinstance(value, str):
+            check_encodable(where or what, value, error=error)
+            continue
+        if isinstance(value, Mapping):
+            for key in value:
+                if isinstance(key, str):
+                    try:
+                        check_encodable("a field name", key, error=error)
+                    except ImagineerdError as exc:  # the field at fault is the one holding it
+                        raise error(
+                            f"{exc.message} (in {where or what})", field=where or None
+                        ) from None
+            children = [
+                (item, f"{where}.{key}" if where else str(key)) for key, item in value.items()
+            ]
+        elif isinstance(value, list):
+            children = [(item, where) for item in value]  # fields are named by their key
+        else:
+            continue
+        if depth > max_depth:
+            raise error(
+                f"{where or what} is nested more than {max_depth} levels deep",
+                field=where or None,
+            )
+        stack.extend((item, path, depth + 1) for item, path in children)
 
 
 def check_scheduler(name: str, value: Any) -> str:

@@ -14,42 +14,13 @@ from .. import jobs
 from ..daemon import Daemon
 from ..errors import NotFound, ValidationError
 from ..gallery import THUMBNAIL_SIZES
-from ..jobs import SCHEDULERS, check_encodable
+from ..jobs import SCHEDULERS, check_tree
 from .security import SESSION_COOKIE, SESSION_MAX_AGE, BearerAuth
 
 REDACTED = "********"
 #: JSON nested deeper than this is refused; no valid body comes near it (json.loads itself
 #: overflows the stack at about a thousand levels).
 MAX_JSON_DEPTH = 32
-
-
-def _check_structure(data: Any, limit: int, prefix: str = "") -> None:
-    """400 unless ``data`` nests at most ``limit`` levels and every text in it (keys too)
-    can be stored as UTF-8. JSON's ``\\udcff`` escapes spell lone surrogates that pass as a
-    ``str`` and break later, far away: refused here, for every route with a body.
-    (Iterative: no recursion to overflow.)"""
-    stack: list[tuple[Any, int, str]] = [(data, 1, prefix)]
-    while stack:
-        value, depth, where = stack.pop()
-        if isinstance(value, str):
-            check_encodable(where or "the request body", value)
-            continue
-        if isinstance(value, dict):
-            for key in value:
-                try:
-                    check_encodable("a field name", key)
-                except ValidationError as exc:  # the field at fault is the one holding it
-                    raise ValidationError(
-                        f"{exc.message} (in {where or 'the request body'})", field=where or None
-                    ) from None
-            items = [(item, f"{where}.{key}" if where else key) for key, item in value.items()]
-        elif isinstance(value, list):
-            items = [(item, f"{where}[{i}]") for i, item in enumerate(value)]
-        else:
-            continue
-        if depth > limit:
-            raise ValidationError(f"the request body nests more than {limit} levels deep")
-        stack.extend((item, depth + 1, path) for item, path in items)
 
 
 def read_json_object(req: falcon.Request, *, prefix: str = "") -> dict[str, Any]:
@@ -76,7 +47,7 @@ def read_json_object(req: falcon.Request, *, prefix: str = "") -> dict[str, Any]
         raise ValidationError(
             f"the request body nests more than {MAX_JSON_DEPTH} levels deep"
         ) from None
-    _check_structure(data, MAX_JSON_DEPTH, prefix)
+    check_tree(data, what="the request body", max_depth=MAX_JSON_DEPTH, prefix=prefix)
     if not isinstance(data, dict):
         raise ValidationError(f"the request body must be a JSON object, not {type(data).__name__}")
     return data

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import jobs
@@ -40,7 +40,7 @@ _READ_ONLY_WHY = {
 
 
 def remote_changes(
-    saved: Mapping[str, Any], body: Any, *, merge: bool, models: Sequence[str]
+    saved: Mapping[str, Any], body: Any, *, merge: bool, models: Callable[[], Sequence[str]]
 ) -> dict[str, dict[str, Any]]:
     """What a request to change the configuration over the API asks for, checked.
 
@@ -98,7 +98,10 @@ def remote_changes(
 
 
 def _section_changes(
-    section: str, saved: Mapping[str, Any], values: Mapping[str, Any], models: Sequence[str]
+    section: str,
+    saved: Mapping[str, Any],
+    values: Mapping[str, Any],
+    models: Callable[[], Sequence[str]],
 ) -> dict[str, Any]:
     found = {}
     writable = REMOTE_KEYS.get(section, frozenset())
@@ -121,10 +124,10 @@ def _section_changes(
                 "edit config.yaml on the server to change it, then restart imagineerd",
                 field=dotted,
             )
-        if dotted == "model.name" and value not in models:
+        if dotted == "model.name" and value not in (available := models()):
             raise Forbidden(
                 f"model.name can be changed over the API only to an available model "
-                f"({', '.join(models)}), got {show_value(raw)}; to use another model, edit "
+                f"({', '.join(available)}), got {show_value(raw)}; to use another model, edit "
                 "config.yaml on the server",
                 field=dotted,
             )
@@ -162,7 +165,7 @@ class LiveSettings:
         self._lock = threading.RLock()
 
     def update(
-        self, data: Any, *, merge: bool, models: Sequence[str]
+        self, data: Any, *, merge: bool, models: Callable[[], Sequence[str]]
     ) -> tuple[dict[str, Any], list[str], bool]:
         """Apply a change from the API: ``merge`` (PATCH) changes the keys given, section by
         section; otherwise (PUT) ``data`` must carry every section and key. Only keys in

@@ -279,7 +279,7 @@ class Daemon:
         :meth:`imagineerd.config_remote.LiveSettings.update`. Returns the saved config and the
         keys that take effect only after a restart."""
         saved, restart, changed = self.settings.update(
-            data, merge=merge, models=self.available_models()
+            data, merge=merge, models=self.available_models
         )
         if changed:
             self.events.publish("config.changed", {"restart_required": restart})

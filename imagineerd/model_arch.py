@@ -48,7 +48,7 @@ def read_safetensors_header(path: str, expect: os.stat_result | None = None) -> 
     return header
 
 
-def _shapes(header: dict[str, Any]) -> tuple[dict[str, list[int] | None], dict[str, str]]:
+def tensor_shapes(header: dict[str, Any]) -> tuple[dict[str, list[int] | None], dict[str, str]]:
     shapes: dict[str, list[int] | None] = {}
     for key, value in header.items():
         if key == "__metadata__":

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .model_arch import ARCH_FROM_HEADER, _shapes, diffusers_arch, read_safetensors_header
+from .model_arch import ARCH_FROM_HEADER, diffusers_arch, read_safetensors_header, tensor_shapes
 from .safefile import open_regular
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ class _Scan:
         key = (real, st.st_size, st.st_mtime_ns)
         if key not in self.arch_cache:
             try:
-                shapes, metadata = _shapes(read_safetensors_header(real, st))
+                shapes, metadata = tensor_shapes(read_safetensors_header(real, st))
                 self.arch_cache[key] = ARCH_FROM_HEADER[category](shapes, metadata)
             except Exception as exc:  # malformed, truncated, hostile: still listed
                 log.info("models: cannot read the header of %r: %s", real, exc)

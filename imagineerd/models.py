@@ -149,7 +149,10 @@ class ModelLibrary:
         return copy.deepcopy(result)
 
     def checkpoint_names(self) -> list[str]:
-        return [entry["name"] for entry in self.listing()["checkpoints"]]
+        if self._files is None:
+            self.refresh()
+        with self._lock:
+            return [item.name for item in (self._files or {}).get("checkpoints", [])]
 
     def _entry(self, item: ModelFile) -> dict[str, Any]:
         entry: dict[str, Any] = {

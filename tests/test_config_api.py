@@ -388,3 +388,18 @@ def test_a_last_release_config_changes_only_what_was_asked(serve, tmp_path: Path
     expected = config_mod.load(fixture).data
     expected["generation"]["steps"] = 25
     assert config_mod.load(path).data == expected
+
+
+def test_the_model_list_is_read_only_when_model_name_changes(start_api, monkeypatch):
+    """Listing the models folder can take a scan; a change of anything else never waits on it."""
+    api = start_api(workers=False)
+    asked: list[int] = []
+    real = api.daemon.available_models
+    monkeypatch.setattr(api.daemon, "available_models", lambda: asked.append(1) or real())
+    assert api("PATCH", "/api/config", json={"generation": {"steps": 7}}).status_code == 200
+    assert asked == []
+    current = real()[0]
+    assert api("PATCH", "/api/config", json={"model": {"name": current}}).status_code == 200
+    assert asked == []  # unchanged: nothing to check
+    assert_error(api("PATCH", "/api/config", json={"model": {"name": "nope"}}), 403, "model.name")
+    assert asked == [1]

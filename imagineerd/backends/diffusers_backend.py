@@ -9,7 +9,6 @@ fast.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -21,6 +20,7 @@ from PIL import Image
 
 from .. import hookimpl
 from ..errors import BackendError, ConfigError
+from ..model_arch import checkpoint_arch, diffusers_arch, read_safetensors_header, tensor_shapes
 from . import BackendBase, GenerationRequest, StepCallback
 
 log = logging.getLogger(__name__)
@@ -65,24 +65,23 @@ def pick_dtype(setting: str, device: str) -> Any:
 
 
 def detect_arch(name: str, setting: str = "auto") -> str:
-    """``sd15`` or ``sdxl``: from ``model.arch``, the folder's model_index.json, or the
-    checkpoint's tensor names (SDXL checkpoints carry a second text encoder)."""
+    """``sd15`` or ``sdxl`` (the pipeline class to load): from ``model.arch``, or read from
+    the model itself as the models listing reads it (model_index.json, or the tensor names
+    of a checkpoint's header); a hub id is guessed from its name."""
     if setting != "auto":
         return setting
     path = Path(name)
-    index = path / "model_index.json"
-    if index.is_file():
-        pipeline = json.loads(index.read_text()).get("_class_name", "")
-        return "sdxl" if "XL" in pipeline else "sd15"
-    if path.is_file() and path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            keys = handle.keys()
-            return "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd15"
-    if "xl" in name.lower():
-        return "sdxl"
-    return "sd15"
+    arch = "unknown"
+    try:
+        if (path / "model_index.json").is_file():
+            arch = diffusers_arch(str(path))
+        elif path.is_file() and path.suffix == ".safetensors":
+            arch = checkpoint_arch(*tensor_shapes(read_safetensors_header(str(path))))
+    except (OSError, ValueError):
+        arch = "unknown"  # unreadable here: the pipeline load reports it properly
+    if arch == "unknown":
+        arch = "sdxl" if "xl" in name.lower() else "sd15"
+    return "sdxl" if arch == "sdxl" else "sd15"
 
 
 class DiffusersBackend(BackendBase):

@@ -29,6 +29,8 @@ from .jobs import Job
 from .safefile import open_regular
 
 TEMP_PREFIX = ".imagineerd-"
+#: The first eight bytes of every PNG file.
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _SLUG_MAX = 48
 
 

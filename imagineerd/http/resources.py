@@ -15,6 +15,7 @@ from ..daemon import Daemon
 from ..errors import NotFound, ValidationError
 from ..gallery import THUMBNAIL_SIZES
 from ..jobs import SCHEDULERS, check_tree
+from ..outputs import PNG_SIGNATURE
 from .security import SESSION_COOKIE, SESSION_MAX_AGE, BearerAuth
 
 REDACTED = "********"
@@ -196,6 +197,12 @@ class Outputs:
             stat = os.fstat(handle.fileno())
         except OSError:  # removed (or its thumbnail evicted) since it was looked up
             raise NotFound(f"no image named {filename!r}") from None
+        if not thumb and handle.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+            # Other bytes under a .png name (dropped on the share) are not one of our
+            # images: not served as image/png, as they are not listed either.
+            handle.close()
+            raise NotFound(f"{filename!r} is not a PNG image")
+        handle.seek(0)
         etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
         resp.etag = etag
         resp.last_modified = None

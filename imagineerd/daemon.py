@@ -241,12 +241,9 @@ class Daemon:
     ) -> dict[str, Any]:
         return self.views.overview(limit=limit, before=before, queued_limit=queued_limit)
 
-    def register_status(self, name: str, provider: Callable[[], dict[str, Any]] | None) -> None:
-        """Show ``provider()`` under ``name`` in :meth:`health` (``None`` removes it)."""
-        if provider is None:
-            self._status_providers.pop(name, None)
-        else:
-            self._status_providers[name] = provider
+    def register_status(self, name: str, provider: Callable[[], dict[str, Any]]) -> None:
+        """Show ``provider()`` under ``name`` in :meth:`health`."""
+        self._status_providers[name] = provider
 
     def health(self) -> dict[str, Any]:
         counts = self.store.counts()

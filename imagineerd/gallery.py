@@ -13,6 +13,7 @@ from typing import Any
 
 from .errors import NotFound
 from .outputs import TEMP_PREFIX, open_png, parse_infotext
+from .safefile import is_utf8_name
 
 #: The thumbnail sizes served (longer side, pixels). A fixed few, so the cache cannot be
 #: filled with one file per size a client asks for.
@@ -20,16 +21,6 @@ THUMBNAIL_SIZES = (128, 256, 512)
 #: The thumbnail cache keeps at most this many files and bytes; the least recently used go.
 MAX_THUMBNAIL_FILES = 5000
 MAX_THUMBNAIL_BYTES = 512 * 1024 * 1024
-
-
-def _servable_name(name: str) -> bool:
-    """A name that can travel in a URL and a JSON answer: one that is not valid UTF-8 (an
-    old client's Latin-1 over SMB) arrives with surrogate escapes and could not."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class Gallery:
@@ -62,7 +53,7 @@ class Gallery:
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             rel_root = os.path.relpath(root, self.directory)
             for name in files:
-                if not _servable_name(name):
+                if not is_utf8_name(name):  # could not travel in the answer
                     continue
                 if name.lower().endswith(".png") and not name.startswith("."):
                     found.append(name if rel_root == "." else f"{rel_root}/{name}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .model_arch import ARCH_FROM_HEADER, diffusers_arch, read_safetensors_header, tensor_shapes
-from .safefile import open_regular
+from .safefile import is_utf8_name, open_regular
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,7 @@ class _Scan:
         stack: list[tuple[str, str, int]],
     ) -> ModelFile | None:
         name = entry.name
-        try:
-            name.encode("utf-8")  # a name that is not UTF-8 could not be shown or chosen
-        except UnicodeEncodeError:
+        if not is_utf8_name(name):  # could not be shown or chosen
             return None
         if name.startswith("."):  # partial downloads, .git and the like
             return None

@@ -65,6 +65,17 @@ def kind_of(mode: int) -> str:
     return "a special file"
 
 
+def is_utf8_name(name: str) -> bool:
+    """Whether a name read from the disk is valid UTF-8. One that is not (an old client's
+    Latin-1 over SMB) arrives with surrogate escapes and cannot travel in a URL, a JSON
+    answer or the database."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def regular_lstat(path: Path | str) -> os.stat_result:
     """``lstat`` of ``path``; ``NotRegularFileError`` unless it is a regular file itself."""
     st = os.lstat(path)

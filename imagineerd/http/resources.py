@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hmac
 import json
 import os
 from typing import Any
@@ -302,7 +301,7 @@ class Session:
         if self.auth.sessions is None:
             resp.media = {"message": "this server needs no token", "authenticated": True}
             return
-        if not hmac.compare_digest(supplied.encode("utf-8", "replace"), self.auth.token):
+        if not self.auth.matches(supplied):
             raise falcon.HTTPUnauthorized(
                 title="Unauthorized", description="that token was not accepted"
             )

@@ -298,18 +298,21 @@ class BearerAuth:
         self.token = token.encode()
         self.sessions = Sessions(token) if token else None
 
+    def matches(self, supplied: str) -> bool:
+        """Whether ``supplied`` is the token (constant time; any text, even unencodable)."""
+        return hmac.compare_digest(supplied.encode("utf-8", "replace"), self.token)
+
     def authenticated(self, req: falcon.Request) -> bool:
         if not self.token:
             return True
         header = req.get_header("Authorization") or ""
         if header.lower().startswith("bearer "):
-            return hmac.compare_digest(header[7:].strip().encode(), self.token)
+            return self.matches(header[7:].strip())
         assert self.sessions is not None
         if self.sessions.valid(req.cookies.get(SESSION_COOKIE)):
             return True
         if req.method in ("GET", "HEAD") and "token" in req.params:
-            supplied = req.get_param("token") or ""
-            return hmac.compare_digest(supplied.encode("utf-8", "replace"), self.token)
+            return self.matches(req.get_param("token") or "")
         return False
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:

@@ -4,7 +4,9 @@ tokens in URLs and logs, ids that cannot exist, files that are not images."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import time
 
 import pytest
 
@@ -245,6 +247,9 @@ def _png(api: Api) -> bytes:
     return buffer.getvalue()
 
 
+KEPT = ((4, 512), (5, 128), (5, 256), (5, 512))  # in the order they were last used
+
+
 def test_thumbnails_of_non_images_sizes_and_cache_bound(start_api):
     api = start_api(workers=False)
     outputs = api.daemon.outputs_dir
@@ -267,10 +272,21 @@ def test_thumbnails_of_non_images_sizes_and_cache_bound(start_api):
             assert got.status_code == 200 and got.content[:2] == b"\xff\xd8"
     cached = [p for p in (api.daemon.state_dir / "thumbnails").rglob("*.jpg")]
     assert len(cached) == 4
-    # The most recently used stay: the last image's three sizes are all still there.
-    again = api("GET", "/api/outputs/img5.png", params={"thumb": 512})
-    assert again.status_code == 200
-    assert len(list((api.daemon.state_dir / "thumbnails").rglob("*.jpg"))) == 4
+
+    # Least recently used goes first: the four kept are the last four made.
+    paths = {key: gallery.thumbnail(f"img{key[0]}.png", key[1]) for key in KEPT}
+    assert set(cached) == set(paths.values())
+    # File times are coarse (a few ms): give the use order one second apart, oldest first.
+    now_ns = time.time_ns()
+    for age, key in enumerate(reversed(KEPT), start=1):
+        os.utime(paths[key], ns=(now_ns - age * 10**9, now_ns - age * 10**9))
+    inode = paths[4, 512].stat().st_ino
+    # A hit makes img4/512 the most recent; the next miss evicts img5/128, now the oldest.
+    assert api("GET", "/api/outputs/img4.png", params={"thumb": 512}).status_code == 200
+    assert api("GET", "/api/outputs/img0.png", params={"thumb": 128}).status_code == 200
+    now = set((api.daemon.state_dir / "thumbnails").rglob("*.jpg"))
+    assert len(now) == 4 and not paths[5, 128].exists()
+    assert paths[4, 512] in now and paths[4, 512].stat().st_ino == inode  # kept, not remade
     listed = [o["filename"] for o in api("GET", "/api/outputs").json()["outputs"]]
     assert "fake.png" not in listed and "cut.png" not in listed
 

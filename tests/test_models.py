@@ -266,6 +266,8 @@ def test_hashes_are_the_a1111_short_hash_computed_once_and_cached(tmp_path: Path
         cache = state / "model-hashes.json"
         written = cache.stat().st_mtime_ns
         library.refresh()
+        # What decides "computed once": after a rescan nothing is waiting to be hashed.
+        assert library._pending() == []
         library._hash_wake.set()
         assert library.refresh()["loras"][0]["hash"] == done["loras"][0]["hash"]
         assert library.hashes_computed == 2 and cache.stat().st_mtime_ns == written

@@ -54,6 +54,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "device": "auto",
         "dtype": "auto",
         "cache_dir": "",
+        "max_loaded": 1,
+        "cpu_cache": 1,
     },
     "generation": {
         "steps": 30,
@@ -62,6 +64,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "height": 512,
         "negative_prompt": "",
         "scheduler": "euler",
+        "clip_skip": 1,
     },
     "inbox": {
         "enabled": True,

@@ -207,10 +207,12 @@ SCHEMA: dict[str, dict[str, Callable]] = {
     "model": {
         "backend": _str(nonempty=True),
         "name": _str(nonempty=True),
-        "arch": _str(choices=("auto", "sd15", "sdxl")),
+        "arch": _str(choices=("auto", "sd15", "sd2", "sdxl")),
         "device": _device,
         "dtype": _str(choices=("auto", "float32", "float16", "bfloat16")),
         "cache_dir": _str(),
+        "max_loaded": _int(1, 16),
+        "cpu_cache": _int(0, 16),
     },
     "generation": {name: _job_field(name) for name in jobs.DEFAULTABLE},
     "inbox": {
@@ -255,7 +257,8 @@ def check_shape(data: Any) -> None:
 #: Inbox subfolders the daemon itself uses; they cannot name a preset.
 RESERVED_FOLDERS = ("done", "failed")
 
-PRESET_FIELDS = (*jobs.DEFAULTABLE, "seed")
+#: Model names are checked against the models folder when a job uses the preset.
+PRESET_FIELDS = (*jobs.DEFAULTABLE, "seed", "model", "loras", "vae")
 
 
 def check_presets(value: Any) -> dict[str, dict[str, Any]]:
@@ -294,6 +297,8 @@ def check_presets(value: Any) -> dict[str, dict[str, Any]]:
                     field=dotted,
                 )
             checked[field] = _job_field(field)(dotted, raw)
+            if field == "loras":  # kept as config.yaml writes it: [{name, weight}, ...]
+                checked[field] = [{"name": n, "weight": w} for n, w in checked[field]]
         presets[name] = checked
     return presets
 

@@ -24,6 +24,7 @@ from .errors import Conflict, Gone, NotFound, Unavailable
 from .events import EventBus
 from .gallery import Gallery
 from .jobs import COMPLETED, FAILED, QUEUED, RUNNING, Job, iso
+from .model_choice import ModelChoice
 from .models import ModelLibrary
 from .plugins import get_plugin_manager
 from .saver import ImageSaver
@@ -73,10 +74,12 @@ class Daemon:
         self.views = JobViews(self.store, self._capacity)
         self._interrupts: dict[int, str] = {}
         self._started = False
-        self.saver = ImageSaver(config, self.outputs_dir, clock, self._image_saved)
         self.settings = config_remote.LiveSettings(config)
-        self.models = ModelLibrary(
-            config.path_for("models"), self.state_dir, loaded=config.model_settings()["name"]
+        default_path = config.model_settings()["name"]
+        self.models = ModelLibrary(config.path_for("models"), self.state_dir, loaded=default_path)
+        self.model_choice = ModelChoice(self.models, config["model"]["name"], default_path)
+        self.saver = ImageSaver(
+            config, self.outputs_dir, clock, self._image_saved, choice=self.model_choice
         )
         # Services beside the workers (the inbox, ...) report their state in /api/health.
         self._status_providers: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -93,6 +96,7 @@ class Daemon:
             self.supervisor = Supervisor(
                 self, self.devices(), self.config["performance"]["max_batch"]
             )
+            self.models.loaded_models = self.loaded_models
             self.supervisor.start()
         self._started = True
 
@@ -105,7 +109,12 @@ class Daemon:
 
     def load_backend(self, device: str | None) -> Backend:
         """A new backend for ``device`` (called on the worker's own thread)."""
-        return backends.create(self.backend_factory, backends.settings(self.config, device))
+        settings = backends.settings(self.config, device)
+        # The backend resolves job's model names in the models folder and announces its
+        # model switches (the UI shows them).
+        settings["library"] = self.models
+        settings["on_event"] = self.events.publish
+        return backends.create(self.backend_factory, settings)
 
     def job_timeout(self) -> float:
         return self.config["performance"]["job_timeout"]
@@ -176,7 +185,9 @@ class Daemon:
         return self.config["generation"]
 
     def validate(self, data: Any) -> jobs.JobSpec:
-        return jobs.validate(data, self.generation_defaults)
+        """A raw request as a job spec, its model files checked against the models folder
+        (``ValidationError`` naming the field and the closest names)."""
+        return self.model_choice.check(jobs.validate(data, self.generation_defaults))
 
     def submit(self, data: Any, *, source: str = "api", source_name: str | None = None) -> Job:
         """Validate a raw request and queue it; raises ``ValidationError`` naming the field."""
@@ -240,6 +251,15 @@ class Daemon:
         self, *, limit: int = 50, before: int | None = None, queued_limit: int = 1000
     ) -> dict[str, Any]:
         return self.views.overview(limit=limit, before=before, queued_limit=queued_limit)
+
+    def loaded_models(self) -> list[str]:
+        """The models the workers hold on their devices now (the default one by the path or
+        repo id it was loaded from, others by their listed names)."""
+        return [
+            name
+            for state in (self.supervisor.states() if self.supervisor is not None else [])
+            for name in state.get("models", {}).get("loaded", [])
+        ]
 
     def register_status(self, name: str, provider: Callable[[], dict[str, Any]]) -> None:
         """Show ``provider()`` under ``name`` in :meth:`health`."""

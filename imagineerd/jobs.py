@@ -16,10 +16,16 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+from . import prompt_syntax
 from .errors import ImagineerdError, ValidationError
 
 SEED_MAX = 2_147_483_647
 PROMPT_MAX = 2000
+#: A model, LoRA or VAE name as ``GET /api/models`` lists it: a path inside the models folder.
+NAME_MAX = 1024
+#: LoRAs per job (the field and ``<lora:...>`` tags together) and the bounds of a weight.
+LORAS_MAX = 16
+LORA_WEIGHT = (-10.0, 10.0)
 
 #: Scheduler ids accepted in config and jobs, with the AUTOMATIC1111 label written into PNG
 #: metadata. The diffusers backend maps each id to a scheduler class.
@@ -192,6 +198,63 @@ def check_scheduler(name: str, value: Any) -> str:
     )
 
 
+def check_name(name: str, value: Any) -> str:
+    """A model, LoRA or VAE name: text without path tricks; whether it exists is the
+    daemon's question (it knows the models folder)."""
+    value = check_text(name, value, required=True, max_len=NAME_MAX)
+    if "\n" in value or "\r" in value:
+        raise ValidationError(f"{name} must be one line, got {_describe(value)}", field=name)
+    return value
+
+
+def check_loras(name: str, value: Any) -> tuple[tuple[str, float], ...]:
+    """``[{"name": ..., "weight": ...}, ...]`` (weight 1 when omitted), or the short forms
+    ``"name"`` and ``"name:0.8"`` a YAML file or the command line may use; returns
+    ``((name, weight), ...)``."""
+    if isinstance(value, str | Mapping):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise ValidationError(
+            f"{name} must be a list of {{name, weight}} objects, got {_describe(value)}",
+            field=name,
+        )
+    if len(value) > LORAS_MAX:
+        raise ValidationError(f"{name} may hold at most {LORAS_MAX} LoRAs, got {len(value)}")
+    lo, hi = LORA_WEIGHT
+    result: list[tuple[str, float]] = []
+    for index, item in enumerate(value):
+        where = f"{name}[{index}]"
+        if isinstance(item, str):
+            label, sep, weight = item.rpartition(":")
+            if not sep or not _is_number(weight):
+                label, weight = item, "1"
+            item = {"name": label, "weight": float(weight)}
+        if not isinstance(item, Mapping):
+            raise ValidationError(
+                f"{where} must be an object with name and weight, got {_describe(item)}",
+                field=name,
+            )
+        unknown = [key for key in item if key not in ("name", "weight")]
+        if unknown:
+            raise ValidationError(
+                f"{where}: unknown field {unknown[0]!r}; a LoRA has name and weight", field=name
+            )
+        if item.get("name") is None:
+            raise ValidationError(f"{where}.name is required", field=name)
+        label = check_name(f"{where}.name", item["name"])
+        weight = item.get("weight")
+        weight = 1.0 if weight is None else check_float(f"{where}.weight", weight, lo, hi)
+        result.append((label, weight))
+    return tuple(result)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class Param:
     """One job parameter and its bounds: the single table the validator, config's
@@ -199,7 +262,7 @@ class Param:
     job table all read, so a bound is written once."""
 
     name: str
-    kind: str  # "text", "int", "float" or "choice"
+    kind: str  # "text", "int", "float", "choice", "name" (of a model file) or "loras"
     lo: float | None = None
     hi: float | None = None
     multiple_of: int = 1
@@ -207,6 +270,8 @@ class Param:
     required: bool = False
     #: Omitted values come from config's ``generation:`` section (all but prompt and seed).
     has_default: bool = True
+    #: What an omitted field without a config default means (model: the configured one).
+    empty: Any = None
 
     def check(self, value: Any) -> Any:
         if self.kind == "text":
@@ -215,12 +280,18 @@ class Param:
             return check_int(self.name, value, self.lo, self.hi, multiple_of=self.multiple_of)
         if self.kind == "float":
             return check_float(self.name, value, self.lo, self.hi)
+        if self.kind == "name":
+            return check_name(self.name, value)
+        if self.kind == "loras":
+            return check_loras(self.name, value)
         return check_scheduler(self.name, value)
 
     def limits(self) -> dict[str, Any]:
         """The bounds as ``GET /api/options`` shows them (and the UI's inputs use)."""
-        if self.kind == "text":
+        if self.kind in ("text", "name"):
             return {"max_length": self.max_length}
+        if self.kind == "loras":
+            return {"max_items": LORAS_MAX, "min": LORA_WEIGHT[0], "max": LORA_WEIGHT[1]}
         if self.kind == "choice":
             return {"choices": list(SCHEDULERS)}
         limits: dict[str, Any] = {"min": self.lo, "max": self.hi}
@@ -230,8 +301,11 @@ class Param:
 
     def rule(self) -> str:
         """The bounds in words: ``steps 1-150``, ``width 64-2048, divisible by 8``."""
-        if self.kind == "text":
+        if self.kind in ("text", "name"):
             return f"{self.name} up to {self.max_length} characters"
+        if self.kind == "loras":
+            lo, hi = (_number(w) for w in LORA_WEIGHT)
+            return f"{self.name} up to {LORAS_MAX}, weights {lo}-{hi}"
         if self.kind == "choice":
             return f"{self.name} one of {', '.join(SCHEDULERS)}"
         text = f"{self.name} {_number(self.lo)}-{_number(self.hi)}"
@@ -254,6 +328,10 @@ PARAMS: dict[str, Param] = {
         Param("height", "int", 64, 2048, multiple_of=8),
         Param("guidance_scale", "float", 0.0, 30.0),
         Param("scheduler", "choice"),
+        Param("model", "name", max_length=NAME_MAX, has_default=False, empty=""),
+        Param("loras", "loras", has_default=False, empty=()),
+        Param("clip_skip", "int", 1, 12),
+        Param("vae", "name", max_length=NAME_MAX, has_default=False, empty="default"),
     )
 }
 PARAMETERS = tuple(PARAMS)
@@ -272,6 +350,25 @@ def bounds_summary() -> str:
     return "; ".join(p.rule() for p in PARAMS.values() if p.kind in ("int", "float"))
 
 
+#: Keys of the ``imagineerd`` PNG chunk that record what happened rather than what was asked
+#: (``outputs.job_metadata``): a pasted chunk re-runs the job, so they are accepted and ignored.
+RECORD_ONLY = frozenset(
+    {
+        "id",
+        "sampler",
+        "backend",
+        "source",
+        "source_name",
+        "submitted_at",
+        "started_at",
+        "completed_at",
+        "duration_seconds",
+        "version",
+        "hashes",
+    }
+)
+
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -287,9 +384,20 @@ class JobSpec:
     height: int
     guidance_scale: float
     scheduler: str
+    #: A checkpoint name as ``GET /api/models`` lists it, or ``model.name``; "" (jobs
+    #: stored by the first release) is the configured model.
+    model: str = ""
+    #: ``((name, weight), ...)`` from the ``loras`` field; ``<lora:...>`` tags in the prompt
+    #: are read from the prompt itself (``prompt_syntax``).
+    loras: tuple[tuple[str, float], ...] = ()
+    clip_skip: int = 1
+    #: A VAE name as listed, or ``default`` (the checkpoint's own).
+    vae: str = "default"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        body = asdict(self)
+        body["loras"] = [{"name": name, "weight": weight} for name, weight in self.loras]
+        return body
 
     @classmethod
     def from_json(cls, text: str) -> JobSpec:
@@ -301,11 +409,19 @@ class JobSpec:
             value = fields.get(name)
             if isinstance(value, str):
                 fields[name] = _SURROGATE.sub("\ufffd", value)
+        if "loras" in fields:
+            fields["loras"] = tuple((item["name"], item["weight"]) for item in fields["loras"])
         return cls(**fields)
 
     @property
     def sampler_label(self) -> str:
         return SCHEDULERS[self.scheduler]
+
+    def active_loras(self) -> tuple[tuple[str, float], ...]:
+        """The LoRAs this job applies: the ``loras`` field, then the prompt's
+        ``<lora:name:weight>`` tags; one weight per name (weights of a name given twice add)."""
+        tags = prompt_syntax.extract_networks(self.prompt)[1]
+        return prompt_syntax.combine_loras(self.loras, tags)
 
 
 def validate(
@@ -321,7 +437,7 @@ def validate(
         raise ValidationError(
             f"a job must be an object with at least a prompt, got {type(data).__name__}"
         )
-    unknown = [key for key in data if key not in PARAMETERS]
+    unknown = [key for key in data if key not in PARAMETERS and key not in RECORD_ONLY]
     if unknown:
         raise ValidationError(
             f"unknown field {unknown[0]!r}; allowed fields: {', '.join(PARAMETERS)}",
@@ -329,15 +445,32 @@ def validate(
         )
     if data.get("prompt") is None:
         raise ValidationError("prompt is required", field="prompt")
+    if data.get("scheduler") is None and data.get("sampler") is not None:
+        # A1111 calls it the sampler; in a pasted record it merely repeats the scheduler.
+        data = {**data, "scheduler": check_scheduler("sampler", data["sampler"])}
     values: dict[str, Any] = {}
     for name in PARAMETERS:
         raw = data.get(name)
+        param = PARAMS[name]
         if raw is None and name == "seed":
             raw = (rng or random).randint(0, SEED_MAX)
+        elif raw is None and not param.has_default:
+            values[name] = param.empty
+            continue
         elif raw is None:
             raw = defaults[name]
         values[name] = CHECKS[name](raw)
-    return JobSpec(**values)
+    spec = JobSpec(**values)
+    # The syntax is checked here, so a mistake is a 400 at submit and never a failed job.
+    for name in ("prompt", "negative_prompt"):
+        text, _ = prompt_syntax.extract_networks(getattr(spec, name), field=name)
+        prompt_syntax.parse_attention(text, field=name)
+    if len(spec.active_loras()) > LORAS_MAX:
+        raise ValidationError(
+            f"a job may apply at most {LORAS_MAX} LoRAs (loras and <lora:...> tags together)",
+            field="loras",
+        )
+    return spec
 
 
 def iso(when: datetime) -> str:

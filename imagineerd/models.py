@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,9 @@ class ModelLibrary:
         self.root = Path(root)
         self.cache_path = Path(state_dir) / HASH_CACHE
         self.loaded = os.path.realpath(loaded) if loaded and os.path.exists(loaded) else loaded
+        #: What the workers have loaded now (names, paths or repo ids); set by the daemon
+        #: once it runs workers. Until then only ``loaded`` (the default model) is marked.
+        self.loaded_models: Callable[[], Iterable[str]] | None = None
         self.debounce = debounce
         self.rescan_seconds = rescan_seconds
         self.layout = "own"
@@ -141,12 +145,50 @@ class ModelLibrary:
         """``{layout, checkpoints, loras, embeddings, vaes}``: entries as the API shows them."""
         if self._files is None:
             return self.refresh()
+        names = list(self.loaded_models()) if self.loaded_models else [self.loaded]
+        loaded = {os.path.realpath(n) if os.path.exists(n) else n for n in names if n}
         with self._lock:
             files, layout = self._files, self.layout
             result: dict[str, Any] = {"layout": layout}
             for category in CATEGORIES:
-                result[category] = [self._entry(item) for item in files.get(category, [])]
+                result[category] = [self._entry(item, loaded) for item in files.get(category, [])]
         return copy.deepcopy(result)
+
+    def files(self, category: str) -> list[ModelFile]:
+        """The listed files of one category (``checkpoints``, ``loras``, ...)."""
+        if self._files is None:
+            self.refresh()
+        with self._lock:
+            return list((self._files or {}).get(category, []))
+
+    def find(self, category: str, name: str, *, rescan: bool = True) -> ModelFile | None:
+        """The listed file ``name`` stands for; with ``rescan``, a name not listed is looked
+        for once more after a rescan (it may have been copied in a moment ago)."""
+        for attempt in range(2 if rescan else 1):
+            for item in self.files(category):
+                if item.name == name:
+                    return item
+            if attempt == 0 and rescan:
+                self.refresh()
+        return None
+
+    def names(self, category: str) -> list[str]:
+        return [item.name for item in self.files(category)]
+
+    def sha256(self, item: ModelFile, *, compute: bool = True) -> str | None:
+        """The file's full SHA-256 from the cache, or computed now (and cached) when asked:
+        PNG metadata names the files it used by hash, and may not wait for the background
+        thread. None for a diffusers folder."""
+        if item.format == "diffusers":
+            return None
+        known = self._hashes.get(item.real)
+        if known and (known.get("size"), known.get("mtime_ns")) == (item.size, item.mtime_ns):
+            return str(known.get("sha256")) or None
+        if not compute:
+            return None
+        self._hash(item)
+        known = self._hashes.get(item.real) or {}
+        return known.get("sha256")
 
     def checkpoint_names(self) -> list[str]:
         if self._files is None:
@@ -154,7 +196,7 @@ class ModelLibrary:
         with self._lock:
             return [item.name for item in (self._files or {}).get("checkpoints", [])]
 
-    def _entry(self, item: ModelFile) -> dict[str, Any]:
+    def _entry(self, item: ModelFile, loaded: set[str]) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "name": item.name,
             "arch": item.arch,
@@ -163,7 +205,7 @@ class ModelLibrary:
             "hash": self._short_hash(item),
         }
         if item.category == "checkpoints":
-            entry["loaded"] = bool(self.loaded) and self.loaded in (item.real, item.name)
+            entry["loaded"] = bool(loaded) and bool({item.real, item.name} & loaded)
         return entry
 
     def _short_hash(self, item: ModelFile) -> str | None:

@@ -90,6 +90,11 @@ def parse_infotext(text: str) -> dict[str, Any]:
     return result
 
 
+#: A1111's "Schedule type" (since 1.9) for each scheduler: without it, A1111 reads
+#: ``DPM++ 2M`` as Karras, its default for that sampler.
+SCHEDULE_TYPES = {"dpmpp_2m_karras": ("DPM++ 2M", "Karras")}
+
+
 def job_metadata(
     job: Job,
     *,
@@ -98,23 +103,39 @@ def job_metadata(
     backend: str,
     completed_at: str,
     duration: float,
+    files: Mapping[str, Any] | None = None,
+    hashes: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
-    """The two text chunks of a job's PNG: A1111's ``parameters`` and our exact JSON."""
+    """The two text chunks of a job's PNG: A1111's ``parameters`` and our exact JSON.
+
+    ``files``: what ``model_choice`` says about the model files in A1111's words (``Model
+    hash``, ``VAE``, ``Lora hashes``, ...); ``hashes``: their SHA-256s for the record.
+    ``model_name`` is the model as a job may name it again (never an absolute path)."""
     spec = job.spec
-    params = {
+    sampler, schedule = SCHEDULE_TYPES.get(spec.scheduler, (spec.sampler_label, "Uniform"))
+    files = dict(files or {})
+    model = {key: files.pop(key) for key in ("Model hash",) if key in files}
+    model["Model"] = files.pop("Model", model_label)
+    params: dict[str, Any] = {
         "Steps": spec.steps,
-        "Sampler": spec.sampler_label,
+        "Sampler": sampler,
+        "Schedule type": schedule,
         "CFG scale": spec.guidance_scale,
         "Seed": spec.seed,
         "Size": f"{spec.width}x{spec.height}",
-        "Model": model_label,
-        "Version": f"imagineerd {__version__}",
+        **model,
+        **{key: files.pop(key) for key in ("VAE hash", "VAE") if key in files},
     }
+    if spec.clip_skip > 1:
+        params["Clip skip"] = spec.clip_skip
+    params.update(files)  # TI hashes, Lora hashes
+    params["RNG"] = "CPU"  # the noise is drawn on the CPU, as A1111's "CPU" setting does
+    params["Version"] = f"imagineerd {__version__}"
     record = {
         "id": job.id,
         **spec.to_dict(),
-        "sampler": spec.sampler_label,
         "model": model_name,
+        "sampler": spec.sampler_label,
         "backend": backend,
         "source": job.source,
         "source_name": job.source_name,
@@ -124,6 +145,8 @@ def job_metadata(
         "duration_seconds": duration,
         "version": __version__,
     }
+    if hashes:
+        record["hashes"] = dict(hashes)
     return {
         "parameters": infotext(spec.prompt, spec.negative_prompt, params),
         "imagineerd": json.dumps(record, ensure_ascii=False, sort_keys=True),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import outputs
+from . import model_choice, outputs
 from .config import Config
 from .jobs import Job, iso
 
@@ -34,8 +34,11 @@ class ImageSaver:
         directory: Path,
         clock: Callable[[], datetime],
         on_saved: SavedCallback,
+        choice: model_choice.ModelChoice | None = None,
     ) -> None:
         self.config = config
+        #: Names the model files of a job by hash in its PNG (None: plain metadata).
+        self.choice = choice
         self.directory = directory
         self.clock = clock
         self.on_saved = on_saved
@@ -67,13 +70,27 @@ class ImageSaver:
         """Write the job's PNG with both metadata chunks; return the path the API shows."""
         now = self.clock()
         model = self.config["model"]
+        choice = self.choice
+        files: dict = {}
+        hashes: dict = {}
+        name = job.spec.model or model["name"]
+        if choice is not None:
+            # Which embeddings a prompt used is known only to the backend that encoded it.
+            used = list(image.info.get("imagineerd.embeddings") or [])
+            files = choice.infotext_fields(job.spec, used)
+            hashes = choice.hashes(job.spec, used)
+            name = choice.record_name(job.spec)
+            if model_label and choice.is_default(job.spec.model):
+                files["Model"] = model_label  # a backend plugin's own name for its model
         text = outputs.job_metadata(
             job,
-            model_label=model_label or model["name"],
-            model_name=model["name"],
+            model_label=model_label or model_choice.label(name),
+            model_name=name,
             backend=model["backend"],
             completed_at=iso(now),
             duration=duration,
+            files=files,
+            hashes=hashes,
         )
         folder = self.directory
         if job.source == "inbox" and job.source_name and self.config["inbox"]["outputs_subfolder"]:

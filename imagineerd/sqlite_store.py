@@ -53,7 +53,11 @@ CREATE TABLE IF NOT EXISTS claims (
 );
 """
 #: Bumped with every schema change, which comes with a migration from the version before.
-SCHEMA_VERSION = 1
+#: 2: job specs may carry model, loras, clip_skip and vae. Specs stored by version 1 read
+#: with their defaults (the configured model, no LoRAs, clip skip 1, its own VAE), so the
+#: migration changes no row; the number is bumped so that an older imagineerd, which cannot
+#: read those fields, refuses the database instead of failing on its jobs.
+SCHEMA_VERSION = 2
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:

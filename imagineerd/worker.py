@@ -111,6 +111,30 @@ class Worker(threading.Thread):
             self.backend_state, self.backend_error = "ready", None
         return self._backend
 
+    def state(self) -> dict[str, Any]:
+        """This worker as ``/api/health`` shows it; with the backend's loaded models when it
+        reports them (``status()``). A default model that cannot be loaded is an error even
+        while jobs for other models run."""
+        state: dict[str, Any] = {
+            "device": self.device,
+            "state": self.backend_state,
+            "error": self.backend_error,
+            "max_batch": self.max_batch,
+        }
+        status = getattr(self._backend, "status", None)
+        if callable(status):
+            try:
+                models = dict(status())
+            except Exception:  # a plugin's report must not break /api/health
+                log.exception("%s: the backend's status() failed", self.name)
+                models = {}
+            default_error = models.pop("default_error", None)
+            if default_error and self.backend_state == "ready":
+                state["state"], state["error"] = "error", default_error
+            if models:
+                state["models"] = models
+        return state
+
     def batch_key(self, spec: JobSpec) -> Hashable:
         return (self._backend or _DEFAULT_BACKEND).batch_key(spec)
 
@@ -286,15 +310,7 @@ class Supervisor:
 
     def states(self) -> list[dict[str, Any]]:
         """Each worker as ``/api/health`` shows it."""
-        return [
-            {
-                "device": w.device,
-                "state": w.backend_state,
-                "error": w.backend_error,
-                "max_batch": w.max_batch,
-            }
-            for w in self.workers
-        ]
+        return [w.state() for w in self.workers]
 
     def _watch(self) -> None:
         while not self.host.stopping.wait(0.5):

@@ -54,6 +54,27 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_test_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", arch="sdxl")
 
 
+@pytest.fixture(scope="session")
+def model_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder as users keep one, of tiny random-weight *files* in the community's
+    formats (original-layout checkpoints, kohya LoRAs, A1111 embeddings, VAE files): two
+    SD1.5 checkpoints, one SDXL, a LoRA, an embedding and a VAE for each. Read only: a test
+    that changes it works on a copy."""
+    from imagineerd.backends import test_files as tf
+
+    root = tmp_path_factory.mktemp("user-models")
+    tf.make_test_checkpoint(root / "checkpoints" / "alpha.safetensors", arch="sd15", seed=1)
+    tf.make_test_checkpoint(root / "checkpoints" / "beta.safetensors", arch="sd15", seed=2)
+    tf.make_test_checkpoint(root / "checkpoints" / "xl" / "gamma.safetensors", arch="sdxl", seed=3)
+    tf.make_test_lora(root / "loras" / "detail.safetensors", arch="sd15", seed=4)
+    tf.make_test_lora(root / "loras" / "xl-style.safetensors", arch="sdxl", seed=5)
+    tf.make_test_embedding(root / "embeddings" / "shiny.safetensors", arch="sd15", seed=6)
+    tf.make_test_embedding(root / "embeddings" / "glossy.safetensors", arch="sdxl", seed=7)
+    tf.make_test_vae(root / "vae" / "soft.safetensors", arch="sd15", seed=8)
+    tf.make_test_vae(root / "vae" / "xl-vae.safetensors", arch="sdxl", seed=9)
+    return root
+
+
 def write_config(directory: Path, model_path: Path | str, **sections: dict[str, Any]) -> Path:
     """A config.yaml in ``directory`` for fast CPU runs: 64x64, 2 steps, given model."""
     data: dict[str, Any] = {

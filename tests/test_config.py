@@ -54,7 +54,7 @@ def test_paths_are_relative_to_the_config_file(tmp_path: Path):
         ("server: {port: '5000'}\n", "server.port", "whole number"),
         ("server: {host: ''}\n", "server.host", "host name"),
         ("paths: {outputs: 3}\n", "paths.outputs", "text"),
-        ("model: {arch: sd3}\n", "model.arch", "sd15, sdxl"),
+        ("model: {arch: sd3}\n", "model.arch", "sd15, sd2, sdxl"),
         ("model: {device: tpu}\n", "model.device", "cuda:N"),
         ("model: {dtype: int8}\n", "model.dtype", "float16"),
         ("model: {name: ''}\n", "model.name", "empty"),

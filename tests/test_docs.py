@@ -30,8 +30,12 @@ def test_the_readme_job_table_states_each_bound_of_the_parameter_table(name):
         assert f"{number(param.lo)}–{number(param.hi)}" in row, row
         if param.multiple_of > 1:
             assert f"divisible by {param.multiple_of}" in row, row
-    elif param.kind == "text":
+    elif param.kind in ("text", "name"):
         assert str(param.max_length) in row, row
+    elif param.kind == "loras":
+        limits = param.limits()
+        assert f"up to {limits['max_items']}" in row, row
+        assert f"{number(limits['min'])}–{number(limits['max'])}" in row, row
     else:
         assert all(f"`{choice}`" in row for choice in param.limits()["choices"]), row
     assert ("required" in row) == param.required

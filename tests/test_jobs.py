@@ -78,7 +78,7 @@ def test_wrong_types_name_the_field(field, value):
 
 
 def test_unknown_field_and_non_object():
-    message = bad({"prompt": "x", "sampler": "Euler"}, "sampler")
+    message = bad({"prompt": "x", "sample": "Euler"}, "sample")
     assert "allowed fields" in message
     with pytest.raises(ValidationError, match="must be an object"):
         validate(["a cat"], DEFAULTS)

@@ -13,7 +13,7 @@ import pytest
 from imagineerd import config as config_mod
 from imagineerd.errors import ConfigError, Unavailable
 from imagineerd.jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, validate
-from imagineerd.sqlite_store import SQLiteStore
+from imagineerd.sqlite_store import SCHEMA_VERSION, SQLiteStore
 from imagineerd.store import CLAIMING, DONE, SUBMITTED, Store
 
 T = "2026-01-01T00:00:00.000000"
@@ -376,8 +376,14 @@ def test_a_database_made_by_the_last_release_opens_with_its_jobs(tmp_path: Path)
         assert recovered.status == QUEUED
         assert [j.spec.prompt for j in store.queued()] == ["was running", "was queued"]
         assert store.open_claims() == [] and store.get_claim(1)["state"] == DONE
+        # Its specs predate per-job models: they read as the configured model, as they ran.
+        spec = store.queued()[0].spec
+        assert (spec.model, spec.loras, spec.clip_skip, spec.vae) == ("", (), 1, "default")
     finally:
         store.close()
+    raw = sqlite3.connect(path)  # migrated: the first release would now refuse it
+    assert raw.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
+    raw.close()
 
 
 def test_a_lone_surrogate_the_last_release_stored_reads_back_as_a_replacement(

@@ -25,9 +25,9 @@ StepCallback = Callable[[int, int], None]
 
 
 #: One image to generate: prompt, negative_prompt, seed, steps, width, height,
-#: guidance_scale, scheduler. A batch holds requests that share size, steps, scheduler and
-#: guidance. It is the validated job spec itself: what the user asked for is what the
-#: backend gets, with nothing to copy in between.
+#: guidance_scale, scheduler, model, loras, clip_skip, vae. A batch holds requests that share
+#: everything but prompts and seeds. It is the validated job spec itself: what the user
+#: asked for is what the backend gets, with nothing to copy in between.
 GenerationRequest = JobSpec
 
 
@@ -67,13 +67,18 @@ class BackendBase:
         raise NotImplementedError
 
     def batch_key(self, request: GenerationRequest) -> Hashable:
-        # What one diffusers pipeline call shares; prompts and seeds are per image.
+        # What one diffusers pipeline call shares; prompts and seeds are per image. The
+        # weights (model, LoRAs and their weights, VAE, clip skip) are shared too.
         return (
             request.width,
             request.height,
             request.steps,
             request.scheduler,
             request.guidance_scale,
+            request.model,
+            tuple(sorted(request.active_loras())),
+            request.vae,
+            request.clip_skip,
         )
 
     def is_out_of_memory(self, error: BaseException) -> bool:

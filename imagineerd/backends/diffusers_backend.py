@@ -1,18 +1,27 @@
-"""The built-in backend: Hugging Face diffusers, Stable Diffusion 1.5 and SDXL.
+"""The built-in backend: Hugging Face diffusers, Stable Diffusion 1.5, 2.x and SDXL.
 
-The model is loaded once, on the worker thread, and kept resident. ``model.name`` may be a
-local diffusers folder, a single ``.safetensors``/``.ckpt`` checkpoint, or a Hugging Face repo
-id (downloaded into ``model.cache_dir``). torch and diffusers are imported only when the
-backend is created, so that merely loading plugins (the CLI, the tests of other parts) stays
-fast.
+``model.name`` is the default model: a checkpoint name from the models folder, a local
+diffusers folder, a single ``.safetensors``/``.ckpt`` file, or a Hugging Face repo id
+(downloaded into ``model.cache_dir``). A job may name any checkpoint the models folder
+lists, with LoRAs, a VAE and clip skip of its own.
+
+Loaded pipelines are kept in an LRU: ``model.max_loaded`` on the device and
+``model.cpu_cache`` more waiting in CPU memory, so a queue that alternates two models moves
+weights between CPU and GPU instead of reading them from disk each time. The queue stays in
+FIFO order: a switch costs a load, never a reordering. Each switch is announced
+(``model.loading``, ``model.ready``) through ``settings["on_event"]``.
+
+torch and diffusers are imported only when the backend is created, so that merely loading
+plugins (the CLI, the tests of other parts) stays fast.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +31,16 @@ from .. import hookimpl
 from ..errors import BackendError, ConfigError
 from ..model_arch import checkpoint_arch, diffusers_arch, read_safetensors_header, tensor_shapes
 from . import BackendBase, GenerationRequest, StepCallback
+from .embeddings import EmbeddingCache
+from .loading import load_pipeline, load_vae
+from .runtime import SCHEDULER_CLASSES, LoadedModel
 
 log = logging.getLogger(__name__)
 
-#: Scheduler id -> (diffusers class name, extra config). Labels live in ``jobs.SCHEDULERS``.
-SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "ddim": ("DDIMScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-}
+__all__ = ["SCHEDULER_CLASSES", "DiffusersBackend", "detect_arch"]
 
-_OFFLINE_HINT = (
-    "If this machine cannot reach huggingface.co, download the model on one that can and set "
-    "model.name in config.yaml to its local folder (a diffusers folder with model_index.json) "
-    "or to a single .safetensors/.ckpt file."
-)
+#: VAEs kept loaded besides each model's own.
+MAX_VAES = 2
 
 
 def pick_device(setting: str) -> str:
@@ -84,195 +84,304 @@ def detect_arch(name: str, setting: str = "auto") -> str:
     return "sdxl" if arch == "sdxl" else "sd15"
 
 
+def model_label(name: str) -> str:
+    """What PNG metadata calls a model: a file's or folder's stem, a repo id's last part."""
+    path = Path(name.rstrip("/"))
+    return path.stem if path.suffix.lower() in (".safetensors", ".ckpt") else path.name
+
+
 class DiffusersBackend(BackendBase):
-    """Runs a StableDiffusion(XL)Pipeline; one instance per worker (per device)."""
+    """Runs StableDiffusion(XL)Pipelines; one instance per worker (per device).
+
+    ``settings`` is the ``model:`` section plus ``device``, ``performance``, ``state_dir``,
+    ``warm_sizes``, and optionally ``library`` (the models folder, to resolve names) and
+    ``on_event`` (``(type, data)``, for model switches).
+    """
 
     def __init__(self, settings: dict[str, Any]) -> None:
         import torch
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+        self._torch = torch
         self.settings = settings
-        name = settings["name"]
+        self.default_name = settings["name"]
         self.device = pick_device(settings.get("device", "auto"))
         self.dtype = pick_dtype(settings.get("dtype", "auto"), self.device)
-        self.arch = detect_arch(name, settings.get("arch", "auto"))
-        self.model_label = (
-            Path(name.rstrip("/")).stem if Path(name).exists() else name.split("/")[-1]
+        self.library = settings.get("library")
+        self.on_event: Callable[[str, dict[str, Any]], None] = settings.get("on_event") or (
+            lambda *_: None
         )
-        cls = StableDiffusionXLPipeline if self.arch == "sdxl" else StableDiffusionPipeline
-        path = Path(name)
-        kwargs: dict[str, Any] = {"dtype": self.dtype}
-        if self.arch == "sd15":
-            # Like A1111 and ComfyUI, we do not run the NSFW safety checker.
-            kwargs.update(safety_checker=None, requires_safety_checker=False)
-        log.info("loading %s model %s on %s (%s)", self.arch, name, self.device, self.dtype)
+        self.max_loaded = max(1, int(settings.get("max_loaded", 1)))
+        self.cpu_cache = max(0, int(settings.get("cpu_cache", 0)))
+        self.model_label = model_label(self.default_name)
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()  # least recent first
+        self._vaes: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self.embeddings = EmbeddingCache()
+        self.loading: str | None = None
+        self._lock = threading.Lock()  # status() is read from other threads
+        #: Why the default model cannot be loaded (``/api/health`` shows it), or None.
+        self.default_error: str | None = None
+        # The default model is loaded now, so the first job does not wait for it. If it
+        # cannot be, the backend still serves jobs for the models folder's checkpoints.
         try:
-            if path.is_file():
-                pipe = cls.from_single_file(str(path), **kwargs)
-            elif path.is_dir():
-                if not (path / "model_index.json").is_file():
-                    raise BackendError(
-                        f"model folder {path} has no model_index.json; point model.name at a "
-                        "diffusers folder, a .safetensors/.ckpt file or a Hugging Face repo id"
-                    )
-                pipe = cls.from_pretrained(str(path), **kwargs)
-            else:
-                if name.startswith(("/", ".", "~")) or name.endswith((".safetensors", ".ckpt")):
-                    raise BackendError(
-                        f"model file or folder {name} does not exist; fix model.name in config.yaml"
-                    )
-                pipe = cls.from_pretrained(
-                    name, cache_dir=settings.get("cache_dir") or None, **kwargs
-                )
-        except BackendError:
-            raise
-        except Exception as exc:  # diffusers/hub raise many types (OSError, HTTP errors, ...)
-            reason = str(exc).strip().rstrip(".")
-            raise BackendError(f"could not load model {name!r}: {reason}. {_OFFLINE_HINT}") from exc
-        pipe.set_progress_bar_config(disable=True)
-        try:
-            pipe.to(self.device)
-        except Exception as exc:
-            raise BackendError(f"could not move model to device {self.device!r}: {exc}") from exc
-        self.pipe = pipe
-        self._base_scheduler_config = dict(pipe.scheduler.config)
-        self._schedulers: dict[str, Any] = {}
-        self._torch = torch
-        self._setup_fast_path(settings.get("performance") or {}, settings)
+            self.current: LoadedModel | None = self._get_model("")
+        except BackendError as exc:
+            if self.library is None or not self.library.checkpoint_names():
+                raise
+            self.default_error, self.current = exc.message, None
 
-    # -- GPU fast path -------------------------------------------------------------------
-    def _setup_fast_path(self, perf: dict[str, Any], settings: dict[str, Any]) -> None:
-        """channels-last, TF32, and torch.compile of the UNet with CUDA graphs.
+    # -- what the rest of the program sees ------------------------------------------------
+    # The model that ran last (the default one at first), as tests and benchmarks see it.
+    @property
+    def _model(self) -> LoadedModel:
+        if self.current is None:
+            raise BackendError(self.default_error or "no model is loaded")
+        return self.current
 
-        CUDA graphs need static shapes, so the UNet is compiled for a few batch-size
-        *buckets* per image size; a batch is padded up to its bucket (extra items are
-        dropped after decoding) instead of triggering a new compile. Compiling happens in
-        :meth:`idle` (the worker calls it when the queue is empty): jobs never wait for a
-        compile, they run on the plain UNet until their shape is ready.
-        """
-        torch = self._torch
-        cuda = self.device.startswith("cuda")
+    @property
+    def pipe(self) -> Any:
+        return self._model.pipe
 
-        def wanted(key: str) -> bool:
-            value = perf.get(key, "auto")
-            return cuda if value == "auto" else bool(value)
+    @property
+    def arch(self) -> str:
+        return self._model.arch
 
-        if cuda:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        if wanted("channels_last"):
-            self.pipe.unet.to(memory_format=torch.channels_last)
-        self.buckets: list[int] = sorted(perf.get("batch_buckets") or [1, 2, 4, 8])
-        self.eager_unet = self.pipe.unet
-        self.compiled_unet: Any = None
-        self.ready_shapes: set[tuple[int, int, int]] = set()  # (bucket, width, height)
-        self._to_compile: list[tuple[int, int, int]] = []
-        if not wanted("compile"):
-            return
-        state = Path(settings.get("state_dir") or ".")
-        # The compiled kernels are kept on disk: a restart recompiles in seconds, not minutes.
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(state / "compile" / "inductor"))
-        os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-        os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
-        import torch._dynamo
+    @property
+    def compiled_unet(self) -> Any:
+        return self.current.compiled_unet if self.current is not None else None
 
-        # One static graph per bucket; dynamic shapes compiled SDXL for minutes (DESIGN §9).
-        torch._dynamo.config.automatic_dynamic_shapes = False
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self.compiled_unet = torch.compile(self.eager_unet, mode="reduce-overhead", fullgraph=True)
-        for width, height in settings.get("warm_sizes") or []:
-            self._want_shapes(width, height)
+    @property
+    def ready_shapes(self) -> set[tuple[int, int, int]]:
+        return self._model.ready_shapes
 
-    def _want_shapes(self, width: int, height: int) -> None:
-        for bucket in self.buckets:
-            shape = (bucket, width, height)
-            if shape not in self.ready_shapes and shape not in self._to_compile:
-                self._to_compile.append(shape)
-
-    def bucket_for(self, size: int) -> int | None:
-        return next((b for b in self.buckets if b >= size), None)
-
-    def idle(self, busy: Callable[[], bool] | None = None) -> bool:
-        """Compile one pending shape while nothing is queued; True if it did some work."""
-        if not self._to_compile or (busy is not None and busy()):
-            return False
-        bucket, width, height = self._to_compile.pop(0)
-        started = time.monotonic()
-        request = GenerationRequest("warm-up", "", 0, 2, width, height, 5.0, "euler")
-        try:
-            # cudagraph trees record on the third call of a shape; two steps each, twice.
-            for _ in range(2):
-                self._run([request] * bucket, lambda *_: None, self.compiled_unet)
-        except Exception:
-            log.exception(
-                "compiling the UNet for %d x %dx%d failed; that shape stays on the plain UNet",
-                bucket,
-                width,
-                height,
-            )
-            return True
-        self.ready_shapes.add((bucket, width, height))
-        log.info(
-            "UNet compiled for batch %d at %dx%d in %.1f s",
-            bucket,
-            width,
-            height,
-            time.monotonic() - started,
-        )
-        return True
+    @property
+    def _to_compile(self) -> list[tuple[int, int, int]]:
+        return self.current._to_compile if self.current is not None else []
 
     def scheduler(self, key: str) -> Any:
-        """A scheduler instance per id, built once from the model's own scheduler config."""
-        if key not in self._schedulers:
-            import diffusers
+        return self._model.scheduler(key)
 
-            class_name, extra = SCHEDULER_CLASSES[key]
-            cls = getattr(diffusers, class_name)
-            self._schedulers[key] = cls.from_config(self._base_scheduler_config, **extra)
-        return self._schedulers[key]
+    def status(self) -> dict[str, Any]:
+        """The loaded models for ``/api/health``: on the device, waiting in CPU memory,
+        the one loading now."""
+        with self._lock:
+            on_device = [m.name for m in self._models.values() if m.device == self.device]
+            cached = [m.name for m in self._models.values() if m.device != self.device]
+            return {
+                "loaded": on_device,
+                "cpu_cache": cached,
+                "loading": self.loading,
+                "default_error": self.default_error,
+            }
+
+    def batch_key(self, request: GenerationRequest) -> Hashable:
+        # Images of one call must also share the conditioning's length (prompt chunks), or
+        # the shorter ones would be padded and differ from the same job run alone.
+        model = self._models.get(self._key(request.model))
+        chunks = (
+            max(
+                model.encoder.chunk_count(request.prompt),
+                model.encoder.chunk_count(request.negative_prompt),
+            )
+            if model is not None
+            else None
+        )
+        return (super().batch_key(request), chunks)
+
+    # -- models ----------------------------------------------------------------------------
+    def _key(self, name: str) -> str:
+        """The LRU key of a job's model: "" for the default model."""
+        if not name or name in (self.default_name, self.model_label):
+            return ""
+        return name
+
+    def _resolve(self, key: str) -> tuple[str, str]:
+        """``(what to load, label)`` for a model key."""
+        if key == "":
+            return self.default_name, self.model_label
+        found = self.library.find("checkpoints", key) if self.library is not None else None
+        if found is None:
+            raise BackendError(
+                f"the model {key!r} is not in the models folder (any more); see GET /api/models"
+            )
+        return found.path, model_label(found.name)
+
+    def _get_model(self, name: str) -> LoadedModel:
+        key = self._key(name)
+        model = self._models.get(key)
+        if model is not None:
+            self._models.move_to_end(key)
+            if model.device != self.device:
+                self._announce_loading(key, "memory")
+                started = time.monotonic()
+                self._make_room(keep=key)
+                model.pipe.to(self.device)
+                model.device = self.device
+                self._announce_ready(key, started)
+            return model
+        target, label = self._resolve(key)
+        self._announce_loading(key, "disk")
+        started = time.monotonic()
+        self._make_room(keep=None)
+        try:
+            pipe, arch = load_pipeline(
+                target,
+                arch_setting=self.settings.get("arch", "auto") if key == "" else "auto",
+                dtype=self.dtype,
+                cache_dir=self.settings.get("cache_dir"),
+                state_dir=str(self.settings.get("state_dir") or "."),
+            )
+            try:
+                pipe.to(self.device)
+            except Exception as exc:
+                raise BackendError(
+                    f"could not move model to device {self.device!r}: {exc}"
+                ) from exc
+        except BackendError as exc:
+            self.loading = None
+            self.on_event("model.failed", {"name": key or self.default_name, "error": exc.message})
+            raise
+        model = LoadedModel(
+            pipe,
+            name=key or self.default_name,
+            label=label,
+            arch=arch,
+            device=self.device,
+            performance=self.settings.get("performance") or {},
+            state_dir=self.settings.get("state_dir"),
+            warm_sizes=self.settings.get("warm_sizes") or [],
+        )
+        with self._lock:
+            self._models[key] = model
+        if key == "":
+            self.default_error = None
+        self._announce_ready(key, started)
+        return model
+
+    def _make_room(self, keep: str | None) -> None:
+        """Before a model comes onto the device: move the least recently used ones to CPU
+        memory (up to ``cpu_cache``) or drop them, so at most ``max_loaded`` stay on it."""
+        on_device = [k for k, m in self._models.items() if m.device == self.device and k != keep]
+        while len(on_device) >= self.max_loaded:
+            victim = on_device.pop(0)
+            model = self._models[victim]
+            cached = [k for k, m in self._models.items() if m.device != self.device]
+            if self.device != "cpu" and len(cached) < self.cpu_cache:
+                model.pipe.to("cpu")
+                model.device = "cpu"
+                log.info("model %s moved to CPU memory", model.name)
+            elif self.device == "cpu" and len(self._models) <= self.max_loaded + self.cpu_cache - 1:
+                break  # on a CPU "the device" is memory: the cache allowance keeps it
+            else:
+                with self._lock:
+                    del self._models[victim]
+                log.info("model %s unloaded", model.name)
+        from ..worker import free_gpu_memory
+
+        free_gpu_memory()
+
+    def _announce_loading(self, key: str, source: str) -> None:
+        name = key or self.default_name
+        self.loading = name
+        log.info("loading model %s from %s", name, source)
+        self.on_event("model.loading", {"name": name, "from": source})
+
+    def _announce_ready(self, key: str, started: float) -> None:
+        self.loading = None
+        seconds = round(time.monotonic() - started, 3)
+        self.on_event("model.ready", {"name": key or self.default_name, "seconds": seconds})
+
+    def _path_of(self, category: str, name: str) -> Path:
+        found = self.library.find(category, name) if self.library is not None else None
+        if found is None:
+            raise BackendError(f"{category[:-1]} {name!r} is not in the models folder (any more)")
+        return Path(found.path)
+
+    def _vae(self, model: LoadedModel, name: str) -> Any:
+        if name in ("", "default"):
+            return model.own_vae
+        key = (name, model.arch)
+        if key not in self._vaes:
+            vae = load_vae(
+                self._path_of("vaes", name),
+                arch=model.arch,
+                dtype=self.dtype,
+                state_dir=str(self.settings.get("state_dir") or "."),
+            )
+            self._vaes[key] = vae.to(self.device)
+            while len(self._vaes) > MAX_VAES:
+                self._vaes.popitem(last=False)
+        self._vaes.move_to_end(key)
+        vae = self._vaes[key]
+        return vae.to(model.device)
+
+    # -- generating -------------------------------------------------------------------------
+    def idle(self, busy: Callable[[], bool] | None = None) -> bool:
+        """Compile one pending shape while nothing is queued; True if it did some work."""
+        if self.current is None or (busy is not None and busy()):
+            return False
+        return self.current.compile_pending()
 
     def generate(self, batch: list[GenerationRequest], on_step: StepCallback) -> list[Image.Image]:
-        shared = {(r.width, r.height, r.steps, r.scheduler, r.guidance_scale) for r in batch}
-        if len(shared) != 1:
-            raise ValueError("a batch must share width, height, steps, scheduler and guidance")
+        keys = {BackendBase.batch_key(self, r) for r in batch}
+        if len(keys) != 1:
+            raise ValueError(
+                "a batch must share model, LoRAs, VAE, clip skip, size, steps, scheduler "
+                "and guidance"
+            )
         first = batch[0]
-        if self.compiled_unet is not None:
-            bucket = self.bucket_for(len(batch))
-            if bucket is not None and (bucket, first.width, first.height) in self.ready_shapes:
-                # Pad to the compiled bucket with copies of the last request; every item
-                # has its own generator, so padding cannot change the real images.
-                padded = batch + [batch[-1]] * (bucket - len(batch))
-                return self._run(padded, on_step, self.compiled_unet)[: len(batch)]
-            self._want_shapes(first.width, first.height)  # compile it when idle
-        return self._run(batch, on_step, self.eager_unet)
+        model = self.current = self._get_model(first.model)
+        model.set_loras(first.active_loras(), lambda name: self._path_of("loras", name))
+        pipe = model.pipe
+        pipe.vae = self._vae(model, first.vae)
+        try:
+            encoded = [self._encode(model, r) for r in batch]
+            # Only images with conditioning of one length run together (see batch_key).
+            groups: dict[int, list[int]] = {}
+            for index, item in enumerate(encoded):
+                groups.setdefault(item.prompt_embeds.shape[1], []).append(index)
+            images: list[Image.Image | None] = [None] * len(batch)
+            for indices in groups.values():
+                part = [batch[i] for i in indices]
+                for i, image in zip(
+                    indices,
+                    self._run(model, part, [encoded[i] for i in indices], on_step),
+                    strict=True,
+                ):
+                    used = encoded[i].embeddings_used
+                    if used:
+                        image.info["imagineerd.embeddings"] = list(used)
+                    images[i] = image
+        finally:
+            pipe.vae = model.own_vae
+        return [image for image in images if image is not None]
+
+    def _encode(self, model: LoadedModel, request: GenerationRequest) -> Any:
+        vectors = self.embeddings.for_model(
+            model, self.library, f"{request.prompt}\n{request.negative_prompt}"
+        )
+        return model.encoder.encode(
+            request.prompt,
+            request.negative_prompt,
+            clip_skip=request.clip_skip,
+            embeddings=vectors,
+        )
 
     def _run(
-        self, batch: list[GenerationRequest], on_step: StepCallback, unet: Any
+        self, model: LoadedModel, batch: list[GenerationRequest], encoded: list, on_step: Any
     ) -> list[Image.Image]:
         first = batch[0]
-        self.pipe.unet = unet
-        self.pipe.scheduler = self.scheduler(first.scheduler)
-        # One CPU generator per image: a seed gives the same image alone or in a batch, and
-        # the same on any device (the noise is drawn on the CPU, then moved).
-        generators = [self._torch.Generator("cpu").manual_seed(r.seed) for r in batch]
-
-        def step_end(pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
-            on_step(index + 1, pipe.num_timesteps)
-            return tensors
-
-        with self._torch.inference_mode():
-            result = self.pipe(
-                prompt=[r.prompt for r in batch],
-                negative_prompt=[r.negative_prompt for r in batch],
-                num_inference_steps=first.steps,
-                guidance_scale=first.guidance_scale,
-                width=first.width,
-                height=first.height,
-                generator=generators,
-                callback_on_step_end=step_end,
-                output_type="pil",
-            )
-        return list(result.images)
+        if model.compiled_unet is not None and not model.adapters:
+            bucket = model.bucket_for(len(batch))
+            if bucket is not None and (bucket, first.width, first.height) in model.ready_shapes:
+                # Pad to the compiled bucket with copies of the last request; every item
+                # has its own generator, so padding cannot change the real images.
+                extra = bucket - len(batch)
+                padded = batch + [batch[-1]] * extra
+                return model.run(
+                    padded, encoded + [encoded[-1]] * extra, on_step, model.compiled_unet
+                )[: len(batch)]
+            model.want_shapes(first.width, first.height)  # compile it when idle
+        return model.run(batch, encoded, on_step)
 
 
 def _factory(settings: dict[str, Any]) -> DiffusersBackend:

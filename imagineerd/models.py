@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 HASH_CACHE = "model-hashes.json"
 
+#: Seconds between the rescans that a name not in the listing may cause.
+MISS_RESCAN = 2.0
+
 
 class _Handler(FileSystemEventHandler):
     #: Only changes; our own reads (headers, hashing) raise open/close events too.
@@ -103,6 +106,7 @@ class ModelLibrary:
         self._wake = threading.Event()
         self._hash_wake = threading.Event()
         self._changed_at: float | None = None
+        self._scanned_at = float("-inf")
         self._observer: Any = None
         self._watched: tuple[tuple[str, bool], ...] = ()
         self._threads = [
@@ -132,6 +136,7 @@ class ModelLibrary:
     def refresh(self) -> dict[str, Any]:
         """Rescan now; the new listing."""
         with self._scan_lock:
+            self._scanned_at = time.monotonic()
             layout, files = scan(self.root, self._arch_cache)
             # Forget the architectures of files gone or changed, so the cache cannot grow.
             live = {(m.real, m.size, m.mtime_ns) for items in files.values() for m in items}
@@ -168,8 +173,12 @@ class ModelLibrary:
             for item in self.files(category):
                 if item.name == name:
                     return item
-            if attempt == 0 and rescan:
+            # At most one such rescan every few seconds: a stream of requests naming
+            # models that do not exist must not turn into a stream of folder scans.
+            if attempt == 0 and rescan and time.monotonic() - self._scanned_at > MISS_RESCAN:
                 self.refresh()
+            else:
+                break
         return None
 
     def names(self, category: str) -> list[str]:

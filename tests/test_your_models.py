@@ -207,6 +207,37 @@ def test_a_pasted_imagineerd_chunk_runs_the_same_image_again(models_api):
     assert np.array_equal(first, pixels(models_api.daemon.config.base_dir / body["output_path"]))
 
 
+def test_jobs_batch_only_with_jobs_that_share_their_weights():
+    from imagineerd.backends import BackendBase
+    from imagineerd.jobs import JobSpec
+
+    base = JobSpec("a fox", "", 1, 2, 64, 64, 7.0, "euler", "alpha", (("detail", 0.8),), 1, "soft")
+    key = BackendBase().batch_key
+    same = base.__class__(**{**base.__dict__, "prompt": "an owl", "seed": 9})
+    assert key(same) == key(base)
+    tag = base.__class__(**{**base.__dict__, "prompt": "an <lora:detail:0.8> owl", "loras": ()})
+    assert key(tag) == key(base)  # the same LoRA at the same weight, written as a tag
+    for change in (
+        {"model": "beta"},
+        {"loras": (("detail", 0.5),)},
+        {"loras": ()},
+        {"vae": "default"},
+        {"clip_skip": 2},
+    ):
+        assert key(base.__class__(**{**base.__dict__, **change})) != key(base), change
+
+
+def test_names_that_are_not_listed_rescan_the_folder_at_most_every_few_seconds(models_api):
+    library = models_api.daemon.models
+    scans: list[float] = []
+    real = library.refresh
+    library.refresh = lambda: (scans.append(1), real())[1]
+    for _ in range(20):
+        response = models_api("POST", "/api/generate", json={"prompt": "x", "model": "nope"})
+        assert_error(response, 400)
+    assert len(scans) <= 2  # the first miss (and perhaps the watcher's pass), not twenty
+
+
 # -- the LRU of models ----------------------------------------------------------------------
 @pytest.mark.parametrize(("cpu_cache", "disk_loads"), [(1, 2), (0, 4)])
 def test_a_queue_alternating_two_models_keeps_its_order_and_reloads_only_without_a_cache(
@@ -279,12 +310,42 @@ def test_a_damaged_checkpoint_fails_its_jobs_by_name_and_the_daemon_serves_on(
 
 
 # -- the other frontends --------------------------------------------------------------------
-def test_the_command_line_takes_model_and_lora(tmp_path, model_files):
-    config = write_config(tmp_path, "alpha", paths={"models": str(model_files)})
+OFFLINE = """
+import socket, sys
+
+def refuse(*args, **kwargs):
+    raise OSError("network used")
+
+socket.socket.connect = socket.socket.connect_ex = refuse
+socket.create_connection = socket.getaddrinfo = refuse
+from imagineerd.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def a1111_folder(model_files: Path, root: Path) -> Path:
+    """``model_files`` laid out as an AUTOMATIC1111 webui folder (hard links)."""
+    for source, target in (
+        ("checkpoints", "models/Stable-diffusion"),
+        ("loras", "models/Lora"),
+        ("embeddings", "embeddings"),
+        ("vae", "models/VAE"),
+    ):
+        shutil.copytree(model_files / source, root / target, copy_function=os.link)
+    return root
+
+
+def test_an_a1111_folder_works_from_the_command_line_with_no_network(tmp_path, model_files):
+    """Every socket refused, no HF_HUB_OFFLINE: nothing in loading a checkpoint, a LoRA, an
+    embedding and a VAE from an A1111 webui folder may reach for the network."""
+    webui = a1111_folder(model_files, tmp_path / "stable-diffusion-webui")
+    config = write_config(tmp_path, "alpha", paths={"models": str(webui)})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf")
     result = subprocess.run(
-        [sys.executable, "-m", "imagineerd", "generate", "a fox", "--config", str(config)]
-        + ["--model", "beta", "--lora", "detail:0.7", "--seed", "3"],
-        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        [sys.executable, "-c", OFFLINE, "generate", "a shiny fox", "--config", str(config)]
+        + ["--model", "beta", "--lora", "detail:0.7", "--vae", "soft", "--seed", "3"],
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
@@ -293,7 +354,9 @@ def test_the_command_line_takes_model_and_lora(tmp_path, model_files):
     meta = outputs.read_metadata(tmp_path / result.stdout.strip())
     assert meta["imagineerd"]["model"] == "beta"
     assert meta["imagineerd"]["loras"] == [{"name": "detail", "weight": 0.7}]
-    assert params(meta)["Lora hashes"].startswith("detail: ")
+    info = params(meta)
+    assert info["Lora hashes"].startswith("detail: ") and info["TI hashes"].startswith("shiny: ")
+    assert info["VAE"] == "soft.safetensors"
 
 
 def test_an_inbox_file_chooses_models_and_loras(make_config, model_files):
@@ -304,6 +367,7 @@ def test_an_inbox_file_chooses_models_and_loras(make_config, model_files):
         paths={"models": str(model_files)},
         model={"name": "alpha"},
         inbox={"enabled": True, "settle_seconds": 0.3, "rescan_seconds": 1.0},
+        presets={"portrait": {"model": "beta", "loras": ["detail:0.5"]}},
     )
     daemon = Daemon(config)
     daemon.start()
@@ -323,6 +387,13 @@ def test_an_inbox_file_chooses_models_and_loras(make_config, model_files):
         assert [j.status for j in jobs] == ["completed", "completed"], [j.error for j in jobs]
         assert [j.spec.model for j in jobs] == ["beta", "xl/gamma"]
         assert jobs[1].spec.loras == (("xl-style", 1.0),)
+        # A preset chooses them too, under the file's own values.
+        (box.root / "portrait").mkdir()
+        (box.root / "portrait" / "p.txt").write_text("a cat\n")
+        wait_for((box.root / "done" / "p.result.yaml").exists, 30)
+        job = wait_for(lambda: daemon.job(3).finished and daemon.job(3), 120)
+        assert job.status == "completed", job.error
+        assert (job.spec.model, job.spec.loras) == ("beta", (("detail", 0.5),))
         # A typo goes to failed/ with a note that names the field and the closest names.
         (box.root / "typo.yaml").write_text("prompt: x\nmodel: bta\n")
         note = box.root / "failed" / "typo.error.txt"

@@ -291,3 +291,222 @@ def test_keyboard_moves_between_tabs(start_api, page: Page):
     page.keyboard.press("ArrowLeft")
     page.keyboard.press("ArrowLeft")
     expect(page.locator("#view-settings")).to_be_visible()
+
+
+# -- models: the picker, LoRAs, model switches, the first-run banner ------------------------
+@pytest.fixture(scope="module")
+def ui_models(tmp_path_factory) -> Path:
+    """Two tiny single-file SD1.5 checkpoints, a LoRA and a VAE for them, and an SDXL LoRA
+    and VAE (never offered with those), made once for the module."""
+    from imagineerd.backends.test_files import make_test_checkpoint, make_test_lora, make_test_vae
+
+    models = tmp_path_factory.mktemp("ui-models")
+    make_test_checkpoint(models / "checkpoints" / "alpha.safetensors", arch="sd15", seed=1)
+    make_test_checkpoint(models / "checkpoints" / "beta.safetensors", arch="sd15", seed=2)
+    make_test_lora(models / "loras" / "detail.safetensors", arch="sd15")
+    make_test_lora(models / "loras" / "xl-style.safetensors", arch="sdxl")
+    make_test_vae(models / "vae" / "soft.safetensors", arch="sd15")
+    make_test_vae(models / "vae" / "xl-vae.safetensors", arch="sdxl")
+    return models
+
+
+@pytest.fixture
+def models_folder(ui_models: Path, tmp_path: Path) -> Path:
+    """A models folder of this test's own (a test may add files to it)."""
+    return Path(shutil.copytree(ui_models, tmp_path / "models"))
+
+
+# Everything the running area showed, in order: a model switch lasts only a moment on a CPU.
+RECORD_RUNNING = """
+window.__shown = [];
+new MutationObserver(() => {
+  const text = document.querySelector("#create-running")?.textContent;
+  if (text && window.__shown.at(-1) !== text) window.__shown.push(text);
+}).observe(document, { subtree: true, childList: true, characterData: true });
+"""
+
+
+def test_choose_a_model_and_a_lora(start_api, page: Page, models_folder: Path, tmp_path):
+    api = start_api(paths={"models": str(models_folder)}, model={"name": "alpha"})
+    page.add_init_script(RECORD_RUNNING)
+    page.goto(api.url)
+    expect(page.locator("#model option")).to_have_text(["alpha · SD1.5 (default)", "beta · SD1.5"])
+    expect(page.locator("#model")).to_have_value("")  # the default, sent as no model at all
+    expect(page.locator("#clip_skip")).to_have_value("1")  # generation.clip_skip
+    # Only what is made for SD1.5 (the models' architecture) is offered.
+    expect(page.locator("#lora-add option")).to_have_text(["Add a LoRA…", "detail · SD1.5"])
+    expect(page.locator("#vae option")).to_have_text(["Default (the model's own)", "soft · SD1.5"])
+    page.select_option("#model", "beta")
+    page.select_option("#lora-add", "detail")
+    page.click("#lora-add-button")
+    row = page.locator('#lora-list .lora-row[data-lora="detail"]')
+    weight, slider = row.locator(".lora-weight"), row.locator("input[type=range]")
+    expect(weight).to_be_focused()
+    expect(weight).to_have_value("1")
+    expect(page.locator("#lora-add option")).to_have_count(1)  # added: no longer offered
+    # The server's bounds apply, and its message shows under the LoRAs.
+    weight.fill("11")
+    expect(slider).to_have_value("2")  # the slider stops at 2, the number goes on
+    page.fill("#prompt", "a fox, detailed")
+    page.click("#generate")
+    error = page.locator('#create-form [data-error-for="loras"]')
+    expect(error).to_have_text("loras[0].weight must be from -10 to 10, got 11")
+    expect(weight).to_be_focused()
+    slider.fill("0.8")  # dragged
+    expect(weight).to_have_value("0.8")
+    expect(error).to_have_text("")
+    page.click("#advanced summary")
+    page.fill("#clip_skip", "2")
+    page.select_option("#vae", "soft")
+    page.screenshot(path=str(tmp_path / "create-models-desktop.png"))
+    page.click("#generate")
+    expect(page.locator("#create-status")).to_contain_text("Queued job #1")
+    job = api.wait_job(1, timeout=120)
+    assert job["status"] == "completed", job
+    assert job["model"] == "beta"
+    assert job["loras"] == [{"name": "detail", "weight": 0.8}]
+    assert (job["clip_skip"], job["vae"]) == (2, "soft")
+    # The switch to beta showed while it happened, and is gone now.
+    wait_for(lambda: any("Loading model beta…" in t for t in page.evaluate("window.__shown")), 10)
+    expect(page.locator("#create-running")).to_be_hidden()
+    page.click("#tab-queue")
+    expect(page.locator('#history li[data-job="1"]')).to_contain_text(
+        "beta + detail 0.8 + VAE soft"
+    )
+    # A job on the default model does not name it.
+    api("POST", "/api/generate", json={"prompt": "plain", "seed": 5})
+    expect(page.locator('#history li[data-job="2"] .state.completed')).to_be_visible(timeout=60000)
+    assert "alpha" not in page.locator('#history li[data-job="2"]').inner_text()
+    # Use these settings brings the model, the LoRA and clip skip back.
+    page.click("#tab-create")
+    page.select_option("#model", "")
+    page.click('#lora-list [aria-label="Remove detail"]')
+    expect(page.locator("#lora-list .lora-row")).to_have_count(0)
+    page.fill("#clip_skip", "1")
+    page.select_option("#vae", "default")
+    page.click("#tab-gallery")
+    page.locator('#gallery .thumb[data-file*="_1.png"]').click()
+    expect(page.locator("#viewer-meta")).to_contain_text("detail 0.8")
+    page.click("#viewer-reuse")
+    expect(page.locator("#model")).to_have_value("beta")
+    expect(row.locator(".lora-weight")).to_have_value("0.8")
+    expect(page.locator("#clip_skip")).to_have_value("2")
+    expect(page.locator("#vae")).to_have_value("soft")
+
+
+def test_new_files_show_after_a_refresh_and_a_failed_switch_says_why(
+    start_api, page: Page, models_folder: Path
+):
+    api = start_api(paths={"models": str(models_folder)}, model={"name": "alpha"})
+    page.goto(api.url)
+    expect(page.locator("#lora-add option")).to_have_text(["Add a LoRA…", "detail · SD1.5"])
+    shutil.copy(
+        models_folder / "loras" / "detail.safetensors",
+        models_folder / "loras" / "style.safetensors",
+    )
+    # A file whose header is damaged is listed (of unknown architecture) but cannot load.
+    (models_folder / "checkpoints" / "broken.safetensors").write_bytes(
+        b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"a": 1}       ' + b"x" * 64
+    )
+    page.click("#models-refresh")
+    expect(page.locator("#lora-add option")).to_have_text(
+        ["Add a LoRA…", "detail · SD1.5", "style · SD1.5"]
+    )
+    expect(page.locator("#model option")).to_have_text(
+        ["alpha · SD1.5 (default)", "beta · SD1.5", "broken"]
+    )
+    page.select_option("#model", "broken")
+    page.fill("#prompt", "never")
+    page.click("#generate")
+    expect(page.locator("#create-status")).to_contain_text("Queued job #1")
+    failed = page.locator("#create-running .model-status.failed")
+    expect(failed).to_contain_text("Could not load model broken: ", timeout=60000)
+    assert api.wait_job(1)["status"] == "failed"
+    failed.get_by_role("button", name="Dismiss").click()
+    expect(page.locator("#create-running")).to_be_hidden()
+
+
+def test_first_run_banner_when_the_default_model_cannot_be_loaded(
+    start_api, page: Page, ui_models: Path, tmp_path: Path, monkeypatch
+):
+    # A fresh install without network: model.name is a hub id that is not in the cache.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models = tmp_path / "models"
+    models.mkdir()
+    api = start_api(paths={"models": str(models)}, model={"name": "nobody/missing-model"})
+    page.goto(api.url)
+    banner = page.locator("#first-run")
+    expect(banner).to_be_visible(timeout=60000)
+    error = api("GET", "/api/health").json()["backend"]["error"]
+    assert "nobody/missing-model" in error
+    expect(page.locator("#first-run-error")).to_have_text(error)
+    expect(banner).to_contain_text("The default model nobody/missing-model cannot be loaded.")
+    expect(banner).to_contain_text("checkpoints/")
+    expect(banner).to_contain_text("imagineerd pull REPO_ID")
+    expect(banner).to_contain_text("model.name")
+    expect(page.locator("#model option")).to_have_text(["nobody/missing-model (default)"])
+    expect(page.locator("#lora-none")).to_contain_text("No LoRAs in the models folder")
+    # As the banner says: a checkpoint into checkpoints/, ↻, choose it, and jobs run.
+    (models / "checkpoints").mkdir()
+    shutil.copy(ui_models / "checkpoints" / "alpha.safetensors", models / "checkpoints")
+    page.click("#models-refresh")
+    page.select_option("#model", "alpha")
+    page.fill("#prompt", "first image")
+    page.click("#generate")
+    expect(page.locator("#create-status")).to_contain_text("Queued job #1")
+    assert api.wait_job(1, timeout=120)["status"] == "completed"
+    expect(banner).to_be_visible()  # the default still cannot be loaded
+
+
+def test_first_run_banner_goes_when_the_default_model_arrives(
+    start_api, page: Page, ui_models: Path, tmp_path: Path, monkeypatch
+):
+    # model.name names a checkpoint that is not there yet (nor in the hub's cache).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models = tmp_path / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    api = start_api(paths={"models": str(models)}, model={"name": "alpha"})
+    page.goto(api.url)
+    banner = page.locator("#first-run")
+    expect(banner).to_be_visible(timeout=60000)
+    expect(page.locator("#first-run-error")).to_contain_text("could not load model 'alpha'")
+    shutil.copy(ui_models / "checkpoints" / "alpha.safetensors", models / "checkpoints")
+    page.click("#models-refresh")
+    expect(page.locator("#model option")).to_have_text(["alpha · SD1.5 (default)"])
+    page.fill("#prompt", "now it loads")
+    page.click("#generate")  # the default model, loaded again for this job: now it is there
+    expect(banner).to_be_hidden(timeout=60000)
+    assert api.wait_job(1, timeout=120)["status"] == "completed"
+    assert api("GET", "/api/health").json()["backend"]["state"] == "ready"
+    page.reload()
+    expect(page.locator("#connection")).to_have_class("connection live")
+    expect(banner).to_be_hidden()
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_phone_layout_with_models_and_the_banner(
+    start_api, browser, models_folder, tmp_path, monkeypatch, scheme
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    api = start_api(paths={"models": str(models_folder)}, model={"name": "nobody/missing-model"})
+    context = browser.new_context(
+        viewport={"width": 375, "height": 740},
+        is_mobile=True,
+        has_touch=True,
+        device_scale_factor=2,
+        color_scheme=scheme,
+    )
+    page = context.new_page()
+    try:
+        page.goto(api.url)
+        expect(page.locator("#first-run")).to_be_visible(timeout=60000)
+        page.select_option("#lora-add", "detail")
+        page.click("#lora-add-button")
+        page.locator("#lora-list .lora-weight").fill("-1.25")
+        expect(page.locator("#lora-list input[type=range]")).to_have_value("-1.25")
+        page.click("#advanced summary")
+        page.wait_for_load_state("networkidle")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        page.screenshot(path=str(tmp_path / f"create-models-phone-{scheme}.png"), full_page=True)
+    finally:
+        context.close()

@@ -16,6 +16,9 @@ const state = {
   galleryLoading: false,
   lastSeed: null,
   events: null,
+  models: null,         // GET /api/models: {checkpoints, loras, embeddings, vaes, default}
+  modelStatus: null,    // {name, phase: "loading" | "failed", from, error}: a model switch
+  healthTimer: null,
 };
 
 // ---------------------------------------------------------------------------------- API
@@ -123,12 +126,20 @@ function el(tag, attrs = {}, ...children) {
 
 function showErrors(form, error, prefix = "") {
   clearErrors(form);
-  const field = error.field ? error.field.replace(prefix, "") : null;
+  const path = error.field ? error.field.replace(prefix, "") : null;
+  // "loras[1].weight": the message goes under the LoRAs, the focus to that row's weight.
+  const field = path && path.split(/[.[]/)[0];
   const slot = field && $(`[data-error-for="${field}"]`, form);
   if (slot) {
     slot.textContent = error.message;
-    slot.closest(".field").classList.add("invalid");
-    const input = form.elements[field];
+    const box = slot.closest(".field");
+    box.classList.add("invalid");
+    const details = slot.closest("details");
+    if (details) details.open = true;
+    const index = /^loras\[(\d+)\]/.exec(path);
+    const row = index && $("#lora-list").children[Number(index[1])];
+    const input = row ? $(".lora-weight", row)
+      : form.elements[field] || $("input:not([type=range]), select", box);
     if (input) input.focus();
     return true;
   }
@@ -149,7 +160,234 @@ function formatSeconds(seconds) {
 
 function summary(job) {
   const from = job.source === "inbox" && job.source_name ? ` · from ${job.source_name}` : "";
-  return `${job.width}×${job.height} · ${job.steps} steps · seed ${job.seed}${from}`;
+  return `${job.width}×${job.height} · ${job.steps} steps · seed ${job.seed}${modelSummary(job)}${from}`;
+}
+
+// ------------------------------------------------------------------------------- models
+const ARCH_NAMES = { sd15: "SD1.5", sd2: "SD2.x", sdxl: "SDXL" };
+
+// A model as its PNGs name it: the file's stem, never a path (what the server's label() does).
+function modelLabel(name) {
+  const last = String(name || "").replace(/\\/g, "/").replace(/\/+$/, "").split("/").pop();
+  return last.replace(/\.(safetensors|ckpt)$/i, "");
+}
+
+// model.name may be a local path (shown by its stem) or a hub id / listed name (shown whole).
+function displayModel(name) {
+  return /^([A-Za-z]:)?[\\/]/.test(String(name || "")) ? modelLabel(name) : String(name || "");
+}
+
+function defaultModel() {
+  return state.models ? state.models.default : null;
+}
+
+// Jobs store the default written out (model.name), images its stem: both are the default.
+function isDefaultModel(name) {
+  const fallback = defaultModel();
+  if (!name) return true;
+  return fallback !== null && (name === fallback || name === modelLabel(fallback));
+}
+
+function modelSummary(job) {
+  const parts = [];
+  if (job.model && state.models && !isDefaultModel(job.model)) parts.push(displayModel(job.model));
+  for (const lora of job.loras || []) parts.push(`${lora.name} ${lora.weight}`);
+  if (job.vae && job.vae !== "default") parts.push(`VAE ${job.vae}`);
+  return parts.length ? ` · ${parts.join(" + ")}` : "";
+}
+
+function checkpointArch(name) {
+  const list = (state.models && state.models.checkpoints) || [];
+  const found = name ? list.find((c) => c.name === name) : list.find((c) => isDefaultModel(c.name));
+  return found ? found.arch : "unknown";
+}
+
+// LoRAs and VAEs for the chosen model's architecture, or where either is not known.
+function fits(item, arch) {
+  return arch === "unknown" || !item.arch || item.arch === "unknown" || item.arch === arch;
+}
+
+function withArch(name, arch) {
+  return ARCH_NAMES[arch] ? `${name} · ${ARCH_NAMES[arch]}` : name;
+}
+
+async function loadModels({ refresh = false } = {}) {
+  try {
+    state.models = refresh ? await api("POST", "/api/models/refresh") : await api("GET", "/api/models");
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 404) {  // a server without models
+      $("#model-field").hidden = $("#lora-field").hidden = true;
+      return;
+    }
+    throw error;
+  }
+  renderModels();
+  renderQueue();  // rows name a job's model only when it is not the default
+}
+
+function renderModels() {
+  const models = state.models;
+  if (!models) return;
+  const select = $("#model");
+  const chosen = select.value;
+  const fallback = models.default;
+  const own = models.checkpoints.find((c) => isDefaultModel(c.name));
+  const others = models.checkpoints.filter((c) => !isDefaultModel(c.name));
+  select.replaceChildren(
+    el("option", { value: "" }, `${withArch(displayModel(fallback), own && own.arch)} (default)`),
+    ...others.map((c) => el("option", { value: c.name }, withArch(c.name, c.arch))));
+  if (chosen && !others.some((c) => c.name === chosen)) {
+    const status = $("#create-status");
+    status.textContent = `The model ${chosen} is no longer in the models folder; the default is chosen.`;
+    status.className = "status bad";
+  }
+  select.value = others.some((c) => c.name === chosen) ? chosen : "";
+  renderModelExtras();
+}
+
+function renderModelExtras() {
+  const models = state.models;
+  if (!models) return;
+  const arch = checkpointArch($("#model").value);
+  const archName = ARCH_NAMES[arch] || arch;
+  const added = new Set(readLoras().map((l) => l.name));
+  const loras = models.loras.filter((l) => fits(l, arch));
+  const addable = loras.filter((l) => !added.has(l.name));
+  const maxItems = (state.options && state.options.limits.loras && state.options.limits.loras.max_items) || 16;
+  $("#lora-add").replaceChildren(el("option", { value: "" }, "Add a LoRA…"),
+    ...addable.map((l) => el("option", { value: l.name }, withArch(l.name, l.arch))));
+  $("#lora-adder").hidden = addable.length === 0 || added.size >= maxItems;
+  const none = $("#lora-none");
+  none.hidden = loras.length > 0;
+  none.textContent = models.loras.length
+    ? `No LoRA in the models folder is made for ${archName}.`
+    : "No LoRAs in the models folder (loras/). Put some there, then press ↻.";
+  for (const row of $("#lora-list").children) {
+    const item = models.loras.find((l) => l.name === row.dataset.lora);
+    let text = "";
+    if (!item) text = "Not in the models folder (any more).";
+    else if (!fits(item, arch)) text = `Made for ${ARCH_NAMES[item.arch] || item.arch}; this model is ${archName}.`;
+    row.classList.toggle("mismatch", Boolean(text));
+    const note = $(".lora-note", row);
+    note.textContent = text;
+    note.hidden = !text;
+  }
+  const vae = $("#vae");
+  const chosenVae = vae.value;
+  const vaes = models.vaes.filter((v) => fits(v, arch));
+  vae.replaceChildren(el("option", { value: "default" }, "Default (the model's own)"),
+    ...vaes.map((v) => el("option", { value: v.name }, withArch(v.name, v.arch))));
+  vae.value = vaes.some((v) => v.name === chosenVae) ? chosenVae : "default";
+}
+
+function clamp(value, low, high) {
+  return Math.min(high, Math.max(low, value));
+}
+
+function addLora(name, weight = 1) {
+  if (readLoras().some((l) => l.name === name)) return null;
+  const limit = (state.options && state.options.limits.loras) || {};
+  // The slider covers the useful range; the number takes any weight the server allows.
+  const slider = el("input", { type: "range", min: "-2", max: "2", step: "0.05",
+    value: String(clamp(weight, -2, 2)), "aria-label": `${name} weight` });
+  const number = el("input", { type: "number", class: "lora-weight", step: "0.05",
+    min: String(limit.min ?? -10), max: String(limit.max ?? 10), value: String(weight),
+    "aria-label": `${name} weight, exact` });
+  slider.addEventListener("input", () => { number.value = slider.value; });
+  number.addEventListener("input", () => {
+    const value = Number(number.value);
+    if (number.value.trim() !== "" && isFinite(value)) slider.value = String(clamp(value, -2, 2));
+  });
+  const row = el("li", { class: "lora-row", "data-lora": name },
+    el("span", { class: "lora-name" }, name), slider, number,
+    el("button", { type: "button", class: "lora-remove", title: "Remove", "aria-label": `Remove ${name}`,
+      onclick: () => {
+        row.remove();
+        renderModelExtras();
+        const next = $("#lora-list .lora-weight") || $("#lora-add");
+        next.focus();
+      } }, "✕"),
+    el("p", { class: "hint lora-note", hidden: true }));
+  $("#lora-list").append(row);
+  return row;
+}
+
+function readLoras() {
+  return [...$("#lora-list").children].map((row) => {
+    const input = $(".lora-weight", row);
+    const raw = input.value.trim();
+    let weight = Number(raw);
+    // Empty is 1, as the API has it; what the browser cannot read as a number goes as text,
+    // so the server's message says what is wrong.
+    if (raw === "") weight = input.validity.badInput ? "not a number" : 1;
+    else if (isNaN(weight)) weight = raw;
+    return { name: row.dataset.lora, weight };
+  });
+}
+
+function setLoras(loras) {
+  $("#lora-list").replaceChildren();
+  for (const lora of loras || []) addLora(lora.name, lora.weight ?? 1);
+  renderModelExtras();
+}
+
+function setupModels() {
+  $("#model").addEventListener("change", renderModelExtras);
+  $("#lora-add-button").addEventListener("click", () => {
+    const select = $("#lora-add");
+    if (!select.value) {
+      select.focus();
+      return;
+    }
+    const row = addLora(select.value);
+    renderModelExtras();
+    if (row) $(".lora-weight", row).focus();
+  });
+  $("#models-refresh").addEventListener("click", async () => {
+    const button = $("#models-refresh");
+    button.disabled = true;
+    try {
+      await loadModels({ refresh: true });
+    } catch (error) {
+      $("#create-status").textContent = error.message;
+      $("#create-status").className = "status bad";
+    } finally {
+      button.disabled = false;
+    }
+  });
+}
+
+// The default model could not be loaded (a fresh install without network, most often).
+function showFirstRun(backend) {
+  $("#first-run").hidden = !backend;
+  if (!backend) return;
+  $("#first-run-model").textContent = displayModel(backend.model);
+  $("#first-run-error").textContent = backend.error || "";
+}
+
+async function checkHealth() {
+  clearTimeout(state.healthTimer);
+  let health;
+  try {
+    health = await api("GET", "/api/health");
+  } catch {
+    return;
+  }
+  const backend = health.backend;  // absent without the token: nothing to say then
+  showFirstRun(backend && backend.state === "error" && backend.error ? backend : null);
+  // A switch already under way when the page opened shows as if its event had come.
+  const loading = (health.workers || []).map((w) => w.models && w.models.loading).find(Boolean);
+  if (loading && !state.modelStatus) {
+    state.modelStatus = { name: loading, phase: "loading", seen: "health" };
+    renderQueue();
+  } else if (!loading && state.modelStatus && state.modelStatus.seen === "health") {
+    state.modelStatus = null;
+    renderQueue();
+  }
+  // Until the model is in, look again now and then: its events may come before the stream.
+  if ((backend && backend.state === "loading") || loading) {
+    state.healthTimer = setTimeout(checkHealth, 2000);
+  }
 }
 
 // -------------------------------------------------------------------------------- create
@@ -177,8 +415,8 @@ function fillSelects(options) {
 
 function applyDefaults(generation) {
   const form = $("#create-form");
-  for (const name of ["steps", "width", "height", "guidance_scale", "scheduler", "negative_prompt"]) {
-    form.elements[name].value = generation[name];
+  for (const name of ["steps", "width", "height", "guidance_scale", "scheduler", "negative_prompt", "clip_skip"]) {
+    if (generation[name] !== undefined) form.elements[name].value = generation[name];
   }
   syncSizePreset();
 }
@@ -192,12 +430,17 @@ function syncSizePreset() {
 function readForm(form) {
   const data = {};
   for (const name of ["prompt", "negative_prompt", "scheduler"]) data[name] = form.elements[name].value;
-  for (const name of ["seed", "steps", "width", "height", "guidance_scale"]) {
+  for (const name of ["seed", "steps", "width", "height", "guidance_scale", "clip_skip"]) {
     const raw = form.elements[name].value.trim();
     // An empty number means "server default" (or a random seed); a non-number is sent as
     // text so the server's message names the field.
     if (raw !== "") data[name] = isNaN(Number(raw)) ? raw : Number(raw);
   }
+  // The defaults are left out, so the server's (model.name, no LoRA, the model's VAE) apply.
+  if (form.elements.model.value) data.model = form.elements.model.value;
+  const loras = readLoras();
+  if (loras.length) data.loras = loras;
+  if (form.elements.vae.value && form.elements.vae.value !== "default") data.vae = form.elements.vae.value;
   return data;
 }
 
@@ -321,7 +564,7 @@ function progressText(job) {
 function runningCard(job) {
   const progress = progressOf(job);
   return el("div", { class: "card running-job", "data-job": job.id },
-    el("div", { class: "sub" }, `Running · job #${job.id}`),
+    el("div", { class: "sub" }, `Running · job #${job.id}${modelSummary(job)}`),
     el("div", { class: "prompt-text" }, job.prompt),
     el("div", { class: "progress", role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100",
       "aria-valuenow": String(progress.percent), "aria-label": "progress" },
@@ -332,13 +575,31 @@ function runningCard(job) {
       el("button", { type: "button", class: "danger", onclick: () => interrupt(job.id) }, "Stop")));
 }
 
+function modelStatusCard() {
+  const status = state.modelStatus;
+  if (!status) return null;
+  const name = displayModel(status.name);
+  if (status.phase === "loading") {
+    const from = status.from ? ` (from ${status.from})` : "";
+    return el("div", { class: "card model-status loading", role: "status" },
+      el("span", { class: "text" }, `Loading model ${name}…`, el("span", { class: "sub" }, from)));
+  }
+  // The first-run banner already says it for the default model.
+  if (!$("#first-run").hidden && isDefaultModel(status.name)) return null;
+  return el("div", { class: "card model-status failed", role: "alert" },
+    el("span", { class: "text" }, `Could not load model ${name}: ${status.error}`),
+    el("button", { type: "button", title: "Dismiss", "aria-label": "Dismiss",
+      onclick: () => { state.modelStatus = null; renderQueue(); } }, "✕"));
+}
+
 function renderQueue() {
   const running = $("#running");
-  running.replaceChildren(...(state.running.length ? state.running.map(runningCard)
-    : [el("p", { class: "empty" }, "Nothing is running.")]));
+  running.replaceChildren(...[modelStatusCard(), ...(state.running.length ? state.running.map(runningCard)
+    : [el("p", { class: "empty" }, "Nothing is running.")])].filter(Boolean));
   const createRunning = $("#create-running");
-  createRunning.hidden = state.running.length === 0;
-  createRunning.replaceChildren(...state.running.map(runningCard));
+  const statusCard = modelStatusCard();
+  createRunning.hidden = state.running.length === 0 && !statusCard;
+  createRunning.replaceChildren(...[statusCard, ...state.running.map(runningCard)].filter(Boolean));
 
   $("#queued").replaceChildren(...state.queued.map((job, i) => el("li", { "data-job": job.id },
     el("span", { class: "pos" }, String(i + 1)),
@@ -403,6 +664,7 @@ function connectEvents() {
     indicator.classList.add("live");
     indicator.title = "live updates: connected";
     refreshJobs().catch(() => {});
+    checkHealth();
   };
   source.onerror = () => {
     indicator.classList.remove("live");
@@ -442,14 +704,32 @@ function connectEvents() {
     });
   }
   on("job.requeued", () => refreshJobs());
+  on("model.loading", (m) => {
+    state.modelStatus = { name: m.name, phase: "loading", from: m.from };
+    renderQueue();
+  });
+  on("model.ready", (m) => {
+    if (state.modelStatus && state.modelStatus.name === m.name) state.modelStatus = null;
+    if (isDefaultModel(m.name)) showFirstRun(null);
+    renderQueue();
+    checkHealth();
+  });
+  on("model.failed", (m) => {
+    state.modelStatus = { name: m.name, phase: "failed", error: m.error };
+    renderQueue();
+    checkHealth().then(renderQueue);
+  });
   // The server no longer holds the events we missed (it restarted, or we were away long):
   // everything we show may be stale, so reload it all.
   on("reset", () => {
     refreshJobs().catch(() => {});
     refreshGalleryHead().catch(() => {});
+    loadModels().catch(() => {});
+    checkHealth();
   });
   on("config.changed", () => {
     loadOptions().catch(() => {});
+    loadModels().catch(() => {});
     if (!$("#view-settings").hidden) loadSettings();
   });
 }
@@ -508,20 +788,97 @@ function setupGallery() {
   });
 }
 
-function openViewer(item) {
-  const dialog = $("#viewer");
-  dialog.dataset.prompt = item.prompt || "";
-  $("#viewer-image").src = item.url;
-  $("#viewer-image").alt = item.prompt || item.filename;
+// What an image's A1111 parameters say about its files (images of other tools, or ours
+// whose job is no longer in the store): "Clip skip: 2", "VAE: name.safetensors" and the
+// LoRAs of "Lora hashes" (their weights are in the prompt's <lora:...> tags, if anywhere).
+function parseParameters(text) {
+  const found = {};
+  if (!text) return found;
+  const line = text.trim().split("\n").pop();
+  const clip = /(?:^|,\s*)Clip skip:\s*(\d+)/.exec(line);
+  if (clip) found.clip_skip = Number(clip[1]);
+  const vae = /(?:^|,\s*)VAE:\s*("?)([^,"]+)\1/.exec(line);
+  if (vae) found.vae = vae[2].trim().replace(/\.(safetensors|pt|bin|ckpt)$/i, "");
+  const loras = /(?:^|,\s*)Lora hashes:\s*"([^"]*)"/.exec(line);
+  if (loras) found.lora_names = loras[1].split(",").map((p) => p.split(":")[0].trim()).filter(Boolean);
+  return found;
+}
+
+function imageModels(item) {
+  const parsed = parseParameters(item.parameters);
+  return {
+    loras: item.loras ?? (parsed.lora_names ? parsed.lora_names.map((name) => ({ name, weight: null })) : []),
+    vae: item.vae ?? parsed.vae ?? "default",
+    clip_skip: item.clip_skip ?? parsed.clip_skip ?? (item.parameters ? 1 : null),
+  };
+}
+
+// The gallery lists an image's model; its LoRAs (with weights), VAE and clip skip come
+// from its job while the store has it (the same prompt and seed), else from its parameters.
+function imageExtras(item) {
+  if (!item.extras) {
+    item.extras = (async () => {
+      const parsed = imageModels(item);
+      if (item.loras !== undefined || !item.job_id) return parsed;
+      try {
+        const job = await api("GET", `/api/jobs/${item.job_id}`);
+        if (job.prompt !== item.prompt || job.seed !== item.seed) return parsed;
+        return { loras: job.loras || [], vae: job.vae || "default", clip_skip: job.clip_skip ?? parsed.clip_skip };
+      } catch {
+        return parsed;  // gone from the store: the parameters will do
+      }
+    })();
+  }
+  return item.extras;
+}
+
+// "Use these settings" for the model files: the model, LoRAs, VAE and clip skip.
+async function reuseModels(item) {
+  const extra = await imageExtras(item);
+  const select = $("#model");
+  const status = $("#create-status");
+  status.textContent = "";
+  status.className = "status";
+  if (item.model && !isDefaultModel(item.model)) {
+    if ([...select.options].some((o) => o.value === item.model)) select.value = item.model;
+    else {
+      select.value = "";
+      status.textContent = `The model ${item.model} is not in the models folder; the default is chosen.`;
+      status.className = "status bad";
+    }
+  } else select.value = "";
+  // LoRAs named only by their hash line (no weight) are left to the prompt's tags.
+  setLoras((extra.loras || []).filter((l) => l.weight !== null));
+  const vae = extra.vae || "default";
+  $("#vae").value = [...$("#vae").options].some((o) => o.value === vae) ? vae : "default";
+  const clipSkip = extra.clip_skip ?? state.options.generation.clip_skip;
+  if (clipSkip !== undefined && clipSkip !== null) $("#clip_skip").value = clipSkip;
+  if ((clipSkip && clipSkip !== 1) || vae !== "default") $("#advanced").open = true;
+}
+
+function viewerMeta(item, extra) {
   const rows = [
     ["Prompt", item.prompt], ["Negative prompt", item.negative_prompt || "—"],
     ["Seed", item.seed], ["Steps", item.steps], ["Size", `${item.width}×${item.height}`],
     ["Guidance", item.guidance_scale], ["Sampler", item.sampler], ["Model", item.model],
+    ...viewerModelRows(extra),
     ["Duration", item.duration_seconds ? formatSeconds(item.duration_seconds) : null],
     ["Created", item.completed_at || item.created], ["Job", item.job_id ? `#${item.job_id}` : null],
     ["File", item.filename],
   ].filter(([, v]) => v !== null && v !== undefined);
   $("#viewer-meta").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, String(v))]));
+}
+
+function openViewer(item) {
+  const dialog = $("#viewer");
+  dialog.dataset.prompt = item.prompt || "";
+  dialog.dataset.file = item.filename;
+  $("#viewer-image").src = item.url;
+  $("#viewer-image").alt = item.prompt || item.filename;
+  viewerMeta(item, imageModels(item));
+  imageExtras(item).then((extra) => {
+    if (dialog.open && dialog.dataset.file === item.filename) viewerMeta(item, extra);
+  });
   $("#viewer-download").href = item.url;
   $("#viewer-download").setAttribute("download", item.filename.split("/").pop());
   $("#viewer-open").href = item.url;
@@ -534,8 +891,18 @@ function openViewer(item) {
     dialog.close();
     showTab("create");
     $("#prompt").focus();
+    reuseModels(item).catch(() => {});
   };
   dialog.showModal();
+}
+
+function viewerModelRows(extra) {
+  const loras = extra.loras.map((l) => (l.weight === null ? l.name : `${l.name} ${l.weight}`));
+  return [
+    ["LoRAs", loras.length ? loras.join(", ") : null],
+    ["VAE", extra.vae !== "default" ? extra.vae : null],
+    ["Clip skip", extra.clip_skip && extra.clip_skip !== 1 ? extra.clip_skip : null],
+  ];
 }
 
 // ------------------------------------------------------------------------------ settings
@@ -603,6 +970,7 @@ async function main() {
   try { localStorage.removeItem("imagineerd.token"); } catch { /* storage disabled */ }
   setupTabs();
   setupCreate();
+  setupModels();
   setupGallery();
   $("#settings-form").addEventListener("submit", saveSettings);
   $("#logout").addEventListener("click", logout);
@@ -614,6 +982,7 @@ async function main() {
   applyLimits(options.limits);
   fillSelects(options);
   applyDefaults(options.generation);
+  await loadModels().catch(() => {});
   showTab(location.hash.slice(1) || "create");
   connectEvents();
   // Keep the ETA ticking between steps of a slow job.

@@ -118,11 +118,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .jobs import COMPLETED
 
     config = config_mod.load(args.config)
-    request = {"prompt": args.prompt}
+    request: dict = {"prompt": args.prompt}
     for name in jobs.PARAMETERS[1:]:  # every job field but the prompt
         value = getattr(args, name)
         if value is not None:
             request[name] = value
+    for name in ("init_image", "mask"):  # local files: their bytes are the image
+        if name in request:
+            try:
+                request[name] = Path(request[name]).read_bytes()
+            except OSError as exc:
+                flag = "--" + name.replace("_", "-")
+                raise ImagineerdError(f"{flag}: {exc.strerror}: {exc.filename}") from None
+    if "hires" in request:
+        request["hires"] = {"scale": request["hires"]}
     daemon = Daemon(config)
     spec = daemon.validate(request)  # before the queue, so a typo costs no model load
     daemon.start(workers=False)
@@ -255,6 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--clip-skip", dest="clip_skip", type=int, help="1-12 (1: the last layer)")
     gen.add_argument("--vae", help="a VAE name as listed, or default (the checkpoint's own)")
+    gen.add_argument(
+        "--init-image", dest="init_image", metavar="PATH", help="start from this image (img2img)"
+    )
+    gen.add_argument("--strength", type=float, help="0-1: how much of the input is redrawn")
+    gen.add_argument("--mask", metavar="PATH", help="repaint where this image is white")
+    gen.add_argument("--mask-blur", dest="mask_blur", type=int, help="px, softens the seam")
+    gen.add_argument(
+        "--inpaint-area", dest="inpaint_area", choices=("whole", "masked"), help="A1111's area"
+    )
+    gen.add_argument(
+        "--hires",
+        metavar="SCALE",
+        type=float,
+        help="A1111's hires fix: generate, upscale by SCALE, refine (text-to-image)",
+    )
     gen.set_defaults(func=cmd_generate)
 
     smb = sub.add_parser("smb-conf", help="print Samba share sections for this install")

@@ -23,7 +23,15 @@ from .errors import ConfigError, Forbidden
 REMOTE_KEYS: dict[str, frozenset[str]] = {
     "generation": frozenset(jobs.DEFAULTABLE),
     "queue": frozenset({"max_attempts"}),
-    "inbox": frozenset({"settle_seconds", "rescan_seconds", "max_file_bytes", "max_jobs_per_file"}),
+    "inbox": frozenset(
+        {
+            "settle_seconds",
+            "rescan_seconds",
+            "max_file_bytes",
+            "max_jobs_per_file",
+            "orphan_seconds",
+        }
+    ),
     "performance": frozenset(
         {"max_batch", "compile", "batch_buckets", "channels_last", "job_timeout"}
     ),

@@ -192,6 +192,7 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "threads": _int(2, 256),
         "max_event_streams": _int(0, 1000),
         "max_body_bytes": _int(1024, 1 << 30),
+        "max_image_bytes": _int(1024, 1 << 30),
         "auth_token": _token,
         "cors_origins": _origins,
         "allowed_hosts": _hosts,
@@ -223,6 +224,7 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "max_file_bytes": _int(1, 1 << 30),
         "max_jobs_per_file": _int(1, 100000),
         "outputs_subfolder": _bool,
+        "orphan_seconds": _float(1, 86400 * 30),
     },
     "presets": {},  # free-form names; checked by check_presets
     "queue": {"max_attempts": _int(1, 100)},

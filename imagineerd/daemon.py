@@ -8,6 +8,7 @@ store (finished) -> events and hooks.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -20,9 +21,10 @@ from PIL import Image
 from . import __version__, backends, config_remote, jobs, outputs
 from .backends import Backend, build_registry
 from .config import Config
-from .errors import Conflict, Gone, NotFound, Unavailable
+from .errors import Conflict, Gone, NotFound, Unavailable, ValidationError
 from .events import EventBus
 from .gallery import Gallery
+from .inputs import InputStore
 from .jobs import COMPLETED, FAILED, QUEUED, RUNNING, Job, iso
 from .model_choice import ModelChoice
 from .models import ModelLibrary
@@ -66,6 +68,9 @@ class Daemon:
         self.clock = clock
         self.events = EventBus()
         self.gallery = Gallery(self.outputs_dir, self.state_dir / "thumbnails")
+        self.inputs = InputStore(
+            self.state_dir / "inputs", self.gallery, max_bytes=config["server"]["max_image_bytes"]
+        )
         self.stopping = threading.Event()
         self.supervisor: Supervisor | None = None
         self._work = threading.Condition()
@@ -91,6 +96,7 @@ class Daemon:
     def start(self, *, workers: bool = True) -> None:
         """Recover from an unclean stop, then start one worker per device."""
         self.recover()
+        self.collect_inputs()
         self.models.start()
         if workers:
             self.supervisor = Supervisor(
@@ -114,6 +120,7 @@ class Daemon:
         # model switches (the UI shows them).
         settings["library"] = self.models
         settings["on_event"] = self.events.publish
+        settings["inputs"] = self.inputs
         return backends.create(self.backend_factory, settings)
 
     def job_timeout(self) -> float:
@@ -186,8 +193,49 @@ class Daemon:
 
     def validate(self, data: Any) -> jobs.JobSpec:
         """A raw request as a job spec, its model files checked against the models folder
-        (``ValidationError`` naming the field and the closest names)."""
-        return self.model_choice.check(jobs.validate(data, self.generation_defaults))
+        (``ValidationError`` naming the field and the closest names) and its input images
+        checked and stored."""
+        spec = self.model_choice.check(jobs.validate(data, self.generation_defaults))
+        return self._take_inputs(spec, data) if spec.init_image else spec
+
+    def _take_inputs(self, spec: jobs.JobSpec, data: Any) -> jobs.JobSpec:
+        """Store the job's images; its size follows the input's unless width/height were
+        given (they resize it, as A1111's "just resize")."""
+        image = self.inputs.take(
+            "init_image", spec.init_image, output_name=str(data.get("init_image_name") or "")
+        )
+        width, height = input_size(
+            image.width, image.height, data.get("width"), data.get("height"), spec
+        )
+        mask = ""
+        if spec.mask:
+            taken = self.inputs.take("mask", spec.mask)
+            if abs(taken.width * image.height - image.width * taken.height) > 0.01 * (
+                image.width * taken.height
+            ):
+                raise ValidationError(
+                    f"mask: its shape ({taken.width}x{taken.height}) is not the input's "
+                    f"({image.width}x{image.height}); a mask of another size is resized, but "
+                    "it must have the same aspect ratio",
+                    field="mask",
+                )
+            mask = taken.ref
+        return dataclasses.replace(
+            spec,
+            init_image=image.ref,
+            init_image_name=image.output_name,
+            mask=mask,
+            width=width,
+            height=height,
+        )
+
+    def collect_inputs(self) -> None:
+        """Delete stored input images no queued or running job needs any more."""
+        try:
+            live = self.store.queued() + self.store.running()
+            self.inputs.collect(ref for job in live for ref in (job.spec.init_image, job.spec.mask))
+        except Exception:  # tidying up must never break finishing a job
+            log.exception("could not tidy the stored input images")
 
     def submit(self, data: Any, *, source: str = "api", source_name: str | None = None) -> Job:
         """Validate a raw request and queue it; raises ``ValidationError`` naming the field."""
@@ -399,6 +447,8 @@ class Daemon:
 
     def _announce_finished(self, job: Job) -> None:
         """The one way a finished job is made known: an event and the plugin hook."""
+        if job.spec.init_image:
+            self.collect_inputs()
         view = self.job_view(job)
         self.events.publish(f"job.{job.status}", view)
         self._hook("imagineerd_job_finished", job=view)
@@ -442,3 +492,26 @@ class Daemon:
             getattr(self.pm.hook, name)(**kwargs)
         except Exception:
             log.exception("plugin hook %s failed", name)
+
+
+def input_size(
+    width: int, height: int, given_width: Any, given_height: Any, spec: jobs.JobSpec
+) -> tuple[int, int]:
+    """The size of an image job: as given, else the input's (the other side by its aspect
+    when one is given), rounded to multiples of 8 and fitted within the job bounds."""
+    lo, hi = jobs.PARAMS["width"].lo, jobs.PARAMS["width"].hi
+    if given_width is not None and given_height is not None:
+        return spec.width, spec.height
+    if given_width is not None:
+        w, h = float(spec.width), spec.width * height / width
+    elif given_height is not None:
+        w, h = spec.height * width / height, float(spec.height)
+    else:
+        w, h = float(width), float(height)
+    fit = min(1.0, hi / max(w, h))  # a large photo is worked on at the largest size allowed
+    grow = max(1.0, lo / min(w * fit, h * fit))
+    w, h = w * fit * grow, h * fit * grow
+    return (
+        min(hi, max(lo, jobs.round8(w))),
+        min(hi, max(lo, jobs.round8(h))),
+    )

@@ -26,6 +26,12 @@ NAME_MAX = 1024
 #: LoRAs per job (the field and ``<lora:...>`` tags together) and the bounds of a weight.
 LORAS_MAX = 16
 LORA_WEIGHT = (-10.0, 10.0)
+#: Choices of the option parameters.
+INPAINT_AREAS = ("whole", "masked")
+UPSCALERS = ("latent", "lanczos")
+#: Hires fix: the bounds of its fields and what an omitted one means.
+HIRES_SCALE = (1.0, 4.0)
+HIRES_DEFAULTS = {"scale": 2.0, "steps": 0, "denoising_strength": 0.5, "upscaler": "latent"}
 
 #: Scheduler ids accepted in config and jobs, with the AUTOMATIC1111 label written into PNG
 #: metadata. The diffusers backend maps each id to a scheduler class.
@@ -248,6 +254,61 @@ def check_loras(name: str, value: Any) -> tuple[tuple[str, float], ...]:
     return tuple(result)
 
 
+def check_image(name: str, value: Any) -> str | bytes:
+    """An image reference as sent: text (a ``data:`` URL, base64, ``sha256:<hex>`` of a
+    stored input, an output's file name) or, from the inbox and the command line, the file's
+    bytes. Whether it is an image is the daemon's question (``inputs.InputStore``)."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if value == "":  # as a job record says "no image"
+        return ""
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(
+            f"{name} must be an image: a data: URL or base64 of a PNG, JPEG or WebP, or the "
+            f"file name of an output image; got {_describe(value)}",
+            field=name,
+        )
+    return check_encodable(name, value.strip())
+
+
+def check_option(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if isinstance(value, str) and value.strip().lower() in choices:
+        return value.strip().lower()
+    raise ValidationError(
+        f"{name} must be one of {', '.join(choices)}, got {_describe(value)}", field=name
+    )
+
+
+def check_hires(name: str, value: Any) -> tuple[float, int, float, str] | None:
+    """``{scale, steps, denoising_strength, upscaler}`` (each optional), ``true`` for the
+    defaults, ``false`` or null for none; returns ``(scale, steps, denoising, upscaler)``."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if isinstance(value, list | tuple) and len(value) == 4:  # as a stored spec holds it
+        value = dict(zip(HIRES_DEFAULTS, value, strict=True))
+    if not isinstance(value, Mapping):
+        raise ValidationError(
+            f"{name} must be an object with scale, steps, denoising_strength and upscaler, "
+            f"got {_describe(value)}",
+            field=name,
+        )
+    unknown = [key for key in value if key not in HIRES_DEFAULTS]
+    if unknown:
+        raise ValidationError(
+            f"{name}: unknown field {unknown[0]!r}; hires has {', '.join(HIRES_DEFAULTS)}",
+            field=name,
+        )
+    given = {**HIRES_DEFAULTS, **{k: v for k, v in value.items() if v is not None}}
+    return (
+        check_float(f"{name}.scale", given["scale"], *HIRES_SCALE),
+        check_int(f"{name}.steps", given["steps"], 0, 150),
+        check_float(f"{name}.denoising_strength", given["denoising_strength"], 0.0, 1.0),
+        check_option(f"{name}.upscaler", given["upscaler"], UPSCALERS),
+    )
+
+
 def _is_number(text: str) -> bool:
     try:
         return math.isfinite(float(text))
@@ -262,7 +323,9 @@ class Param:
     job table all read, so a bound is written once."""
 
     name: str
-    kind: str  # "text", "int", "float", "choice", "name" (of a model file) or "loras"
+    #: "text", "int", "float", "choice" (a scheduler), "option" (one of ``choices``), "name"
+    #: (of a model file), "loras", "image" or "hires"
+    kind: str
     lo: float | None = None
     hi: float | None = None
     multiple_of: int = 1
@@ -272,6 +335,7 @@ class Param:
     has_default: bool = True
     #: What an omitted field without a config default means (model: the configured one).
     empty: Any = None
+    choices: tuple[str, ...] = ()
 
     def check(self, value: Any) -> Any:
         if self.kind == "text":
@@ -284,6 +348,12 @@ class Param:
             return check_name(self.name, value)
         if self.kind == "loras":
             return check_loras(self.name, value)
+        if self.kind == "image":
+            return check_image(self.name, value)
+        if self.kind == "option":
+            return check_option(self.name, value, self.choices)
+        if self.kind == "hires":
+            return check_hires(self.name, value)
         return check_scheduler(self.name, value)
 
     def limits(self) -> dict[str, Any]:
@@ -292,6 +362,18 @@ class Param:
             return {"max_length": self.max_length}
         if self.kind == "loras":
             return {"max_items": LORAS_MAX, "min": LORA_WEIGHT[0], "max": LORA_WEIGHT[1]}
+        if self.kind == "image":
+            return {"formats": ["png", "jpeg", "webp"]}
+        if self.kind == "option":
+            return {"choices": list(self.choices)}
+        if self.kind == "hires":
+            return {
+                "scale": {"min": HIRES_SCALE[0], "max": HIRES_SCALE[1]},
+                "steps": {"min": 0, "max": 150},
+                "denoising_strength": {"min": 0.0, "max": 1.0},
+                "upscaler": {"choices": list(UPSCALERS)},
+                "defaults": dict(HIRES_DEFAULTS),
+            }
         if self.kind == "choice":
             return {"choices": list(SCHEDULERS)}
         limits: dict[str, Any] = {"min": self.lo, "max": self.hi}
@@ -306,6 +388,12 @@ class Param:
         if self.kind == "loras":
             lo, hi = (_number(w) for w in LORA_WEIGHT)
             return f"{self.name} up to {LORAS_MAX}, weights {lo}-{hi}"
+        if self.kind == "image":
+            return f"{self.name} a PNG, JPEG or WebP image"
+        if self.kind == "option":
+            return f"{self.name} one of {', '.join(self.choices)}"
+        if self.kind == "hires":
+            return f"{self.name} scale {_number(HIRES_SCALE[0])}-{_number(HIRES_SCALE[1])}"
         if self.kind == "choice":
             return f"{self.name} one of {', '.join(SCHEDULERS)}"
         text = f"{self.name} {_number(self.lo)}-{_number(self.hi)}"
@@ -332,6 +420,12 @@ PARAMS: dict[str, Param] = {
         Param("loras", "loras", has_default=False, empty=()),
         Param("clip_skip", "int", 1, 12),
         Param("vae", "name", max_length=NAME_MAX, has_default=False, empty="default"),
+        Param("init_image", "image", has_default=False, empty=""),
+        Param("strength", "float", 0.0, 1.0, has_default=False, empty=0.75),
+        Param("mask", "image", has_default=False, empty=""),
+        Param("mask_blur", "int", 0, 64, has_default=False, empty=4),
+        Param("inpaint_area", "option", has_default=False, empty="whole", choices=INPAINT_AREAS),
+        Param("hires", "hires", has_default=False, empty=None),
     )
 }
 PARAMETERS = tuple(PARAMS)
@@ -365,6 +459,7 @@ RECORD_ONLY = frozenset(
         "duration_seconds",
         "version",
         "hashes",
+        "init_image_name",  # read by the daemon when the input is no longer stored
     }
 )
 
@@ -393,11 +488,31 @@ class JobSpec:
     clip_skip: int = 1
     #: A VAE name as listed, or ``default`` (the checkpoint's own).
     vae: str = "default"
+    #: ``sha256:<hex>`` of the stored input image (``inputs``), or "" for text-to-image.
+    init_image: str = ""
+    #: The output the input came from (its file name), when it came from one.
+    init_image_name: str = ""
+    strength: float = 0.75
+    #: ``sha256:<hex>`` of the stored mask (white: repaint), or "".
+    mask: str = ""
+    mask_blur: int = 4
+    inpaint_area: str = "whole"
+    #: ``(scale, steps, denoising_strength, upscaler)`` of A1111's hires fix, or None.
+    hires: tuple[float, int, float, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
         body["loras"] = [{"name": name, "weight": weight} for name, weight in self.loras]
+        if self.hires is not None:
+            body["hires"] = dict(zip(HIRES_DEFAULTS, self.hires, strict=True))
         return body
+
+    @property
+    def mode(self) -> str:
+        """``txt2img``, ``img2img`` or ``inpaint``: what the backend is asked to do."""
+        if self.mask:
+            return "inpaint"
+        return "img2img" if self.init_image else "txt2img"
 
     @classmethod
     def from_json(cls, text: str) -> JobSpec:
@@ -411,6 +526,8 @@ class JobSpec:
                 fields[name] = _SURROGATE.sub("\ufffd", value)
         if "loras" in fields:
             fields["loras"] = tuple((item["name"], item["weight"]) for item in fields["loras"])
+        if fields.get("hires") is not None:
+            fields["hires"] = tuple(fields["hires"][key] for key in HIRES_DEFAULTS)
         return cls(**fields)
 
     @property
@@ -460,6 +577,22 @@ def validate(
         elif raw is None:
             raw = defaults[name]
         values[name] = CHECKS[name](raw)
+    if values["hires"] is not None and (values["init_image"] or values["mask"]):
+        raise ValidationError(
+            "hires applies to text-to-image jobs; leave it out for a job with an init_image",
+            field="hires",
+        )
+    if values["mask"] and not values["init_image"]:
+        raise ValidationError("mask needs an init_image to repaint", field="mask")
+    if values["hires"] is not None:
+        scale, hi = values["hires"][0], PARAMS["width"].hi
+        final = hires_size(values["width"], values["height"], scale)
+        if max(final) > hi:
+            raise ValidationError(
+                f"hires: {values['width']}x{values['height']} scaled by {scale:g} is "
+                f"{final[0]}x{final[1]}, over the limit of {hi}; lower the scale or the size",
+                field="hires",
+            )
     spec = JobSpec(**values)
     # The syntax is checked here, so a mistake is a 400 at submit and never a failed job.
     for name in ("prompt", "negative_prompt"):
@@ -471,6 +604,16 @@ def validate(
             field="loras",
         )
     return spec
+
+
+def round8(value: float) -> int:
+    """The nearest multiple of 8 (sizes must be), at least 8."""
+    return max(8, int(round(value / 8)) * 8)
+
+
+def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The final size of a hires-fixed job."""
+    return round8(width * scale), round8(height * scale)
 
 
 def iso(when: datetime) -> str:

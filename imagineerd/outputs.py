@@ -126,6 +126,17 @@ def job_metadata(
         **model,
         **{key: files.pop(key) for key in ("VAE hash", "VAE") if key in files},
     }
+    if spec.mode != "txt2img":
+        params["Denoising strength"] = spec.strength
+    if spec.mode == "inpaint":
+        params["Mask blur"] = spec.mask_blur
+    if spec.hires is not None:
+        scale, steps, denoise, upscaler = spec.hires
+        params["Denoising strength"] = denoise
+        params["Hires upscale"] = f"{scale:g}"
+        if steps:
+            params["Hires steps"] = steps
+        params["Hires upscaler"] = upscaler.capitalize()  # A1111's names: Latent, Lanczos
     if spec.clip_skip > 1:
         params["Clip skip"] = spec.clip_skip
     params.update(files)  # TI hashes, Lora hashes

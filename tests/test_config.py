@@ -185,6 +185,21 @@ def test_the_last_release_config_files_still_load_unchanged(tmp_path: Path):
     assert saved["generation"]["negative_prompt"] == "blurry, lowres"
     assert saved["presets"]["quick"] == {"steps": 12, "scheduler": "dpmpp_2m_karras"}
     assert saved["inbox"]["settle_seconds"] == 5.0 and saved["queue"]["max_attempts"] == 5
+    # Keys that release did not have take their defaults.
+    assert (saved["model"]["max_loaded"], saved["model"]["cpu_cache"]) == (1, 1)
+    assert saved["generation"]["clip_skip"] == 1 and saved["inbox"]["orphan_seconds"] == 600
+    assert saved["server"]["max_image_bytes"] == 32 << 20
+
+
+def test_a_new_key_saved_into_a_last_release_config_is_added_alone(tmp_path: Path):
+    path = tmp_path / "config.yaml"
+    shutil.copy(RELEASE_SAVED, path)
+    before = path.read_text().splitlines()
+    config_file.update_file(path, {"generation": {"clip_skip": 2}})
+    after = path.read_text().splitlines()
+    assert [line for line in after if line not in before] == ["  clip_skip: 2"]
+    assert all(line in after for line in before)
+    assert config_mod.load(path)["generation"]["clip_skip"] == 2
 
 
 @pytest.mark.parametrize("fixture", [RELEASE_SHIPPED, RELEASE_SAVED], ids=["shipped", "saved"])

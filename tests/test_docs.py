@@ -32,6 +32,14 @@ def test_the_readme_job_table_states_each_bound_of_the_parameter_table(name):
             assert f"divisible by {param.multiple_of}" in row, row
     elif param.kind in ("text", "name"):
         assert str(param.max_length) in row, row
+    elif param.kind == "image":
+        assert all(name in row for name in ("PNG", "JPEG", "WebP")), row
+    elif param.kind == "option":
+        assert all(f"`{choice}`" in row for choice in param.choices), row
+    elif param.kind == "hires":
+        limits = param.limits()
+        assert f"{number(limits['scale']['min'])}–{number(limits['scale']['max'])}" in row, row
+        assert all(f"`{choice}`" in row for choice in limits["upscaler"]["choices"]), row
     elif param.kind == "loras":
         limits = param.limits()
         assert f"up to {limits['max_items']}" in row, row

@@ -79,6 +79,11 @@ class BackendBase:
             tuple(sorted(request.active_loras())),
             request.vae,
             request.clip_skip,
+            # Image jobs share their kind of work and how strongly they change the input.
+            request.mode,
+            request.strength if request.mode != "txt2img" else None,
+            (request.mask_blur, request.inpaint_area) if request.mode == "inpaint" else None,
+            request.hires,
         )
 
     def is_out_of_memory(self, error: BaseException) -> bool:

@@ -340,11 +340,13 @@ class DiffusersBackend(BackendBase):
             for index, item in enumerate(encoded):
                 groups.setdefault(item.prompt_embeds.shape[1], []).append(index)
             images: list[Image.Image | None] = [None] * len(batch)
+            inputs = [self._inputs(r) for r in batch] if first.init_image else None
             for indices in groups.values():
                 part = [batch[i] for i in indices]
+                part_inputs = [inputs[i] for i in indices] if inputs else None
                 for i, image in zip(
                     indices,
-                    self._run(model, part, [encoded[i] for i in indices], on_step),
+                    self._run(model, part, [encoded[i] for i in indices], on_step, part_inputs),
                     strict=True,
                 ):
                     used = encoded[i].embeddings_used
@@ -366,10 +368,31 @@ class DiffusersBackend(BackendBase):
             embeddings=vectors,
         )
 
+    def _inputs(self, request: GenerationRequest) -> tuple[Image.Image, Image.Image | None]:
+        store = self.settings.get("inputs")
+        if store is None:
+            raise BackendError("this backend was given no input images to read")
+        try:
+            image = store.open(request.init_image)
+            mask = store.open(request.mask) if request.mask else None
+        except OSError as exc:
+            raise BackendError(
+                f"the job's input image is gone from the state folder ({exc.strerror or exc})"
+            ) from exc
+        return image, mask
+
     def _run(
-        self, model: LoadedModel, batch: list[GenerationRequest], encoded: list, on_step: Any
+        self,
+        model: LoadedModel,
+        batch: list[GenerationRequest],
+        encoded: list,
+        on_step: Any,
+        inputs: list | None = None,
     ) -> list[Image.Image]:
         first = batch[0]
+        if inputs is not None or first.hires is not None:
+            # Image jobs and hires fixes change the UNet's input size mid-job: plain UNet.
+            return model.run(batch, encoded, on_step, inputs=inputs)
         if model.compiled_unet is not None and not model.adapters:
             bucket = model.bucket_for(len(batch))
             if bucket is not None and (bucket, first.width, first.height) in model.ready_shapes:

@@ -8,6 +8,7 @@ batch to the one its jobs name.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import time
@@ -67,6 +68,7 @@ class LoadedModel:
         self.encoder = PromptEncoder(pipe, arch)
         self._base_scheduler_config = dict(pipe.scheduler.config)
         self._schedulers: dict[str, Any] = {}
+        self._pipes: dict[str, Any] = {}
         #: LoRA name -> adapter name in the pipeline, least recently used first.
         self.adapters: OrderedDict[str, str] = OrderedDict()
         self._setup_fast_path(performance, state_dir, warm_sizes)
@@ -198,26 +200,50 @@ class LoadedModel:
             adapter_weights=[weight for _, weight in loras],
         )
 
+    def pipeline(self, mode: str) -> Any:
+        """The pipeline for ``txt2img``, ``img2img`` or ``inpaint``, all sharing one set of
+        weights (diffusers' ``from_pipe``: no second copy, no load)."""
+        if mode == "txt2img":
+            return self.pipe
+        if mode not in self._pipes:
+            import diffusers
+
+            xl = "XL" if self.arch == "sdxl" else ""
+            name = {"img2img": "Img2Img", "inpaint": "Inpaint"}[mode]
+            cls = getattr(diffusers, f"StableDiffusion{xl}{name}Pipeline")
+            pipe = cls.from_pipe(self.pipe)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipes[mode] = pipe
+        return self._pipes[mode]
+
     def run(
         self,
         batch: list[GenerationRequest],
         encoded: list[Encoded],
         on_step: StepCallback,
         unet: Any = None,
+        inputs: list[tuple[Image.Image, Image.Image | None]] | None = None,
     ) -> list[Image.Image]:
-        torch = self._torch
+        """One pipeline call for the batch (two for a hires fix). ``inputs``: each image
+        job's input and mask, decoded."""
         first = batch[0]
-        pipe = self.pipe
-        pipe.unet = unet if unet is not None else self.eager_unet
-        pipe.scheduler = self.scheduler(first.scheduler)
-        # One CPU generator per image: a seed gives the same image alone or in a batch, and
-        # the same on any device (the noise is drawn on the CPU, then moved).
-        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
+        mode = first.mode
+        unet = unet if unet is not None else self.eager_unet
+        embeds = self._embeds(encoded)
+        if mode == "img2img":
+            size = (first.width, first.height)
+            images = [_fit(image, size) for image, _ in inputs or []]
+            return self._call(
+                "img2img", batch, embeds, on_step, unet, image=images, strength=first.strength
+            )
+        if mode == "inpaint":
+            return self._inpaint(batch, embeds, on_step, unet, inputs or [])
+        if first.hires is not None:
+            return self._hires(batch, embeds, on_step, unet)
+        return self._call("txt2img", batch, embeds, on_step, unet)
 
-        def step_end(pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
-            on_step(index + 1, pipe.num_timesteps)
-            return tensors
-
+    def _embeds(self, encoded: list[Encoded]) -> dict[str, Any]:
+        torch = self._torch
         kwargs: dict[str, Any] = dict(
             prompt_embeds=torch.cat([e.prompt_embeds for e in encoded]),
             negative_prompt_embeds=torch.cat([e.negative_embeds for e in encoded]),
@@ -227,15 +253,185 @@ class LoadedModel:
                 pooled_prompt_embeds=torch.cat([e.pooled for e in encoded]),
                 negative_pooled_prompt_embeds=torch.cat([e.negative_pooled for e in encoded]),
             )
+        return kwargs
+
+    def _call(
+        self,
+        mode: str,
+        batch: list[GenerationRequest],
+        embeds: dict[str, Any],
+        on_step: StepCallback,
+        unet: Any,
+        *,
+        done: int = 0,
+        output_type: str = "pil",
+        **kwargs: Any,
+    ) -> Any:
+        """Run one pipeline; ``done`` steps of an earlier pass are counted in the progress."""
+        torch = self._torch
+        first = batch[0]
+        pipe = self.pipeline(mode)
+        pipe.unet = unet
+        pipe.vae = self.pipe.vae  # the job's VAE, set on the base pipeline by the backend
+        pipe.scheduler = self.scheduler(first.scheduler)
+        # One CPU generator per image: a seed gives the same image alone or in a batch, and
+        # the same on any device (the noise is drawn on the CPU, then moved).
+        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
+        extra = self._extra_steps
+
+        def step_end(pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
+            on_step(done + index + 1, done + pipe.num_timesteps + extra)
+            return tensors
+
+        kwargs.setdefault("width", first.width)
+        kwargs.setdefault("height", first.height)
+        kwargs.setdefault("num_inference_steps", first.steps)
         with torch.inference_mode():
             result = pipe(
+                **embeds,
                 **kwargs,
-                num_inference_steps=first.steps,
                 guidance_scale=first.guidance_scale,
-                width=first.width,
-                height=first.height,
                 generator=generators,
                 callback_on_step_end=step_end,
-                output_type="pil",
+                output_type=output_type,
             )
-        return list(result.images)
+        return list(result.images) if output_type == "pil" else result.images
+
+    #: Steps of a later pass, counted in the progress of the first (hires fix).
+    _extra_steps = 0
+
+    def _hires(
+        self, batch: list[GenerationRequest], embeds: dict[str, Any], on_step: Any, unet: Any
+    ) -> list[Image.Image]:
+        """A1111's hires fix: the job's size first, upscaled (in latent space, or the image
+        with Lanczos), then img2img at the larger size for ``steps`` steps."""
+        from ..jobs import hires_size
+
+        first = batch[0]
+        scale, steps, denoise, upscaler = first.hires
+        steps = steps or first.steps
+        width, height = hires_size(first.width, first.height, scale)
+        latent = upscaler == "latent"
+        self._extra_steps = steps if denoise > 0 else 0
+        try:
+            low = self._call(
+                "txt2img", batch, embeds, on_step, unet, output_type="latent" if latent else "pil"
+            )
+        finally:
+            self._extra_steps = 0
+        if latent:
+            import torch.nn.functional as functional
+
+            image: Any = functional.interpolate(
+                low, size=(height // 8, width // 8), mode="bilinear", antialias=False
+            )
+            if denoise <= 0:  # nothing to refine: decode the upscaled latents
+                return self._decode(image)
+        else:
+            image = [im.resize((width, height), Image.Resampling.LANCZOS) for im in low]
+            if denoise <= 0:
+                return image
+        # diffusers runs int(num_inference_steps * strength) steps of an img2img; ask for
+        # as many as make the hires steps, as A1111 runs exactly that many.
+        return self._call(
+            "img2img",
+            batch,
+            embeds,
+            on_step,
+            unet,
+            done=first.steps,
+            image=image,
+            strength=denoise,
+            num_inference_steps=max(steps, math.ceil(steps / denoise - 1e-9)),
+            width=width,
+            height=height,
+        )
+
+    def _decode(self, latents: Any) -> list[Image.Image]:
+        pipe = self.pipe
+        with self._torch.inference_mode():
+            vae = pipe.vae
+            decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return pipe.image_processor.postprocess(decoded, output_type="pil")
+
+    def _inpaint(
+        self,
+        batch: list[GenerationRequest],
+        embeds: dict[str, Any],
+        on_step: Any,
+        unet: Any,
+        inputs: list[tuple[Image.Image, Image.Image | None]],
+    ) -> list[Image.Image]:
+        """Repaint where the mask is white; everywhere else the result *is* the input:
+        A1111 pastes the original back through the blurred mask, and so do we, so pixels
+        beyond the blur's reach are the input's, exactly."""
+        from PIL import ImageFilter
+
+        first = batch[0]
+        size = (first.width, first.height)
+        originals, masks, boxes = [], [], []
+        for image, mask in inputs:
+            originals.append(_fit(image, size))
+            gray = _fit(mask.convert("L"), size) if mask is not None else Image.new("L", size, 255)
+            binary = gray.point(lambda v: 255 if v >= 128 else 0)
+            blurred = (
+                binary.filter(ImageFilter.GaussianBlur(first.mask_blur))
+                if first.mask_blur
+                else binary
+            )
+            masks.append(blurred)
+            # A1111's "only masked": a crop around the mask (32 px padding, widened to the
+            # job's aspect), worked on at the job's resolution, then put back in place.
+            boxes.append(crop_region(binary, size) if first.inpaint_area == "masked" else None)
+        work = [
+            (_fit(o.crop(box), size), _fit(m.crop(box), size)) if box else (o, m)
+            for o, m, box in zip(originals, masks, boxes, strict=True)
+        ]
+        made = self._call(
+            "inpaint",
+            batch,
+            embeds,
+            on_step,
+            unet,
+            image=[image for image, _ in work],
+            mask_image=[mask for _, mask in work],
+            strength=first.strength,
+        )
+        results = []
+        for out, original, mask, box in zip(made, originals, masks, boxes, strict=True):
+            out = out.convert("RGB")
+            if box is not None:
+                canvas = original.copy()
+                canvas.paste(_fit(out, (box[2] - box[0], box[3] - box[1])), box[:2])
+                out = canvas
+            results.append(Image.composite(out, original, mask))
+        return results
+
+
+def _fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """A1111's "just resize": the image stretched to ``size`` (unchanged if it fits)."""
+    if image.size == size:
+        return image
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def crop_region(
+    mask: Image.Image, size: tuple[int, int], padding: int = 32
+) -> tuple[int, int, int, int]:
+    """The box around the mask's white area, ``padding`` wider on each side and widened
+    further to the aspect ratio of ``size`` (so the crop scales to it undistorted), within
+    the image."""
+    width, height = mask.size
+    box = mask.getbbox() or (0, 0, width, height)
+    x1, y1 = max(0, box[0] - padding), max(0, box[1] - padding)
+    x2, y2 = min(width, box[2] + padding), min(height, box[3] + padding)
+    aspect = size[0] / size[1]
+    w, h = x2 - x1, y2 - y1
+    if w / h < aspect:  # too narrow: widen
+        w = min(width, round(h * aspect))
+    else:  # too flat: heighten
+        h = min(height, round(w / aspect))
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    x1 = int(min(max(0, round(cx - w / 2)), width - w))
+    y1 = int(min(max(0, round(cy - h / 2)), height - h))
+    return x1, y1, x1 + w, y1 + h

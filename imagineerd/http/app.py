@@ -62,19 +62,31 @@ class AccessLog:
         )
 
 
+#: The route whose bodies may carry images, and so be larger (server.max_image_bytes).
+IMAGE_ROUTE = "/api/generate"
+
+
 class BodyLimit:
     """413 from the declared length, before the application reads the body. (Waitress sets
-    the length of a chunked body once it has de-chunked it, within its own hard cap.)"""
+    the length of a chunked body once it has de-chunked it, within its own hard cap.) A job
+    may carry images up to ``image_limit``; ``Generate`` holds a body without images to the
+    text limit once it has read it."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, image_limit: int | None = None) -> None:
         self.limit = limit
+        self.image_limit = max(limit, image_limit or limit)
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         length = req.content_length
-        if length is not None and length > self.limit:
+        images = req.method == "POST" and req.path == IMAGE_ROUTE
+        limit, key = (
+            (self.image_limit, "server.max_image_bytes")
+            if images
+            else (self.limit, "server.max_body_bytes")
+        )
+        if length is not None and length > limit:
             raise falcon.HTTPContentTooLarge(
-                description=f"request body is {length} bytes; the limit is {self.limit} bytes "
-                "(server.max_body_bytes)"
+                description=f"request body is {length} bytes; the limit is {limit} bytes ({key})"
             )
 
 
@@ -101,7 +113,8 @@ def create_app(daemon: Daemon, config: Config, *, streams: Any = None) -> falcon
         middleware.append(falcon.CORSMiddleware(allow_origins=origins, expose_headers=["Location"]))
     auth = BearerAuth(token)
     # The same-site rule after the token: a request without the token learns only that.
-    middleware += [BodyLimit(server["max_body_bytes"]), auth, SameSite(server["cors_origins"])]
+    limit = BodyLimit(server["max_body_bytes"], server["max_image_bytes"])
+    middleware += [limit, auth, SameSite(server["cors_origins"])]
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     # Only JSON is parsed; anything else is a 415 in the one error shape.

@@ -71,7 +71,14 @@ class Generate:
         self.daemon = daemon
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        job = self.daemon.submit(read_json_object(req), source="api")
+        data = read_json_object(req)
+        limit = self.daemon.config["server"]["max_body_bytes"]
+        if (req.content_length or 0) > limit and not (data.get("init_image") or data.get("mask")):
+            raise falcon.HTTPContentTooLarge(
+                description=f"request body is {req.content_length} bytes; without images the "
+                f"limit is {limit} bytes (server.max_body_bytes)"
+            )
+        job = self.daemon.submit(data, source="api")
         view = self.daemon.job_view(job)
         resp.status = falcon.HTTP_201
         resp.location = f"/api/jobs/{job.id}"

@@ -42,7 +42,9 @@ class HttpService:
             # Our own middleware answers 413 (in the JSON error shape) from the declared length;
             # Waitress's hard cap, higher, stops absurd bodies before they are read at all.
             # Bodies Waitress does read are spooled to a temp file past 512 KiB, not memory.
-            max_request_body_size=max(4 * server["max_body_bytes"], 1 << 20),
+            max_request_body_size=max(
+                4 * server["max_body_bytes"], server["max_image_bytes"] + (1 << 20), 1 << 20
+            ),
             ident="imagineerd",
             # Lets the event stream notice a closed connection (waitress.client_disconnected).
             channel_request_lookahead=1,

@@ -29,9 +29,16 @@ def start_serve(config: Path, log: Path) -> subprocess.Popen:
 
 
 def test_kill_9_mid_job_then_restart_completes_every_job_once(tmp_path: Path, tiny_model: Path):
+    """Two of the four jobs start from an image (one repaints it): their stored inputs
+    outlive the kills as the jobs do."""
+    from .test_image_inputs import data_url, noise, png, square_mask
+
     config_path = write_config(tmp_path, tiny_model, generation={"steps": 40})
     client = Daemon(config_mod.load(config_path))  # submits and reads; runs no worker
-    ids = [client.submit({"prompt": f"job {i}", "seed": i}).id for i in range(4)]
+    photo = data_url(png(noise()))
+    mask = data_url(png(square_mask()))
+    inputs = [{}, {"init_image": photo}, {}, {"init_image": photo, "mask": mask}]
+    ids = [client.submit({"prompt": f"job {i}", "seed": i, **inputs[i]}).id for i in range(4)]
     log = tmp_path / "serve.log"
     for _ in range(2):
         proc = start_serve(config_path, log)
@@ -65,6 +72,7 @@ def test_kill_9_mid_job_then_restart_completes_every_job_once(tmp_path: Path, ti
         )
     assert sum(j.attempts for j in jobs) >= len(ids) + 1  # at least one job was re-run
     assert all(j.attempts <= 3 for j in jobs)
+    assert [j.spec.mode for j in jobs] == ["txt2img", "img2img", "txt2img", "inpaint"]
     client.store.close()
 
 

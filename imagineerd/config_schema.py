@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import jobs
+from . import checks, jobs
 from .errors import ConfigError, ValidationError
 
 
@@ -247,7 +247,7 @@ MAX_VALUES = 10_000
 def check_shape(data: Any) -> None:
     """Refuse absurd nesting or size, and text that cannot be stored as UTF-8, anywhere in a
     configuration; run before any other check."""
-    jobs.check_tree(
+    checks.check_tree(
         data,
         what="the configuration",
         max_depth=MAX_DEPTH,

@@ -8,7 +8,6 @@ store (finished) -> events and hooks.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -21,7 +20,7 @@ from PIL import Image
 from . import __version__, backends, config_remote, jobs, outputs
 from .backends import Backend, build_registry
 from .config import Config
-from .errors import Conflict, Gone, NotFound, Unavailable, ValidationError
+from .errors import Conflict, Gone, NotFound, Unavailable
 from .events import EventBus
 from .gallery import Gallery
 from .inputs import InputStore
@@ -196,38 +195,7 @@ class Daemon:
         (``ValidationError`` naming the field and the closest names) and its input images
         checked and stored."""
         spec = self.model_choice.check(jobs.validate(data, self.generation_defaults))
-        return self._take_inputs(spec, data) if spec.init_image else spec
-
-    def _take_inputs(self, spec: jobs.JobSpec, data: Any) -> jobs.JobSpec:
-        """Store the job's images; its size follows the input's unless width/height were
-        given (they resize it, as A1111's "just resize")."""
-        image = self.inputs.take(
-            "init_image", spec.init_image, output_name=str(data.get("init_image_name") or "")
-        )
-        width, height = input_size(
-            image.width, image.height, data.get("width"), data.get("height"), spec
-        )
-        mask = ""
-        if spec.mask:
-            taken = self.inputs.take("mask", spec.mask)
-            if abs(taken.width * image.height - image.width * taken.height) > 0.01 * (
-                image.width * taken.height
-            ):
-                raise ValidationError(
-                    f"mask: its shape ({taken.width}x{taken.height}) is not the input's "
-                    f"({image.width}x{image.height}); a mask of another size is resized, but "
-                    "it must have the same aspect ratio",
-                    field="mask",
-                )
-            mask = taken.ref
-        return dataclasses.replace(
-            spec,
-            init_image=image.ref,
-            init_image_name=image.output_name,
-            mask=mask,
-            width=width,
-            height=height,
-        )
+        return self.inputs.resolve(spec, data) if spec.init_image else spec
 
     def collect_inputs(self) -> None:
         """Delete stored input images no queued or running job needs any more."""
@@ -492,26 +460,3 @@ class Daemon:
             getattr(self.pm.hook, name)(**kwargs)
         except Exception:
             log.exception("plugin hook %s failed", name)
-
-
-def input_size(
-    width: int, height: int, given_width: Any, given_height: Any, spec: jobs.JobSpec
-) -> tuple[int, int]:
-    """The size of an image job: as given, else the input's (the other side by its aspect
-    when one is given), rounded to multiples of 8 and fitted within the job bounds."""
-    lo, hi = jobs.PARAMS["width"].lo, jobs.PARAMS["width"].hi
-    if given_width is not None and given_height is not None:
-        return spec.width, spec.height
-    if given_width is not None:
-        w, h = float(spec.width), spec.width * height / width
-    elif given_height is not None:
-        w, h = spec.height * width / height, float(spec.height)
-    else:
-        w, h = float(width), float(height)
-    fit = min(1.0, hi / max(w, h))  # a large photo is worked on at the largest size allowed
-    grow = max(1.0, lo / min(w * fit, h * fit))
-    w, h = w * fit * grow, h * fit * grow
-    return (
-        min(hi, max(lo, jobs.round8(w))),
-        min(hi, max(lo, jobs.round8(h))),
-    )

@@ -18,21 +18,24 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hashlib
 import io
 import os
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 from .errors import NotFound, ValidationError
 from .fsutil import fsync_dir
 from .gallery import Gallery
+from .jobs import PARAMS, JobSpec, round8
 from .safefile import read_regular_file
 
 FORMATS = ("PNG", "JPEG", "WEBP")
@@ -196,6 +199,38 @@ class InputStore:
                 fsync_dir(self.folder)
         return f"sha256:{digest}"
 
+    def resolve(self, spec: JobSpec, data: Mapping[str, Any]) -> JobSpec:
+        """``spec`` with its images checked and stored (``sha256:`` references); its size
+        follows the input's unless ``data`` (the request) gave width/height (they resize it,
+        as A1111's "just resize")."""
+        image = self.take(
+            "init_image", spec.init_image, output_name=str(data.get("init_image_name") or "")
+        )
+        width, height = input_size(
+            image.width, image.height, data.get("width"), data.get("height"), spec
+        )
+        mask = ""
+        if spec.mask:
+            taken = self.take("mask", spec.mask)
+            if abs(taken.width * image.height - image.width * taken.height) > 0.01 * (
+                image.width * taken.height
+            ):
+                raise ValidationError(
+                    f"mask: its shape ({taken.width}x{taken.height}) is not the input's "
+                    f"({image.width}x{image.height}); a mask of another size is resized, but "
+                    "it must have the same aspect ratio",
+                    field="mask",
+                )
+            mask = taken.ref
+        return dataclasses.replace(
+            spec,
+            init_image=image.ref,
+            init_image_name=image.output_name,
+            mask=mask,
+            width=width,
+            height=height,
+        )
+
     # -- using and forgetting inputs ----------------------------------------------------------
     def open(self, ref: str) -> Image.Image:
         """The stored input as an RGB image (fully decoded)."""
@@ -227,3 +262,26 @@ class InputStore:
                 except FileNotFoundError:
                     continue
         return removed
+
+
+def input_size(
+    width: int, height: int, given_width: Any, given_height: Any, spec: JobSpec
+) -> tuple[int, int]:
+    """The size of an image job: as given, else the input's (the other side by its aspect
+    when one is given), rounded to multiples of 8 and fitted within the job bounds."""
+    lo, hi = PARAMS["width"].lo, PARAMS["width"].hi
+    if given_width is not None and given_height is not None:
+        return spec.width, spec.height
+    if given_width is not None:
+        w, h = float(spec.width), spec.width * height / width
+    elif given_height is not None:
+        w, h = spec.height * width / height, float(spec.height)
+    else:
+        w, h = float(width), float(height)
+    fit = min(1.0, hi / max(w, h))  # a large photo is worked on at the largest size allowed
+    grow = max(1.0, lo / min(w * fit, h * fit))
+    w, h = w * fit * grow, h * fit * grow
+    return (
+        min(hi, max(lo, round8(w))),
+        min(hi, max(lo, round8(h))),
+    )

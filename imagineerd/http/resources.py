@@ -10,10 +10,11 @@ from typing import Any
 import falcon
 
 from .. import jobs
+from ..checks import check_tree
 from ..daemon import Daemon
 from ..errors import NotFound, ValidationError
 from ..gallery import THUMBNAIL_SIZES
-from ..jobs import SCHEDULERS, check_tree
+from ..jobs import SCHEDULERS
 from ..outputs import PNG_SIGNATURE
 from .security import SESSION_COOKIE, SESSION_MAX_AGE, BearerAuth
 

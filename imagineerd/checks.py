@@ -207,7 +207,9 @@ def check_loras(name: str, value: Any) -> tuple[tuple[str, float], ...]:
             field=name,
         )
     if len(value) > LORAS_MAX:
-        raise ValidationError(f"{name} may hold at most {LORAS_MAX} LoRAs, got {len(value)}")
+        raise ValidationError(
+            f"{name} may hold at most {LORAS_MAX} LoRAs, got {len(value)}", field=name
+        )
     lo, hi = LORA_WEIGHT
     result: list[tuple[str, float]] = []
     for index, item in enumerate(value):

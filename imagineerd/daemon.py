@@ -200,7 +200,9 @@ class Daemon:
     def collect_inputs(self) -> None:
         """Delete stored input images no queued or running job needs any more."""
         try:
-            live = self.store.queued() + self.store.running()
+            # Running, queued, running again: a job that moves between the two while they
+            # are read is in one of the three.
+            live = self.store.running() + self.store.queued() + self.store.running()
             self.inputs.collect(ref for job in live for ref in (job.spec.init_image, job.spec.mask))
         except Exception:  # tidying up must never break finishing a job
             log.exception("could not tidy the stored input images")
@@ -215,6 +217,7 @@ class Daemon:
         job = self.store.add(
             spec, submitted_at=self.now_iso(), source=source, source_name=source_name
         )
+        self.inputs.release((spec.init_image, spec.mask))
         self._announce_submitted(job)
         self.wake()
         return job
@@ -340,6 +343,7 @@ class Daemon:
         queued = self.store.submit_claim(
             claim_id, specs, submitted_at=self.now_iso(), source="inbox", source_name=source_name
         )
+        self.inputs.release(ref for spec in specs for ref in (spec.init_image, spec.mask))
         for job in queued:
             self._announce_submitted(job)
         self.wake()

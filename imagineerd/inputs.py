@@ -56,6 +56,11 @@ _DATA_URL = re.compile(r"data:image/[\w.+-]+;base64,", re.IGNORECASE)
 _BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
 
 
+#: A stored input that a request has named stays at least this long after it was pinned,
+#: unless released sooner (once its job is in the queue, the queue keeps it).
+PIN_SECONDS = 3600.0
+
+
 @dataclass(frozen=True)
 class Input:
     """An input as a job holds it."""
@@ -64,6 +69,7 @@ class Input:
     width: int
     height: int
     output_name: str = ""  # the output it came from, if it did
+    data: bytes = dataclasses.field(default=b"", repr=False)
 
 
 class InputStore:
@@ -72,18 +78,24 @@ class InputStore:
         self.gallery = gallery
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        self._pins: dict[str, float] = {}  # digest -> when a request named it
 
     # -- taking an input -------------------------------------------------------------------
-    def take(self, field: str, value: str | bytes, *, output_name: str = "") -> Input:
+    def take(
+        self, field: str, value: str | bytes, *, output_name: str = "", keep: bool = True
+    ) -> Input:
         """Check ``value`` (bytes, a data: URL, base64, ``sha256:<hex>`` or an output's file
-        name) and store it; ``ValidationError`` naming ``field`` when it is no usable image.
-        ``output_name``: where a ``sha256:`` reference came from, to look there when the
-        input itself is no longer stored."""
+        name) and, with ``keep``, store and pin it (:meth:`keep`); ``ValidationError`` naming
+        ``field`` when it is no usable image. ``output_name``: where a ``sha256:`` reference
+        came from, to look there when the input itself is no longer stored."""
         source = ""
         if isinstance(value, bytes):
             data = value
         elif match := _HASH.fullmatch(value):
-            return self._stored(field, match.group(1), output_name)
+            found = self._stored(field, match.group(1), output_name)
+            if keep:
+                self.keep(found)
+            return found
         elif _DATA_URL.match(value):
             data = self._base64(field, value[_DATA_URL.match(value).end() :])
         elif value.lower().endswith((".png", ".jpg", ".jpeg", ".webp")) and len(value) < 1024:
@@ -97,7 +109,24 @@ class InputStore:
                 field=field,
             )
         width, height = self.check(field, data)
-        return Input(self._put(data), width, height, source)
+        found = Input(f"sha256:{hashlib.sha256(data).hexdigest()}", width, height, source, data)
+        if keep:
+            self.keep(found)
+        return found
+
+    def keep(self, *inputs: Input) -> None:
+        """Store the inputs and pin them: :meth:`collect` leaves them alone until
+        :meth:`release` (their jobs are queued) or ``PIN_SECONDS``."""
+        for item in inputs:
+            self._put(item.data)
+            with self._lock:
+                self._pins[item.ref.removeprefix("sha256:")] = time.monotonic()
+
+    def release(self, refs: Iterable[str]) -> None:
+        """The jobs naming these inputs are in the queue now, which keeps them."""
+        with self._lock:
+            for ref in refs:
+                self._pins.pop((ref or "").removeprefix("sha256:"), None)
 
     def check(self, field: str, data: bytes) -> tuple[int, int]:
         """The size of an image in ``data``; every way it can be no usable image is a
@@ -179,8 +208,7 @@ class InputStore:
                 field=field,
             )
         width, height = self.check(field, data)
-        self._put(data)  # back in the store, or its age renewed
-        return Input(f"sha256:{digest}", width, height, output_name)
+        return Input(f"sha256:{digest}", width, height, output_name, data)
 
     def _put(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
@@ -203,15 +231,19 @@ class InputStore:
         """``spec`` with its images checked and stored (``sha256:`` references); its size
         follows the input's unless ``data`` (the request) gave width/height (they resize it,
         as A1111's "just resize")."""
+        # Both are checked before either is stored: a refused request leaves nothing behind.
         image = self.take(
-            "init_image", spec.init_image, output_name=str(data.get("init_image_name") or "")
+            "init_image",
+            spec.init_image,
+            output_name=str(data.get("init_image_name") or ""),
+            keep=False,
         )
         width, height = input_size(
             image.width, image.height, data.get("width"), data.get("height"), spec
         )
         mask = ""
         if spec.mask:
-            taken = self.take("mask", spec.mask)
+            taken = self.take("mask", spec.mask, keep=False)
             if abs(taken.width * image.height - image.width * taken.height) > 0.01 * (
                 image.width * taken.height
             ):
@@ -222,6 +254,8 @@ class InputStore:
                     field="mask",
                 )
             mask = taken.ref
+            self.keep(taken)
+        self.keep(image)
         return dataclasses.replace(
             spec,
             init_image=image.ref,
@@ -243,13 +277,17 @@ class InputStore:
 
     def collect(self, needed: Iterable[str]) -> list[str]:
         """Delete the stored inputs no job in ``needed`` (refs of queued and running jobs)
-        names, except those written in the last ``GRACE_SECONDS``; return what went."""
+        names, except pinned ones (named by a request whose job is not queued yet) and those
+        written in the last ``GRACE_SECONDS``; return what went."""
         keep = {m.group(1) for ref in needed if (m := _HASH.fullmatch(ref or ""))}
-        removed = []
+        removed: list[str] = []
         if not self.folder.is_dir():
             return removed
         now = time.time()
         with self._lock:
+            expired = time.monotonic() - PIN_SECONDS
+            self._pins = {k: t for k, t in self._pins.items() if t > expired}
+            keep |= set(self._pins)
             for entry in os.scandir(self.folder):
                 name = entry.name
                 if name in keep or not entry.is_file(follow_symlinks=False):

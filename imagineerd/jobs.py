@@ -332,6 +332,7 @@ def validate(
     # The syntax is checked here, so a mistake is a 400 at submit and never a failed job.
     for name in ("prompt", "negative_prompt"):
         text, _ = prompt_syntax.extract_networks(getattr(spec, name), field=name)
+        prompt_syntax.refuse_prompt_editing(text, field=name)
         prompt_syntax.parse_attention(text, field=name)
     if len(spec.active_loras()) > LORAS_MAX:
         raise ValidationError(

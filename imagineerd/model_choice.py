@@ -60,7 +60,13 @@ class ModelChoice:
         self.default_path = default_path
 
     def is_default(self, name: str) -> bool:
-        return name in ("", self.default, label(self.default))
+        """Whether a job's ``model`` means the default: empty, ``model.name`` itself, or its
+        stem (as a pasted record says it) when no listed checkpoint has that name."""
+        if name in ("", self.default):
+            return True
+        return name == label(self.default) and (
+            self.library.find("checkpoints", name, rescan=False) is None
+        )
 
     def check(self, spec: JobSpec) -> JobSpec:
         """``spec`` with ``model`` resolved (the default written out, so the stored job says
@@ -106,8 +112,9 @@ class ModelChoice:
     # -- PNG metadata ----------------------------------------------------------------------
     def infotext_fields(self, spec: JobSpec, embeddings: list[str]) -> dict[str, Any]:
         """What A1111 writes about the files a job used, in its words and order: ``Model
-        hash`` (10 hex digits of the SHA-256), ``VAE hash``, ``VAE``, ``TI hashes`` and
-        ``Lora hashes`` (12 digits). A file that is gone or unreadable is left out."""
+        hash`` (10 hex digits of the SHA-256), ``VAE hash``, ``VAE``, ``TI hashes`` (12 digits)
+        and ``Lora hashes`` (12 digits of A1111's LoRA hash, which Civitai matches: the
+        tensor data's SHA-256). A file that is gone or unreadable is left out."""
         fields: dict[str, Any] = {}
         digest = self._sha(self._checkpoint(spec))
         if digest:
@@ -125,7 +132,7 @@ class ModelChoice:
         if ti:
             fields["TI hashes"] = ", ".join(f"{n}: {d[:12]}" for n, d in ti if d)
         loras = [
-            (name, self._sha(self.library.find("loras", name, rescan=False)))
+            (name, self._sha(self.library.find("loras", name, rescan=False), lora=True))
             for name, _ in spec.active_loras()
         ]
         if loras:
@@ -168,10 +175,11 @@ class ModelChoice:
             None,
         )
 
-    def _sha(self, item: ModelFile | None) -> str | None:
+    def _sha(self, item: ModelFile | None, *, lora: bool = False) -> str | None:
+        """The file's SHA-256 (for a LoRA in ``Lora hashes``: A1111's LoRA hash)."""
         if item is None:
             return None
         try:
-            return self.library.sha256(item)
+            return self.library.lora_hash(item) if lora else self.library.sha256(item)
         except Exception:  # gone or unreadable since it was used: the PNG goes without it
             return None

@@ -274,6 +274,28 @@ def scan(
     return layout, found
 
 
+def addnet_hash_file(
+    path: str, stopping: threading.Event | None = None, identity: tuple[int, int] | None = None
+) -> str | None:
+    """The "AddNet" hash A1111 gives a ``.safetensors`` LoRA: the SHA-256 of the tensor
+    data after the header, so that editing the metadata keeps the hash (Civitai matches
+    LoRAs by it). None if ``stopping`` was set meanwhile."""
+    digest = hashlib.sha256()
+    with open_regular(path) as handle:
+        st = os.fstat(handle.fileno())
+        if identity is not None and (st.st_dev, st.st_ino) != identity:
+            raise ValueError("the file was replaced since it was listed")
+        head = handle.read(8)
+        if len(head) != 8:
+            raise ValueError("shorter than a safetensors header")
+        handle.seek(8 + int.from_bytes(head, "little"))
+        while chunk := handle.read(CHUNK):
+            if stopping is not None and stopping.is_set():
+                return None
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def sha256_file(
     path: str, stopping: threading.Event | None = None, identity: tuple[int, int] | None = None
 ) -> str | None:

@@ -40,7 +40,8 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from .fsutil import atomic_write_text
-from .model_scan import CATEGORIES, ModelFile, detect_layout, scan, sha256_file
+from .model_arch import read_safetensors_header, tensor_shapes
+from .model_scan import CATEGORIES, ModelFile, addnet_hash_file, detect_layout, scan, sha256_file
 from .safefile import read_regular_file
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,30 @@ class ModelLibrary:
         self._hash(item)
         known = self._hashes.get(item.real) or {}
         return known.get("sha256")
+
+    def lora_hash(self, item: ModelFile) -> str | None:
+        """The hash A1111 names a LoRA by in ``Lora hashes``: the file's own
+        ``sshs_model_hash`` metadata if it has one, else for ``.safetensors`` the SHA-256 of
+        its tensor data (the "AddNet" hash), else the file's SHA-256. Cached as the file's
+        hash is."""
+        if item.format != "safetensors":
+            return self.sha256(item)
+        known = self._hashes.get(item.real) or {}
+        if (known.get("size"), known.get("mtime_ns")) == (item.size, item.mtime_ns) and known.get(
+            "addnet"
+        ):
+            return str(known["addnet"])
+        try:
+            metadata = tensor_shapes(read_safetensors_header(item.real))[1]
+        except (OSError, ValueError):
+            metadata = {}
+        digest = metadata.get("sshs_model_hash") or addnet_hash_file(
+            item.real, self._stopping, item.identity
+        )
+        if digest and (known.get("size"), known.get("mtime_ns")) == (item.size, item.mtime_ns):
+            with self._lock:
+                self._hashes[item.real] = {**known, "addnet": digest}
+        return digest
 
     def checkpoint_names(self) -> list[str]:
         if self._files is None:

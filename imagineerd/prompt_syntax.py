@@ -355,3 +355,25 @@ def embedding_names(chunks: Iterable[Chunk]) -> list[str]:
     """The embeddings the chunks use, each once, in the order they first appear (for the
     image's metadata and for loading only what the prompt needs)."""
     return list(dict.fromkeys(name for chunk in chunks for _offset, name in chunk.embeddings))
+
+
+#: A1111's prompt editing, which changes the prompt during sampling: ``[from:to:when]``,
+#: ``[to:when]`` (ending in a number) and alternation ``[a|b]``. We do not do it, and read as
+#: emphasis it would silently condition on other text: refused instead.
+_EDITING = re.compile(
+    r"(?<!\\)\[(?:[^\[\]\\]|\\.)*"  # an unescaped [ and text without brackets, then
+    r"(?::\s*-?(?:\d+\.?\d*|\.\d+)\s*"  # ":when" at the end (editing), or
+    r"|\|(?:[^\[\]\\]|\\.)*)\]"  # "|" alternatives
+)
+
+
+def refuse_prompt_editing(text: str, *, field: str = "prompt") -> None:
+    """``ValidationError`` naming ``field`` for A1111 prompt editing or alternation."""
+    match = _EDITING.search(text)
+    if match:
+        raise ValidationError(
+            f"{field}: {match.group(0)[:40]!r} is A1111's prompt editing ([from:to:when] or "
+            "[a|b]), which imagineerd does not do; write the prompt without it, or escape "
+            "the brackets as \\[ and \\]",
+            field=field,
+        )

@@ -89,6 +89,14 @@ def test_img2img_from_an_upload_and_from_an_earlier_output(api):
     assert second_meta["imagineerd"]["init_image_name"] == name
 
 
+def test_a_strength_too_small_for_one_step_still_runs_one_and_zero_keeps_the_input(api):
+    photo = noise(64, 64, seed=9)
+    body, _, _ = run(api, init_image=data_url(png(photo)), strength=0.3)  # 2 steps x 0.3
+    assert body["status"] == "completed"
+    _, kept, _ = run(api, init_image=data_url(png(photo)), strength=0.0)
+    assert np.array_equal(kept, np.asarray(photo, dtype=np.int16))
+
+
 def test_a_jpeg_and_a_webp_are_inputs_too(api):
     for kind, fmt in (("jpeg", "JPEG"), ("webp", "WEBP")):
         body, _, _ = run(api, init_image=data_url(png(noise(64, 64), fmt), kind))
@@ -277,6 +285,12 @@ def test_image_bodies_may_be_larger_than_text_bodies(start_api):
         "POST", "/api/generate", data=padded, headers={"Content-Type": "application/json"}
     )
     assert "server.max_body_bytes" in assert_error(response, 413)["error"]
+    # Past the text limit only long strings may grow a body: structure is refused unparsed.
+    nested = '{"prompt": "x", "init_image": "x", "a": [' + "[]," * 20000 + "[]]}"
+    response = api(
+        "POST", "/api/generate", data=nested, headers={"Content-Type": "application/json"}
+    )
+    assert "only images may make a body larger" in assert_error(response, 413)["error"]
     huge = data_url(os.urandom(1 << 20))
     response = api("POST", "/api/generate", json={"prompt": "x", "init_image": huge})
     assert "server.max_image_bytes" in assert_error(response, 413)["error"]

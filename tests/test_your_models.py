@@ -36,6 +36,12 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def addnet(path: Path) -> str:
+    """A1111's LoRA hash: the SHA-256 of a .safetensors file after its header."""
+    data = path.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()
+
+
 def pixels(path: Path) -> np.ndarray:
     with outputs.open_png(path) as image:
         return np.asarray(image.convert("RGB"), dtype=np.int16)
@@ -136,7 +142,7 @@ def test_two_checkpoints_a_lora_and_their_hashes_in_the_png(models_api, model_fi
         models_api, model="beta", loras=[{"name": "detail", "weight": 0.8}]
     )
     assert np.array_equal(tag_px, field_px) and differ(tag_px, beta_px)
-    lora = sha256(model_files / "loras" / "detail.safetensors")[:12]
+    lora = addnet(model_files / "loras" / "detail.safetensors")[:12]
     assert params(tag_meta)["Lora hashes"] == params(field_meta)["Lora hashes"] == f"detail: {lora}"
     record = tag_meta["imagineerd"]
     assert record["prompt"] == "a red <lora:detail:0.8> fox"  # the tag stays in the record
@@ -238,7 +244,62 @@ def test_names_that_are_not_listed_rescan_the_folder_at_most_every_few_seconds(m
     assert len(scans) <= 2  # the first miss (and perhaps the watcher's pass), not twenty
 
 
+def test_a_relative_model_name_in_config_is_the_default(start_api, tiny_model, tmp_path):
+    """model.name as the Quick start writes it: a folder relative to config.yaml."""
+    shutil.copytree(tiny_model, tmp_path / "local" / "tiny")
+    api = start_api(model={"name": "local/tiny"})
+    body, _, _ = generate(api)
+    assert body["model"] == "local/tiny"
+    assert api.daemon.workers[0].state()["models"]["loaded"] == [str(tmp_path / "local" / "tiny")]
+
+
+def test_a_listed_checkpoint_wins_over_a_default_of_the_same_stem(start_api, model_files):
+    """The default is a hub repo that cannot be fetched here and whose last part is the name
+    of a listed checkpoint (what `imagineerd pull` writes): the listed one runs."""
+    api = start_api(paths={"models": str(model_files)}, model={"name": "nobody/alpha"})
+    body, _, meta = generate(api, model="alpha")
+    assert body["model"] == "alpha" and params(meta)["Model hash"]
+    health = api("GET", "/api/health").json()["backend"]
+    assert health["state"] == "error" and "nobody/alpha" in health["error"]  # the banner's case
+
+
+def test_the_empty_prompt_padding_follows_the_loras_in_use(start_api, model_files):
+    """A long prompt is padded with the empty prompt's encoding, which LoRAs on the text
+    encoder change: a job gives the same image whatever ran before it."""
+    long_prompt = " ".join(["cat", "dog", "fox"] * 30)
+    first = start_api(paths={"models": str(model_files)}, model={"name": "alpha"})
+    generate(first, prompt=long_prompt)  # caches the padding without the LoRA
+    _, after, _ = generate(first, prompt=long_prompt, loras=["detail"])
+    fresh = start_api(paths={"models": str(model_files)}, model={"name": "alpha"})
+    _, alone, _ = generate(fresh, prompt=long_prompt, loras=["detail"])
+    assert np.array_equal(after, alone)
+
+
 # -- the LRU of models ----------------------------------------------------------------------
+def test_on_a_gpu_a_model_coming_back_from_memory_keeps_the_other_in_memory():
+    """The LRU's bookkeeping with a GPU's two places (device and CPU memory). No GPU is here,
+    so the pipelines are stand-ins that only record where they are moved."""
+    from imagineerd.backends.diffusers_backend import DiffusersBackend
+
+    class Pipe:
+        def to(self, device):
+            moves.append(device)
+
+    class Model:
+        def __init__(self):
+            self.pipe, self.device, self.name = Pipe(), "cuda", "m"
+
+    moves: list[str] = []
+    backend = DiffusersBackend.__new__(DiffusersBackend)
+    backend.device, backend.max_loaded, backend.cpu_cache = "cuda", 1, 1
+    backend._lock = __import__("threading").Lock()
+    backend._models = {"a": Model(), "b": Model()}
+    backend._models["b"].device = "cpu"  # a on the GPU, b waiting in memory
+    backend._make_room(keep="b")  # b comes back: a goes to memory, nothing is dropped
+    assert set(backend._models) == {"a", "b"} and backend._models["a"].device == "cpu"
+    assert moves == ["cpu"]
+
+
 @pytest.mark.parametrize(("cpu_cache", "disk_loads"), [(1, 2), (0, 4)])
 def test_a_queue_alternating_two_models_keeps_its_order_and_reloads_only_without_a_cache(
     start_api, model_files, cpu_cache, disk_loads
@@ -283,6 +344,8 @@ def test_a_queue_alternating_two_models_keeps_its_order_and_reloads_only_without
         ({"prompt": "a (fox:1.2.3)"}, "prompt", "prompt"),
         ({"loras": [{"name": "detail", "weight": 11}]}, "loras", "from -10 to 10"),
         ({"clip_skip": 13}, "clip_skip", "1 to 12"),
+        ({"prompt": "a [cat:dog:0.5]"}, "prompt", "prompt editing"),
+        ({"negative_prompt": "[blurry|sharp]"}, "negative_prompt", "prompt editing"),
     ],
 )
 def test_bad_model_choices_are_400_naming_the_field(models_api, job, field, words):

@@ -147,6 +147,8 @@ def settings(config: Config, device: str | None) -> dict[str, Any]:
     local, ``cache_dir`` resolved) plus ``device``, ``performance``, ``state_dir`` and
     ``warm_sizes`` (the sizes a compiling backend prepares first: the default one)."""
     result = config.model_settings()
+    # As config.yaml says it (a relative path, a listed name): jobs name the default so.
+    result["configured_name"] = config["model"]["name"]
     if device is not None:
         result["device"] = device
     result["performance"] = dict(config["performance"])

@@ -104,6 +104,7 @@ class DiffusersBackend(BackendBase):
         self._torch = torch
         self.settings = settings
         self.default_name = settings["name"]
+        self.configured_name = settings.get("configured_name") or self.default_name
         self.device = pick_device(settings.get("device", "auto"))
         self.dtype = pick_dtype(settings.get("dtype", "auto"), self.device)
         self.library = settings.get("library")
@@ -190,7 +191,13 @@ class DiffusersBackend(BackendBase):
     # -- models ----------------------------------------------------------------------------
     def _key(self, name: str) -> str:
         """The LRU key of a job's model: "" for the default model."""
-        if not name or name in (self.default_name, self.model_label):
+        if not name or name in (self.default_name, self.configured_name):
+            return ""
+        # The default's stem stands for it (a pasted record names it so), unless a listed
+        # checkpoint has that very name.
+        if name == self.model_label and (
+            self.library is None or self.library.find("checkpoints", name, rescan=False) is None
+        ):
             return ""
         return name
 
@@ -209,7 +216,8 @@ class DiffusersBackend(BackendBase):
         key = self._key(name)
         model = self._models.get(key)
         if model is not None:
-            self._models.move_to_end(key)
+            with self._lock:
+                self._models.move_to_end(key)
             if model.device != self.device:
                 self._announce_loading(key, "memory")
                 started = time.monotonic()
@@ -264,7 +272,8 @@ class DiffusersBackend(BackendBase):
         while len(on_device) >= self.max_loaded:
             victim = on_device.pop(0)
             model = self._models[victim]
-            cached = [k for k, m in self._models.items() if m.device != self.device]
+            # The model coming back from CPU memory leaves its place there free.
+            cached = [k for k, m in self._models.items() if m.device != self.device and k != keep]
             if self.device != "cpu" and len(cached) < self.cpu_cache:
                 model.pipe.to("cpu")
                 model.device = "cpu"
@@ -354,7 +363,7 @@ class DiffusersBackend(BackendBase):
                         image.info["imagineerd.embeddings"] = list(used)
                     images[i] = image
         finally:
-            pipe.vae = model.own_vae
+            model.restore_vae()
         return [image for image in images if image is not None]
 
     def _encode(self, model: LoadedModel, request: GenerationRequest) -> Any:

@@ -54,11 +54,11 @@ _VAE_ATTENTION = {
 
 
 def _rename(rest: str, table: dict[str, str]) -> str:
-    head, _, tail = rest.partition(".")
+    """``rest`` with its leading module name renamed by ``table`` (unchanged if not there)."""
     for old, new in table.items():
         if rest.startswith(old + "."):
             return new + rest[len(old) :]
-    return head + ("." + tail if tail else "")
+    return rest
 
 
 def unet_to_ldm(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:

@@ -12,12 +12,14 @@ finished ``prompt_embeds``:
   vectors (a hook on the encoder's token embedding, as A1111's does);
 - each token's output is multiplied by its weight and the chunk rescaled to its original
   mean, so ``(red:1.4)`` strengthens ``red`` without changing the overall scale;
-- SD1.5/SD2 take the last layer (or, with clip skip N, the N-th from the end, followed by the
-  final layer norm); SDXL takes both encoders' penultimate layers side by side and the pooled
-  output of the second for the first chunk, and, as A1111 does by default, ignores clip skip.
+- SD1.5 takes the last layer (or, with clip skip N, the N-th from the end, followed by the
+  final layer norm); SD2 its penultimate one; SDXL both encoders' penultimate layers side by
+  side and the pooled output of the second for the first chunk. As A1111 does by default,
+  SD2 and SDXL ignore clip skip.
 
 The positive and negative conditioning of one image are padded to the same length with the
-encoding of the empty prompt, as A1111 pads them. The rescaling is per image and chunk, so an
+encoding of the empty prompt (A1111 pads them so with its ``pad_cond_uncond`` option; the
+pipeline needs them of one length). The rescaling is per image and chunk, so an
 image does not depend on what else is in its batch.
 """
 
@@ -167,10 +169,16 @@ class PromptEncoder:
                 pooled = out.text_embeds[:1]  # the first chunk's, as A1111 takes it
         return torch.cat(per_encoder, dim=-1), pooled
 
+    def forget(self) -> None:
+        """Drop cached encodings (the weights of the text encoders changed)."""
+        self._empty.clear()
+
     def _layer(self, encoder: Any, out: Any, clip_skip: int) -> Any:
         if self.arch == "sdxl":
             return out.hidden_states[-2]
-        if clip_skip <= 1:
+        # SD2's OpenCLIP encoder is already cut at its penultimate layer and A1111 applies no
+        # clip skip to it; SD1.5's CLIP takes it.
+        if clip_skip <= 1 or self.arch == "sd2":
             return out.last_hidden_state
         hidden = out.hidden_states[-min(clip_skip, len(out.hidden_states))]
         return _final_layer_norm(encoder)(hidden)

@@ -69,6 +69,7 @@ class LoadedModel:
         self._base_scheduler_config = dict(pipe.scheduler.config)
         self._schedulers: dict[str, Any] = {}
         self._pipes: dict[str, Any] = {}
+        self._active_loras: tuple[tuple[str, float], ...] = ()
         #: LoRA name -> adapter name in the pipeline, least recently used first.
         self.adapters: OrderedDict[str, str] = OrderedDict()
         self._setup_fast_path(performance, state_dir, warm_sizes)
@@ -171,6 +172,10 @@ class LoadedModel:
     def set_loras(self, loras: tuple[tuple[str, float], ...], path_of: Callable[[str], Path]):
         """Load (once) and activate exactly these LoRAs at these weights; none: all off."""
         pipe = self.pipe
+        if loras != self._active_loras:
+            # LoRAs on the text encoders change what even the empty prompt encodes to.
+            self.encoder.forget()
+            self._active_loras = loras
         for name, _ in loras:
             if name in self.adapters:
                 self.adapters.move_to_end(name)
@@ -230,17 +235,32 @@ class LoadedModel:
         mode = first.mode
         unet = unet if unet is not None else self.eager_unet
         embeds = self._embeds(encoded)
+        if mode != "txt2img" and first.strength <= 0:
+            # Nothing to redraw: the input itself (at the job's size), as A1111 gives.
+            return [_fit(image, (first.width, first.height)) for image, _ in inputs or []]
         if mode == "img2img":
             size = (first.width, first.height)
             images = [_fit(image, size) for image, _ in inputs or []]
             return self._call(
-                "img2img", batch, embeds, on_step, unet, image=images, strength=first.strength
+                "img2img",
+                batch,
+                embeds,
+                on_step,
+                unet,
+                image=images,
+                strength=first.strength,
+                num_inference_steps=_at_least_one_step(first.steps, first.strength),
             )
         if mode == "inpaint":
             return self._inpaint(batch, embeds, on_step, unet, inputs or [])
         if first.hires is not None:
             return self._hires(batch, embeds, on_step, unet)
         return self._call("txt2img", batch, embeds, on_step, unet)
+
+    def restore_vae(self) -> None:
+        """Every pipeline back on the model's own VAE (after a job that chose another)."""
+        for pipe in (self.pipe, *self._pipes.values()):
+            pipe.vae = self.own_vae
 
     def _embeds(self, encoded: list[Encoded]) -> dict[str, Any]:
         torch = self._torch
@@ -264,10 +284,12 @@ class LoadedModel:
         unet: Any,
         *,
         done: int = 0,
+        later: int = 0,
         output_type: str = "pil",
         **kwargs: Any,
     ) -> Any:
-        """Run one pipeline; ``done`` steps of an earlier pass are counted in the progress."""
+        """Run one pipeline. Progress counts ``done`` steps of an earlier pass and ``later``
+        steps of a pass still to come, so a hires fix shows as one bar."""
         torch = self._torch
         first = batch[0]
         pipe = self.pipeline(mode)
@@ -277,10 +299,9 @@ class LoadedModel:
         # One CPU generator per image: a seed gives the same image alone or in a batch, and
         # the same on any device (the noise is drawn on the CPU, then moved).
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
-        extra = self._extra_steps
 
         def step_end(pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
-            on_step(done + index + 1, done + pipe.num_timesteps + extra)
+            on_step(done + index + 1, done + pipe.num_timesteps + later)
             return tensors
 
         kwargs.setdefault("width", first.width)
@@ -297,9 +318,6 @@ class LoadedModel:
             )
         return list(result.images) if output_type == "pil" else result.images
 
-    #: Steps of a later pass, counted in the progress of the first (hires fix).
-    _extra_steps = 0
-
     def _hires(
         self, batch: list[GenerationRequest], embeds: dict[str, Any], on_step: Any, unet: Any
     ) -> list[Image.Image]:
@@ -312,13 +330,15 @@ class LoadedModel:
         steps = steps or first.steps
         width, height = hires_size(first.width, first.height, scale)
         latent = upscaler == "latent"
-        self._extra_steps = steps if denoise > 0 else 0
-        try:
-            low = self._call(
-                "txt2img", batch, embeds, on_step, unet, output_type="latent" if latent else "pil"
-            )
-        finally:
-            self._extra_steps = 0
+        low = self._call(
+            "txt2img",
+            batch,
+            embeds,
+            on_step,
+            unet,
+            later=steps if denoise > 0 else 0,
+            output_type="latent" if latent else "pil",
+        )
         if latent:
             import torch.nn.functional as functional
 
@@ -396,6 +416,7 @@ class LoadedModel:
             image=[image for image, _ in work],
             mask_image=[mask for _, mask in work],
             strength=first.strength,
+            num_inference_steps=_at_least_one_step(first.steps, first.strength),
         )
         results = []
         for out, original, mask, box in zip(made, originals, masks, boxes, strict=True):
@@ -406,6 +427,12 @@ class LoadedModel:
                 out = canvas
             results.append(Image.composite(out, original, mask))
         return results
+
+
+def _at_least_one_step(steps: int, strength: float) -> int:
+    """diffusers runs ``int(steps * strength)`` steps of an img2img; a small strength of a
+    few steps would run none (and fail): then as many as make one."""
+    return steps if int(steps * strength) >= 1 else math.ceil(1 / strength)
 
 
 def _fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:

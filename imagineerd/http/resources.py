@@ -24,10 +24,19 @@ REDACTED = "********"
 MAX_JSON_DEPTH = 32
 
 
-def read_json_object(req: falcon.Request, *, prefix: str = "") -> dict[str, Any]:
+#: Brackets and commas a body larger than ``server.max_body_bytes`` may hold: such a body is
+#: allowed only for the long strings of its images, never for structure to parse.
+MAX_LARGE_BODY_ITEMS = 10_000
+
+
+def read_json_object(
+    req: falcon.Request, *, prefix: str = "", text_limit: int | None = None
+) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 that says what is wrong with it.
     ``prefix`` names where the body sits in a larger whole, for error fields
-    (``generation`` for ``PUT /api/config/generation``)."""
+    (``generation`` for ``PUT /api/config/generation``). A body over ``text_limit`` bytes
+    (one that may carry images) is refused before it is parsed when its size comes from
+    anything but long strings."""
     if not req.content_length and req.content_length is not None:
         raise ValidationError("the request body is empty; send a JSON object")
     ctype = (req.content_type or "").split(";")[0].strip().lower()
@@ -36,6 +45,14 @@ def read_json_object(req: falcon.Request, *, prefix: str = "") -> dict[str, Any]
             description=f"send the body as {falcon.MEDIA_JSON}, not {ctype}"
         )
     raw = req.bounded_stream.read()
+    if text_limit is not None and len(raw) > text_limit:
+        items = raw.count(b"{") + raw.count(b"[") + raw.count(b",")
+        if items > MAX_LARGE_BODY_ITEMS:
+            raise falcon.HTTPContentTooLarge(
+                description=f"request body is {len(raw)} bytes with {items} brackets and "
+                f"commas; past {text_limit} bytes (server.max_body_bytes) only images may "
+                "make a body larger"
+            )
     if not raw.strip():
         raise ValidationError("the request body is empty; send a JSON object")
     try:
@@ -72,8 +89,8 @@ class Generate:
         self.daemon = daemon
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        data = read_json_object(req)
         limit = self.daemon.config["server"]["max_body_bytes"]
+        data = read_json_object(req, text_limit=limit)
         if (req.content_length or 0) > limit and not (data.get("init_image") or data.get("mask")):
             raise falcon.HTTPContentTooLarge(
                 description=f"request body is {req.content_length} bytes; without images the "

@@ -510,3 +510,337 @@ def test_phone_layout_with_models_and_the_banner(
         page.screenshot(path=str(tmp_path / f"create-models-phone-{scheme}.png"), full_page=True)
     finally:
         context.close()
+
+
+# -- image inputs: image to image, the mask brush, "Use as input", hires fix ---------------
+def _input_png(path: Path, size: tuple[int, int] = (66, 50)) -> Path:
+    """A small picture to start from: sky, sun and hills (rounds to 64x48 at 66x50)."""
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    image = Image.new("RGB", size)
+    draw = ImageDraw.Draw(image)
+    for y in range(height):
+        t = y / max(1, height - 1)
+        draw.line(
+            [(0, y), (width, y)], fill=(int(70 + 150 * t), int(120 + 80 * t), int(230 - 60 * t))
+        )
+    r = height // 6
+    draw.ellipse(
+        [width * 0.68 - r, height * 0.3 - r, width * 0.68 + r, height * 0.3 + r],
+        fill=(255, 214, 90),
+    )
+    draw.polygon(
+        [
+            (0, height),
+            (0, height * 0.7),
+            (width * 0.3, height * 0.5),
+            (width * 0.6, height * 0.72),
+            (width * 0.85, height * 0.58),
+            (width, height * 0.66),
+            (width, height),
+        ],
+        fill=(52, 110, 64),
+    )
+    image.save(path)
+    return path
+
+
+def _generate_bodies(page: Page) -> list[dict]:
+    """The bodies of the page's POST /api/generate requests, as they are sent."""
+    bodies: list[dict] = []
+
+    def record(request) -> None:
+        if request.method == "POST" and request.url.endswith("/api/generate"):
+            bodies.append(request.post_data_json)
+
+    page.on("request", record)
+    return bodies
+
+
+def _data_url_image(url: str):
+    import base64
+    import io
+
+    from PIL import Image
+
+    assert url.startswith("data:image/png;base64,"), url[:40]
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+def _paint(page: Page, points: list[tuple[float, float]]) -> None:
+    """A stroke with the mouse through points given as fractions of the mask canvas."""
+    box = page.locator("#mask-canvas").bounding_box()
+    assert box
+    at = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    page.mouse.move(*at[0])
+    page.mouse.down()
+    for x, y in at[1:]:
+        page.mouse.move(x, y, steps=6)
+    page.mouse.up()
+
+
+def test_image_to_image_with_a_painted_mask(start_api, page: Page, tmp_path):
+    api = start_api()
+    picture = _input_png(tmp_path / "input.png", (130, 98))  # shown as 128x96
+    bodies = _generate_bodies(page)
+    page.goto(api.url)
+    expect(page.locator("#hires-field")).to_be_visible()  # text to image: hires fix offered
+    expect(page.locator("#img2img-options")).to_be_hidden()
+    page.set_input_files("#input-file", str(picture))
+    expect(page.locator("#input-preview")).to_be_visible()
+    expect(page.locator("#input-name")).to_have_text("input.png · 130×98")
+    # The size fields take the input's size rounded to 8; hires fix is for text to image.
+    expect(page.locator("#width")).to_have_value("128")
+    expect(page.locator("#height")).to_have_value("96")
+    expect(page.locator("#hires-field")).to_be_hidden()
+    expect(page.locator("#input-mode")).to_have_text("img2img")
+    page.locator("#strength").fill("0.6")
+    expect(page.locator("#strength-value")).to_have_text("0.6")
+    # A stroke over the sun, at the image's own pixels: the mask is the input's size.
+    _paint(page, [(0.55, 0.2), (0.68, 0.3), (0.8, 0.38)])
+    expect(page.locator("#input-mode")).to_have_text("inpaint")
+    page.fill("#mask_blur", "2")
+    page.select_option("#inpaint_area", "masked")
+    page.fill("#prompt", "a lighthouse on the hill")
+    page.fill("#steps", "40")
+    page.click("#generate")
+    expect(page.locator("#create-status")).to_contain_text("Queued job #1")
+    # Inpainting in progress: the input with its painted mask, the job's progress beside it.
+    bar = page.locator("#create-running .progress > div")
+    expect(page.locator("#create-running")).to_contain_text("inpaint", timeout=30000)
+    wait_for(lambda: 0 < _width(bar) < 100, 60)
+    page.mouse.move(0, 0)
+    page.evaluate("window.scrollTo(0, 0)")
+    shot(page, "inpaint-desktop", tmp_path)
+    job = api.wait_job(1, timeout=180)
+    assert job["status"] == "completed", job
+    assert job["init_image"].startswith("sha256:") and job["mask"].startswith("sha256:"), job
+    assert (job["strength"], job["mask_blur"], job["inpaint_area"]) == (0.6, 2, "masked")
+    assert (job["init_image_name"], job["hires"]) == ("", None)
+    assert (job["width"], job["height"]) == (128, 96)
+    # What went out: the file itself, and the mask as a PNG of the input's natural size,
+    # white where painted on black.
+    body = bodies[0]
+    assert body["init_image"].startswith("data:image/png;base64,")
+    assert _data_url_image(body["init_image"]).size == (130, 98)
+    mask = _data_url_image(body["mask"]).convert("L")
+    assert mask.size == (130, 98)
+    assert mask.getpixel((int(130 * 0.68), int(98 * 0.3))) == 255  # on the stroke
+    assert mask.getpixel((5, 90)) == 0  # far from it
+    assert "hires" not in body
+    page.click("#tab-queue")
+    expect(page.locator('#history li[data-job="1"]')).to_contain_text("128×96 · inpaint")
+    # Erase it all: no mask goes out, the job is image to image.
+    page.click("#tab-create")
+    page.click("#mask-erase")
+    page.fill("#brush-size", "120")
+    _paint(page, [(0.3, 0.1), (0.99, 0.3), (0.5, 0.5), (0.99, 0.5)])
+    page.click("#mask-clear")
+    expect(page.locator("#input-mode")).to_have_text("img2img")
+    page.fill("#steps", "2")
+    page.click("#generate")
+    expect(page.locator("#create-status")).to_contain_text("Queued job #2")
+    assert "mask" not in bodies[1] and bodies[1]["strength"] == 0.6
+    job = api.wait_job(2, timeout=120)
+    assert job["status"] == "completed", job
+    assert (job["mask"], job["init_image"]) == ("", api.wait_job(1)["init_image"])
+    page.click("#tab-queue")
+    expect(page.locator('#history li[data-job="2"]')).to_contain_text("img2img")
+    # × goes back to text to image, with the size fields as they were.
+    page.click("#tab-create")
+    page.click("#input-clear")
+    expect(page.locator("#input-panel")).to_be_hidden()
+    expect(page.locator("#hires-field")).to_be_visible()
+    expect(page.locator("#width")).to_have_value("64")
+    expect(page.locator("#height")).to_have_value("64")
+    expect(page.locator("#input-pick")).to_be_focused()
+
+
+def test_use_an_output_as_input_and_reuse_its_settings(start_api, page: Page):
+    api = start_api()
+    api("POST", "/api/generate", json={"prompt": "the first one", "seed": 7})
+    assert api.wait_job(1)["status"] == "completed"
+    name = api("GET", "/api/outputs").json()["outputs"][0]["filename"]
+    bodies = _generate_bodies(page)
+    page.goto(api.url + "/#gallery")
+    page.locator(f'#gallery .thumb[data-file="{name}"]').click()
+    page.click("#viewer-input")
+    expect(page.locator("#view-create")).to_be_visible()
+    expect(page.locator("#input-preview")).to_have_attribute("src", f"/api/outputs/{name}")
+    expect(page.locator("#input-name")).to_have_text(f"{name} · 64×64")
+    expect(page.locator("#hires-field")).to_be_hidden()
+    page.locator("#strength").fill("0.35")
+    page.fill("#steps", "4")  # 0.35 of 4 steps: one step of image to image
+    page.fill("#prompt", "the first one, again")
+    page.click("#generate")
+    expect(page.locator("#create-status")).to_contain_text("Queued job #2")
+    assert bodies[0]["init_image"] == name and "mask" not in bodies[0]
+    job = api.wait_job(2)
+    assert job["status"] == "completed", job
+    assert (job["init_image_name"], job["strength"], job["mask"]) == (name, 0.35, "")
+    assert job["init_image"].startswith("sha256:")
+    # Its image says so, and "Use these settings" brings the input back by its name.
+    page.locator("#strength").fill("0.9")
+    page.click("#input-clear")
+    page.click("#tab-gallery")
+    second = page.locator('#gallery .thumb[data-file*="_2.png"]')
+    second.click()
+    expect(page.locator("#viewer-meta")).to_contain_text("img2img")
+    expect(page.locator("#viewer-meta")).to_contain_text(name)
+    page.click("#viewer-reuse")
+    expect(page.locator("#prompt")).to_have_value("the first one, again")
+    expect(page.locator("#input-preview")).to_have_attribute("src", f"/api/outputs/{name}")
+    expect(page.locator("#strength")).to_have_value("0.35")
+    expect(page.locator("#strength-value")).to_have_text("0.35")
+    page.click("#generate")
+    expect(page.locator("#create-status")).to_contain_text("Queued job #3")
+    assert bodies[1]["init_image"] == name and bodies[1]["strength"] == 0.35
+    # The output is gone: the server's message shows under the input.
+    assert api.wait_job(3)["status"] == "completed"
+    (api.daemon.outputs_dir / name).unlink()
+    page.click("#generate")
+    error = page.locator('#create-form [data-error-for="init_image"]')
+    expect(error).to_contain_text("init_image")
+    expect(page.locator("#input-clear")).to_be_focused()
+
+
+def test_hires_fix_for_text_to_image(start_api, page: Page):
+    api = start_api()
+    bodies = _generate_bodies(page)
+    page.goto(api.url)
+    expect(page.locator("#hires-options")).to_be_hidden()
+    page.check("#hires")
+    expect(page.locator("#hires-options")).to_be_visible()
+    expect(page.locator("#hires-size")).to_have_text("→ 128×128")
+    page.fill("#hires-scale", "1.5")
+    expect(page.locator("#hires-size")).to_have_text("→ 96×96")
+    page.locator("#hires-denoising_strength").fill("0.4")
+    expect(page.locator("#hires-denoising-value")).to_have_text("0.4")
+    page.select_option("#hires-upscaler", "lanczos")
+    page.fill("#prompt", "a fox, larger")
+    page.click("#generate")
+    expect(page.locator("#create-status")).to_contain_text("Queued job #1")
+    assert bodies[0]["hires"] == {
+        "scale": 1.5,
+        "steps": 0,
+        "denoising_strength": 0.4,
+        "upscaler": "lanczos",
+    }
+    job = api.wait_job(1, timeout=120)
+    assert job["status"] == "completed", job
+    assert job["hires"] == {
+        "scale": 1.5,
+        "steps": 0,
+        "denoising_strength": 0.4,
+        "upscaler": "lanczos",
+    }
+    assert job["init_image"] == ""
+    page.click("#tab-queue")
+    expect(page.locator('#history li[data-job="1"]')).to_contain_text("hires ×1.5")
+    # The server's bound for the final size shows under the hires fix, its input focused.
+    page.click("#tab-create")
+    page.fill("#width", "2048")
+    page.fill("#hires-scale", "2")
+    expect(page.locator("#hires-size")).to_contain_text("over 2048")
+    page.click("#generate")
+    expect(page.locator('#create-form [data-error-for="hires"]')).to_contain_text("2048")
+    # Use these settings: the job's own size and its hires fix.
+    page.fill("#width", "64")
+    page.uncheck("#hires")
+    page.click("#tab-gallery")
+    page.locator("#gallery .thumb").first.click()
+    expect(page.locator("#viewer-meta")).to_contain_text("hires ×1.5")
+    page.click("#viewer-reuse")
+    expect(page.locator("#hires")).to_be_checked()
+    expect(page.locator("#hires-scale")).to_have_value("1.5")
+    expect(page.locator("#hires-upscaler")).to_have_value("lanczos")
+    expect(page.locator("#width")).to_have_value("64")
+
+
+def test_drop_or_paste_an_image_and_wrong_files(start_api, page: Page, tmp_path):
+    api = start_api(workers=False)
+    page.goto(api.url)
+    picture = _input_png(tmp_path / "drop.png", (40, 200))
+    payload = list(picture.read_bytes())
+    make = """([bytes, name, type]) => {
+      const data = new DataTransfer();
+      data.items.add(new File([new Uint8Array(bytes)], name, { type }));
+      return data;
+    }"""
+    data = page.evaluate_handle(make, [payload, "drop.png", "image/png"])
+    page.dispatch_event("#input-drop", "drop", {"dataTransfer": data})
+    expect(page.locator("#input-name")).to_have_text("drop.png · 40×200")
+    expect(page.locator("#width")).to_have_value("64")  # 40 is below the smallest size
+    expect(page.locator("#height")).to_have_value("200")
+    page.click("#input-clear")
+    # Pasted anywhere on the Create view (here into the prompt): it becomes the input.
+    data = page.evaluate_handle(make, [payload, "image.png", "image/png"])
+    page.focus("#prompt")
+    page.evaluate(
+        "data => document.activeElement.dispatchEvent("
+        "new ClipboardEvent('paste', { clipboardData: data, bubbles: true }))",
+        data,
+    )
+    expect(page.locator("#input-name")).to_have_text("image.png · 40×200")
+    page.click("#input-clear")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a picture")
+    page.set_input_files("#input-file", str(text))
+    expect(page.locator('#create-form [data-error-for="init_image"]')).to_contain_text(
+        "notes.txt is not a PNG, JPEG or WebP image"
+    )
+    expect(page.locator("#input-panel")).to_be_hidden()
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_phone_paints_a_mask_by_touch(start_api, browser, tmp_path, scheme):
+    api = start_api(workers=False)
+    picture = _input_png(tmp_path / "phone.png", (96, 128))
+    context = browser.new_context(
+        viewport={"width": 375, "height": 740},
+        is_mobile=True,
+        has_touch=True,
+        device_scale_factor=2,
+        color_scheme=scheme,
+    )
+    page = context.new_page()
+    try:
+        page.goto(api.url)
+        page.set_input_files("#input-file", str(picture))
+        canvas = page.locator("#mask-canvas")
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        assert box and box["width"] <= 375
+        # A finger drawn across the picture: touch events as a phone sends them.
+        cdp = context.new_cdp_session(page)
+        y = box["y"] + box["height"] / 2
+        xs = [box["x"] + box["width"] * f for f in (0.2, 0.35, 0.5, 0.65, 0.8)]
+        cdp.send(
+            "Input.dispatchTouchEvent",
+            {"type": "touchStart", "touchPoints": [{"x": xs[0], "y": y}]},
+        )
+        for x in xs[1:]:
+            cdp.send(
+                "Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [{"x": x, "y": y}]}
+            )
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        expect(page.locator("#input-mode")).to_have_text("inpaint")
+        # The stroke covers the line, at the image's own pixels, and the page did not scroll.
+        painted = page.evaluate(
+            """() => {
+              const c = document.querySelector('#mask-canvas');
+              const y = Math.round(c.height / 2);
+              const row = c.getContext('2d').getImageData(0, y, c.width, 1).data;
+              let n = 0;
+              for (let i = 3; i < row.length; i += 4) if (row[i]) n++;
+              return [c.width, c.height, n];
+            }"""
+        )
+        assert painted[:2] == [96, 128]
+        assert painted[2] >= 96 * 0.55, painted
+        page.wait_for_load_state("networkidle")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        page.screenshot(path=str(tmp_path / f"inpaint-phone-{scheme}.png"), full_page=True)
+    finally:
+        context.close()

@@ -19,6 +19,11 @@ const state = {
   models: null,         // GET /api/models: {checkpoints, loras, embeddings, vaes, default}
   modelStatus: null,    // {name, phase: "loading" | "failed", from, error}: a model switch
   healthTimer: null,
+  // The Create form's input image: {data} (a data: URL) or {name} (an output's file name),
+  // with {url, label, width, height}; null for text to image.
+  input: null,
+  sizeBeforeInput: null,  // the size fields before an input set them, for ×
+  brush: "paint",         // or "erase"
 };
 
 // ---------------------------------------------------------------------------------- API
@@ -138,9 +143,15 @@ function showErrors(form, error, prefix = "") {
     if (details) details.open = true;
     const index = /^loras\[(\d+)\]/.exec(path);
     const row = index && $("#lora-list").children[Number(index[1])];
+    // "hires.scale": that input of the hires fix.
+    const part = /^hires\.(\w+)/.exec(path);
     const input = row ? $(".lora-weight", row)
-      : form.elements[field] || $("input:not([type=range]), select", box);
-    if (input) input.focus();
+      : (part && $(`#hires-${part[1]}`, form)) || form.elements[field]
+        || $("input:not([type=range]), select", box);
+    // A control that is hidden now (Choose a file… while an input shows): the field's first visible one.
+    const visible = (node) => Boolean(node && node.getClientRects && node.getClientRects().length);
+    const target = visible(input) ? input : [...box.querySelectorAll("button, input, select")].find(visible);
+    if (target) target.focus();
     return true;
   }
   return false;
@@ -160,7 +171,20 @@ function formatSeconds(seconds) {
 
 function summary(job) {
   const from = job.source === "inbox" && job.source_name ? ` · from ${job.source_name}` : "";
-  return `${job.width}×${job.height} · ${job.steps} steps · seed ${job.seed}${modelSummary(job)}${from}`;
+  const mode = modeLabel(job);
+  return `${job.width}×${job.height}${mode ? ` · ${mode}` : ""} · ${job.steps} steps · seed ${job.seed}`
+    + `${modelSummary(job)}${from}`;
+}
+
+function formatNumber(value) {
+  return String(Math.round(Number(value) * 100) / 100);
+}
+
+// "img2img", "inpaint" or "hires ×2" (A1111's names for what a job does); "" for plain text to image.
+function modeLabel(job) {
+  if (job.init_image) return job.mask ? "inpaint" : "img2img";
+  if (job.hires) return `hires ×${formatNumber(job.hires.scale ?? 2)}`;
+  return "";
 }
 
 // ------------------------------------------------------------------------------- models
@@ -425,6 +449,7 @@ function syncSizePreset() {
   const width = Number($("#width").value), height = Number($("#height").value);
   const index = state.options.sizes.findIndex((s) => s.width === width && s.height === height);
   $("#size-preset").value = index >= 0 ? String(index) : "";
+  renderHiresSize();
 }
 
 function readForm(form) {
@@ -441,6 +466,7 @@ function readForm(form) {
   const loras = readLoras();
   if (loras.length) data.loras = loras;
   if (form.elements.vae.value && form.elements.vae.value !== "default") data.vae = form.elements.vae.value;
+  Object.assign(data, readImageInputs());
   return data;
 }
 
@@ -463,7 +489,9 @@ async function submitCreate(event) {
       const job = await api("POST", "/api/generate", body);
       ids.push(job.id);
       state.lastSeed = job.seed;
-      upsertQueued({ ...body, ...job, steps: body.steps ?? state.options.generation.steps,
+      // The queue shows what kind of job it is; it need not hold the images themselves.
+      upsertQueued({ ...body, init_image: body.init_image ? "input" : "", mask: body.mask ? "mask" : "",
+        ...job, steps: body.steps ?? state.options.generation.steps,
         width: body.width ?? state.options.generation.width,
         height: body.height ?? state.options.generation.height });
     }
@@ -507,10 +535,352 @@ function setupCreate() {
     if (event.target.value !== "" && size) {
       $("#width").value = size.width;
       $("#height").value = size.height;
+      renderHiresSize();
     }
   });
   $("#width").addEventListener("input", syncSizePreset);
   $("#height").addEventListener("input", syncSizePreset);
+  setupImageInputs();
+}
+
+// -------------------------------------------------------------------------- image inputs
+// An input image turns the job into image to image; a painted mask into inpainting. The
+// mask is drawn on a canvas at the input's own size, so it lines up with it pixel for pixel.
+const MASK_COLOR = "#ff2d6f";  // shown over the input; sent as white on black
+const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp"];
+
+// The nearest multiple of 8, halves to even: what the server's round8 does (Python's round).
+function round8(value) {
+  const q = value / 8;
+  let r = Math.round(q);
+  if (Math.abs(q % 1) === 0.5 && r % 2 !== 0) r -= 1;
+  return Math.max(8, r * 8);
+}
+
+function sizeLimits() {
+  const limits = (state.options && state.options.limits) || {};
+  return { min: (limits.width && limits.width.min) || 64, max: (limits.width && limits.width.max) || 2048 };
+}
+
+// The job's size for an input: its own, rounded to 8, made to fit the bounds if it is huge.
+function sizeForInput(width, height) {
+  const { min, max } = sizeLimits();
+  const scale = Math.min(1, max / width, max / height);
+  return [width, height].map((v) => clamp(round8(v * scale), min, max));
+}
+
+function outputUrl(name) {
+  return `/api/outputs/${String(name).split("/").map(encodeURIComponent).join("/")}`;
+}
+
+function inputError(message) {
+  const slot = $('[data-error-for="init_image"]');
+  slot.textContent = message;
+  slot.closest(".field").classList.toggle("invalid", Boolean(message));
+}
+
+function readFileAsDataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error || new Error("the file could not be read"));
+    reader.readAsDataURL(file);
+  });
+}
+
+async function setInputFile(file) {
+  if (!file) return;
+  if (!IMAGE_TYPES.includes(file.type)) {
+    inputError(`${file.name || "This file"} is not a PNG, JPEG or WebP image${file.type ? ` (${file.type})` : ""}.`);
+    return;
+  }
+  let data;
+  try {
+    data = await readFileAsDataUrl(file);
+  } catch (error) {
+    inputError(`Could not read ${file.name}: ${error.message}`);
+    return;
+  }
+  await setInput({ data, url: data, label: file.name || "pasted image" });
+}
+
+// input: {data} or {name}, with {url, label}. keepSize: leave the size fields as they are
+// ("Use these settings" brings the job's own size).
+async function setInput(input, { keepSize = false } = {}) {
+  inputError("");
+  const probe = new Image();
+  probe.src = input.url;
+  try {
+    await probe.decode();
+  } catch {
+    inputError(input.name ? `The image ${input.name} could not be loaded (is it still in the outputs?).`
+      : `${input.label} could not be read as an image.`);
+    return false;
+  }
+  const width = probe.naturalWidth, height = probe.naturalHeight;
+  if (!state.input) state.sizeBeforeInput = { width: $("#width").value, height: $("#height").value };
+  state.input = { ...input, width, height };
+  $("#input-preview").src = input.url;
+  const stage = $("#input-stage");
+  stage.style.setProperty("--ratio", String(width / height));
+  const canvas = $("#mask-canvas");
+  canvas.width = width;  // also clears it: a new input, a new mask
+  canvas.height = height;
+  if (!keepSize) {
+    const [w, h] = sizeForInput(width, height);
+    $("#width").value = w;
+    $("#height").value = h;
+    syncSizePreset();
+  }
+  $("#input-name").textContent = `${input.label} · ${width}×${height}`;
+  renderInputMode();
+  return true;
+}
+
+function clearInput({ restoreSize = true } = {}) {
+  const had = state.input;
+  state.input = null;
+  $("#input-file").value = "";
+  $("#input-preview").removeAttribute("src");
+  inputError("");
+  if (had && restoreSize && state.sizeBeforeInput) {
+    $("#width").value = state.sizeBeforeInput.width;
+    $("#height").value = state.sizeBeforeInput.height;
+    syncSizePreset();
+  }
+  state.sizeBeforeInput = null;
+  renderInputMode();
+}
+
+function maskContext() {
+  return $("#mask-canvas").getContext("2d", { willReadFrequently: true });
+}
+
+function maskPainted() {
+  if (!state.input) return false;
+  const canvas = $("#mask-canvas");
+  const pixels = maskContext().getImageData(0, 0, canvas.width, canvas.height).data;
+  for (let i = 3; i < pixels.length; i += 4) if (pixels[i]) return true;
+  return false;
+}
+
+// The mask as the API takes it: a PNG at the input's size, white where painted, on black.
+function maskDataUrl() {
+  const source = $("#mask-canvas");
+  const out = document.createElement("canvas");
+  out.width = source.width;
+  out.height = source.height;
+  const ctx = out.getContext("2d");
+  ctx.drawImage(source, 0, 0);
+  ctx.globalCompositeOperation = "source-in";  // keep the strokes' shape (and soft edges) ...
+  ctx.fillStyle = "#fff";                      // ... in white
+  ctx.fillRect(0, 0, out.width, out.height);
+  ctx.globalCompositeOperation = "destination-over";
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, out.width, out.height);
+  return out.toDataURL("image/png");
+}
+
+function renderInputMode() {
+  const input = state.input;
+  $("#input-drop").hidden = Boolean(input);
+  $("#input-panel").hidden = !input;
+  $("#img2img-options").hidden = !input;
+  $("#hires-field").hidden = Boolean(input);  // hires fix is for text to image
+  if (input) $("#input-mode").textContent = maskPainted() ? "inpaint" : "img2img";
+  renderHiresSize();
+}
+
+function numberOrText(input) {
+  const raw = input.value.trim();
+  if (raw === "") return undefined;
+  return isNaN(Number(raw)) ? raw : Number(raw);
+}
+
+// The image fields of a job: only those that apply, so a text-to-image job carries none.
+function readImageInputs() {
+  const data = {};
+  if (state.input) {
+    data.init_image = state.input.name ?? state.input.data;
+    data.strength = Number($("#strength").value);
+    if (maskPainted()) {
+      data.mask = maskDataUrl();
+      const blur = numberOrText($("#mask_blur"));
+      if (blur !== undefined) data.mask_blur = blur;
+      data.inpaint_area = $("#inpaint_area").value;
+    }
+  } else if ($("#hires").checked) {
+    const hires = {};
+    for (const key of ["scale", "steps"]) {
+      const value = numberOrText($(`#hires-${key}`));
+      if (value !== undefined) hires[key] = value;
+    }
+    hires.denoising_strength = Number($("#hires-denoising_strength").value);
+    hires.upscaler = $("#hires-upscaler").value;
+    data.hires = hires;
+  }
+  return data;
+}
+
+function renderHiresSize() {
+  const on = $("#hires").checked;
+  $("#hires-options").hidden = !on;
+  const hint = $("#hires-size");
+  const width = Number($("#width").value), height = Number($("#height").value);
+  const scale = Number($("#hires-scale").value);
+  if (!on || !width || !height || !scale) {
+    hint.textContent = "";
+    return;
+  }
+  const final = [round8(width * scale), round8(height * scale)];
+  const { max } = sizeLimits();
+  hint.textContent = `→ ${final[0]}×${final[1]}${Math.max(...final) > max ? ` (over ${max}: lower the scale)` : ""}`;
+  hint.classList.toggle("warn", Math.max(...final) > max);
+}
+
+function setHires(hires) {
+  const defaults = { scale: 2, steps: 0, denoising_strength: 0.5, upscaler: "latent",
+    ...(state.options && state.options.limits.hires && state.options.limits.hires.defaults) };
+  const values = { ...defaults, ...(hires || {}) };
+  $("#hires").checked = Boolean(hires);
+  $("#hires-scale").value = values.scale;
+  $("#hires-steps").value = values.steps;
+  $("#hires-denoising_strength").value = values.denoising_strength;
+  $("#hires-denoising-value").textContent = formatNumber(values.denoising_strength);
+  $("#hires-upscaler").value = values.upscaler;
+  renderHiresSize();
+}
+
+function setStrength(value) {
+  $("#strength").value = value;
+  $("#strength-value").textContent = formatNumber($("#strength").value);
+}
+
+function setBrush(mode) {
+  state.brush = mode;
+  $("#mask-paint").setAttribute("aria-pressed", String(mode === "paint"));
+  $("#mask-erase").setAttribute("aria-pressed", String(mode === "erase"));
+}
+
+function setupMaskBrush() {
+  const canvas = $("#mask-canvas");
+  const cursor = $("#brush-cursor");
+  let last = null;  // the stroke's previous point, in the canvas's pixels; null: not drawing
+  const scale = () => canvas.width / canvas.getBoundingClientRect().width;
+  const point = (event) => {
+    const rect = canvas.getBoundingClientRect();
+    const k = canvas.width / rect.width;
+    return { x: (event.clientX - rect.left) * k, y: (event.clientY - rect.top) * k };
+  };
+  // The brush size is in screen pixels: the same feel on a phone and on a 4K input.
+  const radius = () => Number($("#brush-size").value) / 2 * scale();
+  const draw = (from, to) => {
+    const ctx = maskContext();
+    ctx.globalCompositeOperation = state.brush === "erase" ? "destination-out" : "source-over";
+    ctx.strokeStyle = ctx.fillStyle = MASK_COLOR;
+    ctx.lineWidth = radius() * 2;
+    ctx.lineCap = ctx.lineJoin = "round";
+    ctx.beginPath();
+    if (from.x === to.x && from.y === to.y) {
+      ctx.arc(to.x, to.y, radius(), 0, 2 * Math.PI);
+      ctx.fill();
+    } else {
+      ctx.moveTo(from.x, from.y);
+      ctx.lineTo(to.x, to.y);
+      ctx.stroke();
+    }
+  };
+  const showCursor = (event) => {
+    if (event.pointerType === "touch") {
+      cursor.hidden = true;
+      return;
+    }
+    const rect = canvas.getBoundingClientRect();
+    const size = Number($("#brush-size").value);
+    cursor.hidden = false;
+    cursor.style.width = cursor.style.height = `${size}px`;
+    cursor.style.transform = `translate(${event.clientX - rect.left - size / 2}px, ${event.clientY - rect.top - size / 2}px)`;
+  };
+  canvas.addEventListener("pointerdown", (event) => {
+    if (event.pointerType === "mouse" && event.button !== 0) return;
+    event.preventDefault();
+    canvas.setPointerCapture(event.pointerId);
+    last = point(event);
+    draw(last, last);
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    showCursor(event);
+    if (!last) return;
+    // Every point the device reported since the last frame: smooth strokes on a phone too.
+    const events = event.getCoalescedEvents ? event.getCoalescedEvents() : [];
+    for (const each of events.length ? events : [event]) {
+      const next = point(each);
+      draw(last, next);
+      last = next;
+    }
+  });
+  const end = () => {
+    if (!last) return;
+    last = null;
+    renderInputMode();
+  };
+  canvas.addEventListener("pointerup", end);
+  canvas.addEventListener("pointercancel", end);
+  canvas.addEventListener("lostpointercapture", end);
+  canvas.addEventListener("pointerleave", () => { cursor.hidden = true; });
+  $("#mask-paint").addEventListener("click", () => setBrush("paint"));
+  $("#mask-erase").addEventListener("click", () => setBrush("erase"));
+  $("#brush-size").addEventListener("input", () => {
+    $("#brush-value").textContent = $("#brush-size").value;
+  });
+  $("#mask-clear").addEventListener("click", () => {
+    maskContext().clearRect(0, 0, canvas.width, canvas.height);
+    renderInputMode();
+  });
+}
+
+function setupImageInputs() {
+  const file = $("#input-file");
+  $("#input-pick").addEventListener("click", () => file.click());
+  file.addEventListener("change", () => setInputFile(file.files[0]));
+  $("#input-clear").addEventListener("click", () => {
+    clearInput();
+    $("#input-pick").focus();
+  });
+  // A dropped file anywhere on the Create view, a pasted one anywhere while it shows.
+  const view = $("#view-create");
+  const drop = $("#input-field");
+  const hasFiles = (event) => event.dataTransfer && [...event.dataTransfer.types].includes("Files");
+  view.addEventListener("dragover", (event) => {
+    if (!hasFiles(event)) return;
+    event.preventDefault();
+    event.dataTransfer.dropEffect = "copy";
+    drop.classList.add("dragging");
+  });
+  view.addEventListener("dragleave", (event) => {
+    if (!view.contains(event.relatedTarget)) drop.classList.remove("dragging");
+  });
+  view.addEventListener("drop", (event) => {
+    drop.classList.remove("dragging");
+    if (!hasFiles(event)) return;
+    event.preventDefault();
+    setInputFile(event.dataTransfer.files[0]);
+  });
+  document.addEventListener("paste", (event) => {
+    if (view.hidden || !event.clipboardData) return;
+    const image = [...event.clipboardData.files].find((f) => f.type.startsWith("image/"));
+    if (!image) return;  // text pastes into the prompt as always
+    event.preventDefault();
+    setInputFile(image);
+  });
+  $("#strength").addEventListener("input", () => setStrength($("#strength").value));
+  $("#hires").addEventListener("change", renderHiresSize);
+  $("#hires-scale").addEventListener("input", renderHiresSize);
+  $("#hires-denoising_strength").addEventListener("input", () => {
+    $("#hires-denoising-value").textContent = formatNumber($("#hires-denoising_strength").value);
+  });
+  setupMaskBrush();
+  renderInputMode();
 }
 
 // --------------------------------------------------------------------------------- queue
@@ -564,7 +934,8 @@ function progressText(job) {
 function runningCard(job) {
   const progress = progressOf(job);
   return el("div", { class: "card running-job", "data-job": job.id },
-    el("div", { class: "sub" }, `Running · job #${job.id}${modelSummary(job)}`),
+    el("div", { class: "sub" }, `Running · job #${job.id}${modeLabel(job) ? ` · ${modeLabel(job)}` : ""}`
+      + modelSummary(job)),
     el("div", { class: "prompt-text" }, job.prompt),
     el("div", { class: "progress", role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100",
       "aria-valuenow": String(progress.percent), "aria-label": "progress" },
@@ -801,12 +1172,43 @@ function parseParameters(text) {
   if (vae) found.vae = vae[2].trim().replace(/\.(safetensors|pt|bin|ckpt)$/i, "");
   const loras = /(?:^|,\s*)Lora hashes:\s*"([^"]*)"/.exec(line);
   if (loras) found.lora_names = loras[1].split(",").map((p) => p.split(":")[0].trim()).filter(Boolean);
+  // What A1111 writes for image to image, inpainting and the hires fix.
+  const value = (key) => {
+    const match = new RegExp(`(?:^|,\\s*)${key}:\\s*([^,]+)`).exec(line);
+    return match ? match[1].trim() : null;
+  };
+  const denoise = value("Denoising strength"), blur = value("Mask blur"), scale = value("Hires upscale");
+  if (scale !== null) {
+    found.hires = { scale: Number(scale), steps: Number(value("Hires steps") || 0),
+      denoising_strength: denoise === null ? 0.5 : Number(denoise),
+      upscaler: (value("Hires upscaler") || "latent").toLowerCase() };
+  } else if (denoise !== null) {
+    found.init_image = "uploaded";  // an input there was; which one, the text does not say
+    found.strength = Number(denoise);
+    if (blur !== null) {
+      found.mask = "painted";
+      found.mask_blur = Number(blur);
+    }
+  }
   return found;
+}
+
+const IMAGE_KEYS = ["init_image", "init_image_name", "strength", "mask", "mask_blur", "inpaint_area", "hires"];
+
+// An image's inputs: from its record's keys (a job, or a gallery entry that has them), else
+// from its A1111 parameters.
+function imageInputs(source, parameters) {
+  if (source && "init_image" in source) {
+    return Object.fromEntries(IMAGE_KEYS.map((key) => [key, source[key] ?? null]));
+  }
+  const parsed = parseParameters(parameters);
+  return Object.fromEntries(IMAGE_KEYS.map((key) => [key, parsed[key] ?? null]));
 }
 
 function imageModels(item) {
   const parsed = parseParameters(item.parameters);
   return {
+    inputs: imageInputs(item, item.parameters),
     loras: item.loras ?? (parsed.lora_names ? parsed.lora_names.map((name) => ({ name, weight: null })) : []),
     vae: item.vae ?? parsed.vae ?? "default",
     clip_skip: item.clip_skip ?? parsed.clip_skip ?? (item.parameters ? 1 : null),
@@ -819,11 +1221,12 @@ function imageExtras(item) {
   if (!item.extras) {
     item.extras = (async () => {
       const parsed = imageModels(item);
-      if (item.loras !== undefined || !item.job_id) return parsed;
+      if ((item.loras !== undefined && "init_image" in item) || !item.job_id) return parsed;
       try {
         const job = await api("GET", `/api/jobs/${item.job_id}`);
         if (job.prompt !== item.prompt || job.seed !== item.seed) return parsed;
-        return { loras: job.loras || [], vae: job.vae || "default", clip_skip: job.clip_skip ?? parsed.clip_skip };
+        return { loras: job.loras || [], vae: job.vae || "default", clip_skip: job.clip_skip ?? parsed.clip_skip,
+          inputs: imageInputs(job, item.parameters), size: [job.width, job.height] };
       } catch {
         return parsed;  // gone from the store: the parameters will do
       }
@@ -862,6 +1265,7 @@ function viewerMeta(item, extra) {
     ["Seed", item.seed], ["Steps", item.steps], ["Size", `${item.width}×${item.height}`],
     ["Guidance", item.guidance_scale], ["Sampler", item.sampler], ["Model", item.model],
     ...viewerModelRows(extra),
+    ...viewerImageRows(extra.inputs),
     ["Duration", item.duration_seconds ? formatSeconds(item.duration_seconds) : null],
     ["Created", item.completed_at || item.created], ["Job", item.job_id ? `#${item.job_id}` : null],
     ["File", item.filename],
@@ -884,16 +1288,80 @@ function openViewer(item) {
   $("#viewer-open").href = item.url;
   $("#viewer-reuse").onclick = () => {
     const form = $("#create-form");
-    for (const name of ["prompt", "negative_prompt", "seed", "steps", "width", "height", "guidance_scale", "scheduler"]) {
+    for (const name of ["prompt", "negative_prompt", "seed", "steps", "guidance_scale", "scheduler"]) {
       if (item[name] !== undefined && item[name] !== null) form.elements[name].value = item[name];
+    }
+    if (item.width && item.height) {
+      [form.elements.width.value, form.elements.height.value] = jobSize(item, imageModels(item).inputs.hires);
     }
     syncSizePreset();
     dialog.close();
     showTab("create");
     $("#prompt").focus();
-    reuseModels(item).catch(() => {});
+    // The models' note first (it resets the status line), then the inputs' own.
+    reuseModels(item).catch(() => {}).then(() => reuseImageInputs(item)).catch(() => {});
+  };
+  $("#viewer-input").onclick = async () => {
+    dialog.close();
+    showTab("create");
+    if (await setInput({ name: item.filename, url: item.url, label: item.filename })) $("#prompt").focus();
   };
   dialog.showModal();
+}
+
+const AREAS = { whole: "whole picture", masked: "only masked" };
+
+function viewerImageRows(item) {
+  const hires = item.hires;
+  const hash = /^sha256:([0-9a-f]{12})/.exec(item.init_image || "");
+  const input = item.init_image
+    ? item.init_image_name || `an uploaded image${hash ? ` (${hash[1]})` : ""}`
+    : null;
+  return [
+    ["Mode", modeLabel(item) || null],
+    ["Input", input],
+    ["Strength", item.init_image ? item.strength : null],
+    ["Mask", item.mask ? [`blur ${item.mask_blur ?? 4}`, AREAS[item.inpaint_area] || item.inpaint_area]
+      .filter(Boolean).join(" · ") : null],
+    ["Hires fix", hires ? [`×${formatNumber(hires.scale)}`, hires.steps ? `${hires.steps} steps` : "the job's steps",
+      `denoising ${formatNumber(hires.denoising_strength)}`, hires.upscaler].join(" · ") : null],
+  ];
+}
+
+// The size the job asked for: a hires-fixed image is larger than that, by its scale.
+function jobSize(item, hires) {
+  const scale = hires && Number(hires.scale);
+  if (!scale || scale === 1) return [item.width, item.height];
+  return [round8(item.width / scale), round8(item.height / scale)];
+}
+
+// "Use these settings" for the image inputs: strength, hires fix, and the input itself when
+// it was an output (an uploaded input is not kept under a name, nor is a painted mask).
+async function reuseImageInputs(image) {
+  const extra = await imageExtras(image);
+  const item = extra.inputs;
+  const notes = [];
+  if (image.width && image.height) {
+    [$("#width").value, $("#height").value] = extra.size || jobSize(image, item.hires);
+    syncSizePreset();
+  }
+  setStrength(item.strength ?? 0.75);
+  if (item.mask_blur !== undefined && item.mask_blur !== null) $("#mask_blur").value = item.mask_blur;
+  if (item.inpaint_area) $("#inpaint_area").value = item.inpaint_area;
+  setHires(item.init_image ? null : item.hires || null);
+  if (item.init_image && item.init_image_name) {
+    const name = item.init_image_name;
+    const ok = await setInput({ name, url: outputUrl(name), label: name }, { keepSize: true });
+    if (ok && item.mask) notes.push("Paint the mask again: it is not kept.");
+  } else {
+    clearInput({ restoreSize: false });
+    if (item.init_image) notes.push("Its input image was uploaded, and is not kept: drop it here again to redo it.");
+  }
+  if (notes.length) {
+    const status = $("#create-status");
+    status.textContent = [status.textContent, ...notes].filter(Boolean).join(" ");
+    status.className = "status bad";
+  }
 }
 
 function viewerModelRows(extra) {

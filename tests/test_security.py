@@ -348,3 +348,15 @@ def test_the_log_masks_the_whole_token_value_as_the_query_parser_reads_it():
     assert redact_token("/api/jobs?token=ab;cd&x=1") == "/api/jobs?token=********&x=1"
     assert redact_token("/x?a=1&tok%65n=zz#f") == "/x?a=1&tok%65n=********#f"
     assert redact_token("/x?a=token") == "/x?a=token"
+
+
+def test_http_basic_with_the_token_as_password_is_accepted_on_every_guarded_api(start_api):
+    """A1111's API clients send their credentials as HTTP Basic; the token is the password
+    (any user name). Every API served beside ours is guarded as /api/ is."""
+    api = start_api(workers=False, server={"auth_token": "t0ken"})
+    assert api("GET", "/api/jobs", auth=("anyone", "t0ken")).status_code == 200
+    assert api("GET", "/api/jobs", auth=("anyone", "wrong")).status_code == 401
+    for path in ("/sdapi/v1/sd-models", "/v1/models", "/metrics"):
+        assert api("GET", path).status_code == 401, path
+    bad = api("GET", "/api/jobs", headers={"Authorization": "Basic %%%"})
+    assert bad.status_code == 401

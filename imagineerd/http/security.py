@@ -287,12 +287,17 @@ class Sessions:
 
 
 class BearerAuth:
-    """When a token is set, every /api/* route except /api/health and /api/session needs
-    one of: ``Authorization: Bearer <token>``, the session cookie, or (GET only, for
-    scripts) ``?token=<token>``. Sets ``req.context.authenticated`` for every request, so
-    /api/health can tell how much to show."""
+    """When a token is set, every route under ``GUARDED`` except /api/health and
+    /api/session needs one of: ``Authorization: Bearer <token>``, HTTP Basic with the token as
+    the password (how A1111's API clients send ``--api-auth``), the session cookie, or (GET
+    only, for scripts) ``?token=<token>``. Sets ``req.context.authenticated`` for every
+    request, so /api/health can tell how much to show."""
 
     OPEN = ("/api/health", "/api/session")
+    #: Our API, and the other APIs served beside it (A1111's, OpenAI's, metrics).
+    GUARDED = ("/api/", "/sdapi/", "/v1/", "/metrics")
+    #: Routes a configuration may open to anyone (``metrics.public``); set by the app.
+    public: tuple[str, ...] = ()
 
     def __init__(self, token: str) -> None:
         self.token = token.encode()
@@ -308,6 +313,12 @@ class BearerAuth:
         header = req.get_header("Authorization") or ""
         if header.lower().startswith("bearer "):
             return self.matches(header[7:].strip())
+        if header.lower().startswith("basic "):
+            try:
+                _, _, password = base64.b64decode(header[6:].strip()).decode("utf-8").partition(":")
+            except (ValueError, UnicodeDecodeError):
+                return False
+            return self.matches(password)
         assert self.sessions is not None
         if self.sessions.valid(req.cookies.get(SESSION_COOKIE)):
             return True
@@ -319,7 +330,7 @@ class BearerAuth:
         req.context.authenticated = self.authenticated(req)
         if req.context.authenticated or req.method == "OPTIONS":
             return
-        if not req.path.startswith("/api/") or req.path in self.OPEN:
+        if not req.path.startswith(self.GUARDED) or req.path in self.OPEN + self.public:
             return
         raise falcon.HTTPUnauthorized(
             title="Unauthorized",

@@ -22,6 +22,7 @@ from ..config_schema import SCHEMA
 from ..daemon import Daemon
 from ..errors import ImagineerdError
 from . import errors, resources
+from .openapi import OpenApi
 from .security import BearerAuth, HostCheck, SameSite, SecurityHeaders, redact_token
 from .streams import Events, StaticFiles
 
@@ -148,6 +149,7 @@ def create_app(daemon: Daemon, config: Config, *, streams: Any = None) -> falcon
     app.add_route("/api/models", models)
     app.add_route("/api/models/refresh", models, suffix="refresh")
     app.add_route("/api/events", Events(daemon, streams))
+    app.add_route("/api/openapi.json", OpenApi())
     app.add_route("/api/{path:path}", resources.NoRoute())
     ui = StaticFiles(STATIC_DIR)
     app.add_route("/", ui)

@@ -1,0 +1,409 @@
+"""``GET /api/openapi.json``: an OpenAPI 3.1 description of every ``/api`` route.
+
+The job's request schema is generated from ``jobs.PARAMS``, the table the validator, config
+and README read, so the bounds are written once; the routes and their answers are listed
+here beside the resources that serve them. Response schemas say what each answer
+certainly holds and leave room for more (``additionalProperties``), as a client should read
+them; every error is the one error shape of ``errors.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import falcon
+
+from .. import __version__, jobs
+
+JSON = "application/json"
+ERROR_CODES = ("400", "401", "403", "404", "405", "409", "410", "413", "415", "421", "503")
+
+
+def _param_schema(param: jobs.Param) -> dict[str, Any]:
+    """One job field as JSON Schema, from its row in the parameter table."""
+    kind = param.kind
+    if kind in ("text", "name"):
+        return {"type": "string", "maxLength": param.max_length}
+    if kind == "int":
+        schema: dict[str, Any] = {"type": "integer", "minimum": param.lo, "maximum": param.hi}
+        if param.multiple_of > 1:
+            schema["multipleOf"] = param.multiple_of
+        return schema
+    if kind == "float":
+        return {"type": "number", "minimum": param.lo, "maximum": param.hi}
+    if kind == "choice":
+        return {
+            "type": "string",
+            "description": "a scheduler id, or its A1111 label: "
+            + ", ".join(f"{k} ({v})" for k, v in jobs.SCHEDULERS.items()),
+        }
+    if kind == "option":
+        return {"type": "string", "enum": list(param.choices)}
+    if kind == "image":
+        return {
+            "type": "string",
+            "description": "a data: URL or base64 of a PNG, JPEG or WebP, an output's file "
+            "name, or sha256:<hex> of a stored input",
+        }
+    if kind == "loras":
+        lo, hi = jobs.LORA_WEIGHT
+        return {
+            "type": "array",
+            "maxItems": jobs.LORAS_MAX,
+            "items": {
+                "anyOf": [
+                    {"type": "string", "description": "name or name:weight"},
+                    {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {
+                            "name": {"type": "string", "maxLength": jobs.NAME_MAX},
+                            "weight": {"type": "number", "minimum": lo, "maximum": hi},
+                        },
+                        "additionalProperties": False,
+                    },
+                ]
+            },
+        }
+    if kind == "hires":
+        lo, hi = jobs.HIRES_SCALE
+        return {
+            "anyOf": [
+                {"type": "boolean"},
+                {
+                    "type": "object",
+                    "properties": {
+                        "scale": {"type": "number", "minimum": lo, "maximum": hi},
+                        "steps": {"type": "integer", "minimum": 0, "maximum": 150},
+                        "denoising_strength": {"type": "number", "minimum": 0, "maximum": 1},
+                        "upscaler": {"type": "string", "enum": list(jobs.UPSCALERS)},
+                    },
+                    "additionalProperties": False,
+                },
+            ]
+        }
+    raise ValueError(f"no schema for parameter kind {kind!r}")
+
+
+def job_request_schema() -> dict[str, Any]:
+    properties = {}
+    for name, param in jobs.PARAMS.items():
+        schema = _param_schema(param)
+        schema.setdefault("description", param.rule())
+        properties[name] = schema
+    for name, schema in properties.items():
+        if name != "prompt" and "anyOf" not in schema:
+            # An explicit null means "the default", for every optional field.
+            properties[name] = {"anyOf": [schema, {"type": "null"}]}
+    properties["prompt"]["minLength"] = 1
+    # The record-only keys of a PNG's imagineerd chunk are accepted and ignored.
+    properties.update({key: {} for key in sorted(jobs.RECORD_ONLY)})
+    return {
+        "type": "object",
+        "required": ["prompt"],
+        "properties": properties,
+        "additionalProperties": False,
+    }
+
+
+def _object(required: tuple[str, ...] = (), **properties: Any) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": list(required),
+        "properties": properties,
+        "additionalProperties": True,
+    }
+
+
+def _answer(description: str, schema: dict[str, Any] | None = None, **extra: Any) -> dict:
+    answer: dict[str, Any] = {"description": description, **extra}
+    if schema is not None:
+        answer["content"] = {JSON: {"schema": schema}}
+    return answer
+
+
+def _operation(
+    summary: str,
+    ok: tuple[str, dict[str, Any]],
+    *,
+    body: dict[str, Any] | None = None,
+    body_required: bool = True,
+    parameters: list[dict[str, Any]] | None = None,
+    security: bool = True,
+) -> dict[str, Any]:
+    status, answer = ok
+    responses = {status: answer}
+    responses.update({code: {"$ref": "#/components/responses/Error"} for code in ERROR_CODES})
+    operation: dict[str, Any] = {"summary": summary, "responses": responses}
+    if parameters:
+        operation["parameters"] = parameters
+    if body is not None:
+        operation["requestBody"] = {
+            "required": body_required,
+            "content": {JSON: {"schema": body}},
+        }
+    if not security:
+        operation["security"] = [{}]
+    return operation
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def _path_param(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+def document() -> dict[str, Any]:
+    """The whole OpenAPI 3.1 document."""
+    job = _object(("id", "status"), id={"type": "integer"}, status={"enum": list(jobs.STATUSES)})
+    job_id = [_path_param("job_id", {"type": "integer", "minimum": 1})]
+    anything = {"type": "object", "additionalProperties": True}
+    config_body = {"type": "object", "additionalProperties": True}
+    paths = {
+        "/api/generate": {
+            "post": _operation(
+                "queue a job",
+                (
+                    "201",
+                    _answer(
+                        "queued",
+                        _object(
+                            ("id", "status", "submitted_at", "queue_position", "prompt", "seed"),
+                            id={"type": "integer"},
+                            status={"type": "string"},
+                            submitted_at={"type": "string"},
+                            queue_position={"type": "integer"},
+                            prompt={"type": "string"},
+                            seed={"type": "integer"},
+                        ),
+                        headers={"Location": {"schema": {"type": "string"}}},
+                    ),
+                ),
+                body={"$ref": "#/components/schemas/JobRequest"},
+            )
+        },
+        "/api/jobs": {
+            "get": _operation(
+                "the running job, the queue and finished jobs",
+                (
+                    "200",
+                    _answer(
+                        "one snapshot",
+                        _object(
+                            ("running", "queued", "history", "next_before"),
+                            running={"type": "array", "items": job},
+                            queued={"type": "array", "items": job},
+                            history={"type": "array", "items": job},
+                            next_before={"type": ["integer", "null"]},
+                        ),
+                    ),
+                ),
+                parameters=[
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 500}, "page size"),
+                    _query("before", {"type": "integer", "minimum": 1}, "next_before of a page"),
+                ],
+            )
+        },
+        "/api/jobs/{job_id}": {
+            "get": _operation("a job", ("200", _answer("the job", job)), parameters=job_id),
+            "delete": _operation(
+                "cancel a queued job",
+                ("200", _answer("cancelled", _object(("message",), message={"type": "string"}))),
+                parameters=job_id,
+            ),
+        },
+        "/api/jobs/{job_id}/interrupt": {
+            "post": _operation(
+                "stop a running job at its next step",
+                ("202", _answer("stopping", job)),
+                parameters=job_id,
+                body=anything,
+                body_required=False,
+            )
+        },
+        "/api/config": {
+            "get": _operation("the saved configuration", ("200", _answer("config", anything))),
+            "put": _operation(
+                "replace the configuration",
+                ("200", _answer("saved", anything)),
+                body=config_body,
+            ),
+            "patch": _operation(
+                "change some settings", ("200", _answer("saved", anything)), body=config_body
+            ),
+        },
+        "/api/config/generation": {
+            "put": _operation(
+                "change generation defaults",
+                ("200", _answer("saved", anything)),
+                body=config_body,
+            )
+        },
+        "/api/outputs": {
+            "get": _operation(
+                "images, newest first",
+                (
+                    "200",
+                    _answer(
+                        "a page",
+                        _object(
+                            ("outputs", "next_before"),
+                            outputs={"type": "array", "items": anything},
+                            next_before={"type": ["string", "null"]},
+                        ),
+                    ),
+                ),
+                parameters=[
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 500}, "page size"),
+                    _query("before", {"type": "string"}, "next_before of a page"),
+                ],
+            )
+        },
+        "/api/outputs/{filename}": {
+            "get": {
+                "summary": "an image (PNG), or a JPEG thumbnail",
+                "parameters": [
+                    _path_param("filename", {"type": "string"}),
+                    _query("thumb", {"type": "integer", "enum": [128, 256, 512]}, "thumbnail"),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "the image",
+                        "content": {"image/png": {}, "image/jpeg": {}},
+                    },
+                    "304": {"description": "not modified"},
+                    **{code: {"$ref": "#/components/responses/Error"} for code in ERROR_CODES},
+                },
+            }
+        },
+        "/api/models": {
+            "get": _operation(
+                "the models folder",
+                (
+                    "200",
+                    _answer(
+                        "the listing",
+                        _object(
+                            ("checkpoints", "loras", "embeddings", "vaes", "default"),
+                            checkpoints={"type": "array", "items": anything},
+                            loras={"type": "array", "items": anything},
+                            embeddings={"type": "array", "items": anything},
+                            vaes={"type": "array", "items": anything},
+                            default={"type": "string"},
+                        ),
+                    ),
+                ),
+            )
+        },
+        "/api/models/refresh": {
+            "post": _operation(
+                "rescan the models folder",
+                ("200", _answer("the new listing", anything)),
+                body=anything,
+                body_required=False,
+            )
+        },
+        "/api/options": {
+            "get": _operation("what a form needs", ("200", _answer("options", anything)))
+        },
+        "/api/health": {
+            "get": _operation(
+                "status and counts (details with the token)",
+                (
+                    "200",
+                    _answer(
+                        "health",
+                        _object(
+                            ("status", "queue_size", "current_job", "total_completed"),
+                            status={"type": "string"},
+                            queue_size={"type": "integer"},
+                            current_job={"type": "boolean"},
+                            total_completed={"type": "integer"},
+                        ),
+                    ),
+                ),
+                security=False,
+            )
+        },
+        "/api/session": {
+            "get": _operation(
+                "whether a token is needed and held",
+                ("200", _answer("state", anything)),
+                security=False,
+            ),
+            "post": _operation(
+                "log in with the token (sets a session cookie)",
+                ("200", _answer("logged in", anything)),
+                body=_object(("token",), token={"type": "string"}),
+                security=False,
+            ),
+            "delete": _operation("log out", ("200", _answer("logged out", anything))),
+        },
+        "/api/events": {
+            "get": {
+                "summary": "Server-Sent Events (job and model state, progress)",
+                "responses": {
+                    "200": {"description": "an event stream", "content": {"text/event-stream": {}}},
+                    **{code: {"$ref": "#/components/responses/Error"} for code in ERROR_CODES},
+                },
+            }
+        },
+        "/api/openapi.json": {
+            "get": _operation("this document", ("200", _answer("OpenAPI 3.1", anything)))
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "imagineerd",
+            "version": __version__,
+            "description": "A self-hosted image-generation daemon: a durable job queue over "
+            "Hugging Face diffusers. See the README for what each field does.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": {
+                "JobRequest": job_request_schema(),
+                "Error": _object(
+                    ("error", "code", "status"),
+                    error={"type": "string"},
+                    code={"type": "string"},
+                    status={"type": "integer"},
+                    field={"type": "string"},
+                ),
+            },
+            "responses": {
+                "Error": _answer(
+                    "an error, in the one error shape", {"$ref": "#/components/schemas/Error"}
+                )
+            },
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "basic": {
+                    "type": "http",
+                    "scheme": "basic",
+                    "description": "the token as password",
+                },
+                "session": {"type": "apiKey", "in": "cookie", "name": "imagineerd_session"},
+            },
+        },
+        "security": [{"bearer": []}, {"basic": []}, {"session": []}, {}],
+    }
+
+
+class OpenApi:
+    """``GET /api/openapi.json``."""
+
+    def __init__(self) -> None:
+        self._document = document()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = self._document

@@ -25,8 +25,10 @@ from imagineerd import inputs as inputs_mod
 from imagineerd import outputs
 from imagineerd.daemon import Daemon
 
-from .conftest import Api, wait_finished, write_config
+from .conftest import wait_finished, write_config
 from .test_http import assert_error
+from .test_your_models import generate as run
+from .test_your_models import params
 
 
 def png(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -48,23 +50,6 @@ def square_mask(size=(64, 64), box=(24, 24, 40, 40)) -> Image.Image:
     mask = Image.new("L", size, 0)
     mask.paste(255, box)
     return mask
-
-
-def run(api: Api, **job) -> tuple[dict, np.ndarray, dict]:
-    job.setdefault("prompt", "a red fox")
-    job.setdefault("seed", 5)
-    response = api("POST", "/api/generate", json=job)
-    assert response.status_code == 201, response.text
-    body = api.wait_job(response.json()["id"])
-    assert body["status"] == "completed", body
-    path = api.daemon.config.base_dir / body["output_path"]
-    with outputs.open_png(path) as image:
-        pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
-    return body, pixels, outputs.read_metadata(path)
-
-
-def params(meta: dict) -> dict:
-    return outputs.parse_infotext(meta["parameters"])
 
 
 # -- img2img --------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The inbox's files apart from watching them: reading a claimed file into validated jobs,
-and the names, notes and receipts the inbox writes.
+the images its jobs name, and the names, notes and receipts the inbox writes.
 
 Kept apart from the watcher in ``inbox.py`` so the rules for names (which must fit in 255
 bytes however long or odd the dropped name was) and for text shown to people live in one
@@ -8,6 +8,7 @@ place.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Callable
@@ -27,6 +28,12 @@ from .safefile import (
 )
 
 _JUNK_NAMES = {"thumbs.db", "desktop.ini", ".ds_store"}
+#: Images a prompt file may name (``init_image: photo.jpg``); never parsed as prompt files.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+#: The job fields that hold images.
+IMAGE_FIELDS = ("init_image", "mask")
+#: ``init_image: outputs/<name>.png`` names an output image (the daemon gets ``<name>.png``).
+OUTPUTS_PREFIX = "outputs/"
 #: Notes are written through ``atomic_write_text``, whose temporary name adds 14 bytes
 #: (``.<name>.<8 random>.tmp``); the rest of the margin is for changes to it.
 NOTE_NAME_MAX = NAME_MAX - 24
@@ -41,6 +48,226 @@ def is_junk(name: str) -> bool:
         or lower.endswith((".tmp", ".part"))
         or name.endswith("~")
     )
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def image_file_name(field: str, value: Any) -> str | None:
+    """The file beside the prompt file that ``value`` (of ``field``) names, or ``None`` when
+    it names none: no text, ``data:``/``sha256:`` text or ``outputs/...``, which the daemon
+    takes as they are. A name that could lead anywhere else (a path, ``..``, a hidden or
+    temporary name, not an image) is a ``ValidationError``: the inbox opens nothing but
+    images in its own folder."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    name = value.strip()
+    if name.lower().startswith(("data:", "sha256:", OUTPUTS_PREFIX)):
+        return None
+    if len(os.fsencode(name)) > NAME_MAX:  # no file name is that long: pasted base64?
+        raise ValidationError(
+            f"{field}: {name[:40]!r}... is too long for a file name; to write the image "
+            "itself into the file, give it as a data: URL (data:image/png;base64,...)",
+            field=field,
+        )
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise ValidationError(
+            f"{field}: {name!r} is a path; name an image in the same folder as the prompt "
+            f"file (photo.jpg), or an output image as {OUTPUTS_PREFIX}<name>.png",
+            field=field,
+        )
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise ValidationError(f"{field}: {name!r} is not a file name", field=field)
+    if is_junk(name):
+        raise ValidationError(
+            f"{field}: {name!r} is a hidden or temporary name; such files are never taken "
+            "from the inbox",
+            field=field,
+        )
+    if not is_image_name(name):
+        raise ValidationError(
+            f"{field}: {name!r} is not a {', '.join(IMAGE_SUFFIXES)} file", field=field
+        )
+    return name
+
+
+def daemon_value(value: Any) -> Any:
+    """What the daemon gets for an image field that names no inbox file."""
+    if isinstance(value, str) and value.strip().lower().startswith(OUTPUTS_PREFIX):
+        return value.strip()[len(OUTPUTS_PREFIX) :]
+    return value
+
+
+def receipt_value(value: Any) -> str:
+    """How the receipt names an input that is no inbox file (never a whole data: URL)."""
+    text = str(value).strip()
+    return "a data: URL" if text.lower().startswith("data:") else text[:200]
+
+
+def named_image_files(items: list[Any] | None, preset: dict[str, Any]) -> list[str]:
+    """The image files the jobs of a parsed file name, in order, each once; none if any name
+    will be refused (then the file is taken at once, and fails with a note)."""
+    names: dict[str, None] = {}
+    for item in items or ():
+        if not isinstance(item, dict):
+            continue
+        data = {**preset, **item}
+        for field in IMAGE_FIELDS:
+            try:
+                name = image_file_name(field, data.get(field))
+            except ValidationError:
+                return []
+            if name is not None:
+                names[name] = None
+    return list(names)
+
+
+class JobImages:
+    """The images the jobs of one claimed prompt file name (``init_image: photo.jpg``).
+
+    ``claim(name)`` takes a file from beside the prompt file (the inbox moves it into the
+    claim) and returns where it is now, raising ``ValidationError`` when it cannot be used;
+    ``read(path)`` returns its bytes (bounded, regular files only). Each file is read once:
+    jobs after the first that name it get the ``sha256:`` the daemon stored it under.
+    """
+
+    def __init__(self, claim: Callable[[str], Path], read: Callable[[Path], bytes]) -> None:
+        self._claim, self._read = claim, read
+        self.refs: list[dict[str, str]] = []  # per job: field -> file name as written
+        self.paths: dict[str, Path] = {}  # file name as written -> where it is now
+        self.shown: list[dict[str, str]] = []  # per job: field -> what the receipt says
+        self._stored: dict[str, str] = {}  # file name -> sha256:<hex> once validated
+
+    def collect(self, jobs: list[tuple[str, dict[str, Any]]]) -> None:
+        """Find the files the jobs name and claim every one that can be; then raise the
+        first problem, if any (the claimed files go to failed/ with the prompt file)."""
+        problems: list[tuple[int, ValidationError]] = []
+        first: dict[str, tuple[int, str, str]] = {}
+        for index, (where, data) in enumerate(jobs):
+            refs: dict[str, str] = {}
+            shown: dict[str, str] = {}
+            for field in IMAGE_FIELDS:
+                value = data.get(field)
+                try:
+                    name = image_file_name(field, value)
+                except ValidationError as exc:
+                    problems.append(
+                        (index, ValidationError(f"{where}: {exc.message}", field=field))
+                    )
+                    continue
+                if name is not None:
+                    refs[field] = name
+                    first.setdefault(name, (index, where, field))
+                elif isinstance(value, str) and value.strip():
+                    shown[field] = receipt_value(value)
+            self.refs.append(refs)
+            self.shown.append(shown)
+        for name, (index, where, field) in first.items():
+            try:
+                self.paths[name] = self._claim(name)
+            except ValidationError as exc:
+                problems.append(
+                    (index, ValidationError(f"{where}: {field}: {exc.message}", field=field))
+                )
+        for index, refs in enumerate(self.refs):
+            for field, name in refs.items():
+                if name in self.paths:
+                    self.shown[index][field] = self.paths[name].name
+        if problems:
+            raise min(problems, key=lambda problem: problem[0])[1]
+
+    def prepare(self, index: int, data: dict[str, Any]) -> dict[str, Any]:
+        """Job ``index`` as the daemon validates it: its files' bytes (or stored hashes) in
+        place of their names, ``outputs/<name>`` as ``<name>``."""
+        out = dict(data)
+        for field in IMAGE_FIELDS:
+            if field in out:
+                out[field] = daemon_value(out[field])
+        for field, name in self.refs[index].items():
+            if name in self._stored:
+                out[field] = self._stored[name]
+                continue
+            try:
+                out[field] = self._read(self.paths[name])
+            except ValidationError as exc:
+                raise ValidationError(f"{field}: {name!r} {exc.message}", field=field) from None
+        return out
+
+    def explain(self, index: int, exc: ValidationError) -> ValidationError:
+        """The daemon's complaint about an image, with the file's name in it."""
+        name = self.refs[index].get(exc.field or "")
+        if name is None:
+            return exc
+        prefix = f"{exc.field}:"
+        if exc.message.startswith(prefix):
+            message = f"{exc.field} {name!r}:{exc.message[len(prefix) :]}"
+        else:
+            message = f"{exc.message} ({exc.field}: {name!r})"
+        return ValidationError(message, field=exc.field)
+
+    def validated(self, index: int, spec: JobSpec) -> None:
+        for field, name in self.refs[index].items():
+            ref = getattr(spec, field, "")
+            if isinstance(ref, str) and ref.startswith("sha256:"):
+                self._stored.setdefault(name, ref)
+
+    def record(self) -> dict[str, Any] | None:
+        """What the receipt needs to name each job's inputs, or ``None`` if no job has any."""
+        if not any(self.shown):
+            return None
+        return {"jobs": self.shown}
+
+
+def read_image(path: Path, limit: int) -> bytes:
+    """The bytes of a claimed image: a regular file of at most ``limit`` bytes."""
+    try:
+        return read_regular_file(path, limit)
+    except FileTooLargeError as exc:
+        raise ValidationError(
+            f"is {exc.size:,} bytes; images may be at most {limit:,} bytes (server.max_image_bytes)"
+        ) from None
+    except NotRegularFileError as exc:
+        raise ValidationError(
+            f"is {exc.kind}, not a regular file, and was not read; drop the image itself"
+        ) from None
+
+
+def unique_name(folder: Path, name: str, avoid: set[str]) -> Path:
+    """``folder/name``, with ``-2``, ``-3``... before the extension so that nothing there is
+    overwritten and nothing in ``avoid`` (names chosen for the same claim) is repeated."""
+    stem, suffix = os.path.splitext(name)
+    if len(os.fsencode(suffix)) > 32:
+        stem, suffix = name, ""
+    room = NAME_MAX - len(os.fsencode(suffix))
+    n = 1
+    while True:
+        counter = "" if n == 1 else f"-{n}"
+        target = folder / f"{cut_name(stem, room - len(counter))}{counter}{suffix}"
+        if str(target) not in avoid and not os.path.lexists(target):
+            return target
+        n += 1
+
+
+def decode_record(claim: dict[str, Any]) -> dict[str, Any]:
+    """A claim's ``final_path`` as a record: ``{"path": where the prompt file goes}``, for a
+    file with images also ``"inputs"`` (name in the claim -> where it goes) and ``"jobs"``
+    (per job, its image fields as the receipt names them). Claims without images keep a
+    plain path there, as they always have."""
+    raw = claim.get("final_path") or ""
+    if raw.startswith("{"):  # a path is absolute: it starts with "/"
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
+    return {"path": raw} if raw else {}
+
+
+def encode_record(record: dict[str, Any]) -> str | None:
+    if not record.get("inputs") and not record.get("jobs"):
+        return record.get("path") or None
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
 
 def claim_name(name: str) -> str:
@@ -90,8 +317,10 @@ def specs_from_items(
     max_jobs: int,
     preset: dict[str, Any],
     validate: Callable[[Any], JobSpec],
+    images: JobImages | None = None,
 ) -> list[JobSpec]:
-    """Validate what a parser made of a file, job by job, under the folder's preset."""
+    """Validate what a parser made of a file, job by job, under the folder's preset; with
+    ``images``, the image files its jobs name are claimed first and read into them."""
     if items is None:
         raise ValidationError(f"no plugin reads {suffix} files")
     if not items:
@@ -101,13 +330,27 @@ def specs_from_items(
             f"the file has {len(items)} jobs; the limit is {max_jobs} "
             "per file (inbox.max_jobs_per_file). Split it"
         )
-    specs = []
+    jobs = []
     for index, item in enumerate(items):
         where = getattr(item, "where", None) or f"job {index + 1}"
+        if not isinstance(item, dict):
+            raise ValidationError(f"{where}: is not a job (a mapping with prompt:)")
+        jobs.append((where, {**preset, **item}))
+    if images is not None:
+        images.collect(jobs)
+    specs = []
+    for index, (where, data) in enumerate(jobs):
         try:
-            if not isinstance(item, dict):
-                raise ValidationError("is not a job (a mapping with prompt:)")
-            specs.append(validate({**preset, **item}))
+            if images is None:
+                specs.append(validate(data))
+                continue
+            prepared = images.prepare(index, data)  # its own complaints name the file
+            try:
+                spec = validate(prepared)
+            except ValidationError as exc:
+                raise images.explain(index, exc) from None
+            images.validated(index, spec)
+            specs.append(spec)
         except ValidationError as exc:
             raise ValidationError(f"{where}: {exc.message}", field=exc.field) from None
     return specs
@@ -156,14 +399,14 @@ def error_note(rel: str, message: str, when: str) -> str:
 
 
 def receipt_text(claim: dict[str, Any], jobs: list[Job]) -> str:
+    record = decode_record(claim)
+    shown = record.get("jobs") or []
     entries = []
-    for job in jobs:
-        entry: dict[str, Any] = {
-            "id": job.id,
-            "prompt": job.spec.prompt,
-            "seed": job.spec.seed,
-            "status": job.status,
-        }
+    for index, job in enumerate(jobs):
+        entry: dict[str, Any] = {"id": job.id, "prompt": job.spec.prompt, "seed": job.spec.seed}
+        if index < len(shown) and isinstance(shown[index], dict):
+            entry.update({f: str(v) for f, v in shown[index].items() if f in IMAGE_FIELDS})
+        entry["status"] = job.status
         if job.output_path:
             entry["output"] = job.output_path
         if job.error:
@@ -174,8 +417,12 @@ def receipt_text(claim: dict[str, Any], jobs: list[Job]) -> str:
         "file": claim["original"],
         "received": claim["created_at"],
         "finished": f"{finished} of {len(jobs)}",
-        "jobs": entries,
     }
+    inputs = record.get("inputs")
+    if isinstance(inputs, dict) and inputs:
+        # The images taken with the file, and their names beside it here (-2 if taken).
+        body["inputs"] = {str(name): os.path.basename(str(to)) for name, to in inputs.items()}
+    body["jobs"] = entries
     return "# imagineerd receipt: the jobs made from this file; updated as they finish\n" + (
         yaml.safe_dump(body, sort_keys=False, allow_unicode=True, width=100)
     )

@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from imagineerd import config as config_mod
-from imagineerd import inbox as inbox_mod
+from imagineerd import inbox_claims as inbox_mod
 from imagineerd.daemon import Daemon
 from imagineerd.inbox import Inbox
 

@@ -86,6 +86,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "channels_last": "auto",
         "job_timeout": 0,
     },
+    "metrics": {"public": False},
 }
 
 #: Sections whose keys take effect while running; a change to any other key needs a restart.

@@ -44,6 +44,7 @@ _READ_ONLY_WHY = {
     "paths": "it decides which folders imagineerd reads, moves and publishes",
     "model": "it decides what code and files are loaded",
     "inbox": "it decides which folders are watched and where images go",
+    "metrics": "it decides who may read the metrics",
 }
 
 

@@ -235,6 +235,7 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "channels_last": _auto_or(_bool),
         "job_timeout": _float(0, 86400),
     },
+    "metrics": {"public": _bool},
 }
 
 #: Bounds on a configuration's shape, checked before anything else looks at it. A real one

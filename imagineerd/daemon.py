@@ -25,6 +25,7 @@ from .events import EventBus
 from .gallery import Gallery
 from .inputs import InputStore
 from .jobs import COMPLETED, FAILED, QUEUED, RUNNING, Job, iso
+from .metrics import Metrics
 from .model_choice import ModelChoice
 from .models import ModelLibrary
 from .plugins import get_plugin_manager
@@ -87,6 +88,7 @@ class Daemon:
         )
         # Services beside the workers (the inbox, ...) report their state in /api/health.
         self._status_providers: dict[str, Callable[[], dict[str, Any]]] = {}
+        self.metrics = Metrics(self)  # GET /metrics; read on scrape and from job hooks
 
     # -- life cycle ----------------------------------------------------------------------
     def now_iso(self) -> str:
@@ -221,6 +223,20 @@ class Daemon:
         self._announce_submitted(job)
         self.wake()
         return job
+
+    def submit_many(
+        self, specs: list[jobs.JobSpec], *, source: str = "api", source_name: str | None = None
+    ) -> list[Job]:
+        """Queue validated specs together (one transaction, one wake-up), so that a worker
+        takes them as one batch where they are compatible: copies of one request."""
+        queued = self.store.add_many(
+            specs, submitted_at=self.now_iso(), source=source, source_name=source_name
+        )
+        self.inputs.release(ref for spec in specs for ref in (spec.init_image, spec.mask))
+        for job in queued:
+            self._announce_submitted(job)
+        self.wake()
+        return queued
 
     def _announce_submitted(self, job: Job) -> None:
         view = self.job_view(job)

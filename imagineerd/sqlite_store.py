@@ -111,6 +111,18 @@ class SQLiteStore(SQLiteDatabase):
             job_id = self._insert(db, spec, submitted_at, source, source_name, None)
         return self.get(job_id)
 
+    def add_many(
+        self,
+        specs: Sequence[JobSpec],
+        *,
+        submitted_at: str,
+        source: str = "api",
+        source_name: str | None = None,
+    ) -> list[Job]:
+        with self._write() as db:
+            ids = [self._insert(db, s, submitted_at, source, source_name, None) for s in specs]
+        return [job for job_id in ids if (job := self.get(job_id)) is not None]
+
     @staticmethod
     def _insert(
         db: sqlite3.Connection,

@@ -42,6 +42,18 @@ class Store(Protocol):
         """Insert a new job as ``queued`` at the tail of the queue."""
         ...
 
+    def add_many(
+        self,
+        specs: Sequence[JobSpec],
+        *,
+        submitted_at: str,
+        source: str = "api",
+        source_name: str | None = None,
+    ) -> list[Job]:
+        """Insert several jobs at the tail in order, in one transaction: a worker sees all
+        of them or none (so they can share one batch)."""
+        ...
+
     def claim_batch(
         self,
         *,

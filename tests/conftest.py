@@ -30,6 +30,7 @@ SLOW_MODULES = {
     "test_http_fuzz",
     "test_load_scripts",
     "test_benchmark",
+    "test_metrics_prometheus",
 }
 
 

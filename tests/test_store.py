@@ -116,6 +116,15 @@ def test_transitions_are_guarded_by_status(store: Store):
     assert store.counts() == {QUEUED: 0, RUNNING: 0, COMPLETED: 1, FAILED: 0, CANCELLED: 1}
 
 
+def test_jobs_added_together_are_queued_in_order_in_one_transaction(store: Store):
+    first = store.add(spec("before"), submitted_at=T)
+    together = store.add_many([spec("a"), spec("b"), spec("c")], submitted_at=T, source="a1111")
+    assert [j.spec.prompt for j in together] == ["a", "b", "c"]
+    assert [j.id for j in store.queued()] == [first.id] + [j.id for j in together]
+    assert {j.source for j in together} == {"a1111"}
+    assert store.add_many([], submitted_at=T) == []
+
+
 def test_history_is_newest_first_and_pages_by_id(store: Store):
     ids = []
     for i in range(7):

@@ -22,6 +22,7 @@ from ..config_schema import SCHEMA
 from ..daemon import Daemon
 from ..errors import ImagineerdError
 from . import errors, resources
+from .metrics_resource import MetricsResource
 from .openapi import OpenApi
 from .security import BearerAuth, HostCheck, SameSite, SecurityHeaders, redact_token
 from .streams import Events, StaticFiles
@@ -63,8 +64,8 @@ class AccessLog:
         )
 
 
-#: The route whose bodies may carry images, and so be larger (server.max_image_bytes).
-IMAGE_ROUTE = "/api/generate"
+#: The routes whose bodies may carry images, and so be larger (server.max_image_bytes).
+IMAGE_ROUTES = ("/api/generate", "/sdapi/v1/img2img")
 
 
 class BodyLimit:
@@ -79,7 +80,7 @@ class BodyLimit:
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         length = req.content_length
-        images = req.method == "POST" and req.path == IMAGE_ROUTE
+        images = req.method == "POST" and req.path in IMAGE_ROUTES
         limit, key = (
             (self.image_limit, "server.max_image_bytes")
             if images
@@ -148,8 +149,22 @@ def create_app(daemon: Daemon, config: Config, *, streams: Any = None) -> falcon
     models = resources.Models(daemon)
     app.add_route("/api/models", models)
     app.add_route("/api/models/refresh", models, suffix="refresh")
-    app.add_route("/api/events", Events(daemon, streams))
+    events = Events(daemon, streams)
+    app.add_route("/api/events", events)
+    app.add_route("/metrics", MetricsResource(daemon, streams=events.limiter))
+    if config["metrics"]["public"]:  # for a scraper without the token
+        auth.public = ("/metrics",)
     app.add_route("/api/openapi.json", OpenApi())
+    from . import openai_api  # OpenAI's Images API, with OpenAI's error shape under /v1/
+
+    app.add_route("/v1/images/generations", openai_api.ImageGenerations(daemon))
+    openai_models = openai_api.Models(daemon)
+    app.add_route("/v1/models", openai_models)
+    app.add_route("/v1/models/{model:path}", openai_models, suffix="item")
+    app.add_route("/v1/{path:path}", openai_api.NoRoute())
+    from . import a1111_api  # AUTOMATIC1111's /sdapi/v1, for its clients (webuiapi, plugins)
+
+    a1111_api.add_routes(app, daemon)
     app.add_route("/api/{path:path}", resources.NoRoute())
     ui = StaticFiles(STATIC_DIR)
     app.add_route("/", ui)

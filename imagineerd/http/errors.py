@@ -1,4 +1,4 @@
-"""One JSON error body for every error on /api/*.
+"""One JSON error body for every error on /api/* (and OpenAI's on /v1/*).
 
 Shape: ``{"error": "<message>", "code": "<machine code>", "status": <int>}`` plus ``field``
 when one input is at fault. Domain errors carry their status; Falcon's own HTTP errors (404
@@ -48,11 +48,28 @@ def _code_for(status: int) -> str:
     }.get(status, "error")
 
 
+#: Routes that answer errors in OpenAI's shape (their clients parse no other).
+OPENAI_PREFIX = "/v1/"
+
+
+def openai_body(status: int, code: str, message: str, field: str | None = None) -> dict:
+    """OpenAI's error shape: ``{"error": {message, type, param, code}}``."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 401:
+        kind = "authentication_error"
+    return {"error": {"message": _text(message), "type": kind, "param": field, "code": code}}
+
+
+def _body(req: falcon.Request, status: int, code: str, message: str, field: str | None = None):
+    shape = openai_body if req.path.startswith(OPENAI_PREFIX) else error_body
+    return shape(status, code, message, field)
+
+
 def handle_domain_error(
     req: falcon.Request, resp: falcon.Response, ex: ImagineerdError, params: dict
 ) -> None:
     resp.status = ex.status
-    resp.media = error_body(ex.status, ex.code, ex.message, ex.field)
+    resp.media = _body(req, ex.status, ex.code, ex.message, ex.field)
 
 
 def serialize_http_error(
@@ -60,7 +77,8 @@ def serialize_http_error(
 ) -> None:
     status = exception.status_code
     message = exception.description or exception.title or falcon.code_to_http_status(status)
-    resp.media = error_body(status, getattr(exception, "code", None) or _code_for(status), message)
+    code = getattr(exception, "code", None) or _code_for(status)
+    resp.media = _body(req, status, code, message)
     resp.content_type = falcon.MEDIA_JSON
 
 

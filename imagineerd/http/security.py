@@ -191,8 +191,8 @@ def _host_netloc(header: str) -> str:
 
 
 class SameSite:
-    """State changes on ``/api/*`` only from this server's own pages or from non-browser
-    clients, and only as JSON.
+    """State changes on ``/api/*`` (and the A1111 and OpenAI APIs) only from this server's
+    own pages or from non-browser clients, and only as JSON.
 
     - ``Sec-Fetch-Site`` (sent by current browsers, set by the browser, not by the page):
       ``same-origin`` or ``none`` passes; ``same-site`` and ``cross-site`` pass only when
@@ -211,6 +211,13 @@ class SameSite:
     preflight, which only ``server.cors_origins`` pass.
     """
 
+    #: Where the origin rule applies: our API and the other APIs served beside it.
+    ORIGIN_PREFIXES = ("/api/", "/sdapi/", "/v1/")
+    #: Where bodies must also say JSON. A1111's clients post some state changes without a
+    #: body or type (interrupt, skip), so /sdapi/ has the origin rule only; its routes with
+    #: a body read it as JSON and refuse anything else.
+    JSON_PREFIXES = ("/api/", "/v1/")
+
     def __init__(self, cors_origins: Iterable[str]) -> None:
         origins = [o.strip().rstrip("/").lower() for o in cors_origins]
         self.any_origin = "*" in origins
@@ -222,7 +229,7 @@ class SameSite:
         return self.any_origin or origin.strip().rstrip("/").lower() in self.origins
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if req.method not in UNSAFE_METHODS or not req.path.startswith("/api/"):
+        if req.method not in UNSAFE_METHODS or not req.path.startswith(self.ORIGIN_PREFIXES):
             return
         origin = req.get_header("Origin")
         site = (req.get_header("Sec-Fetch-Site") or "").strip().lower()
@@ -239,7 +246,7 @@ class SameSite:
                     f"({origin[:100]}); list it in server.cors_origins to allow it"
                 )
         ctype = (req.content_type or "").split(";")[0].strip().lower()
-        if ctype == falcon.MEDIA_JSON:
+        if ctype == falcon.MEDIA_JSON or not req.path.startswith(self.JSON_PREFIXES):
             return
         bodiless = not req.content_length and req.get_header("Transfer-Encoding") is None
         if req.method == "DELETE" and not ctype and bodiless:

@@ -261,7 +261,17 @@ def check_shape(data: Any) -> None:
 RESERVED_FOLDERS = ("done", "failed")
 
 #: Model names are checked against the models folder when a job uses the preset.
-PRESET_FIELDS = (*jobs.DEFAULTABLE, "seed", "model", "loras", "vae")
+PRESET_FIELDS = (
+    *jobs.DEFAULTABLE,
+    "seed",
+    "model",
+    "loras",
+    "vae",
+    "strength",
+    "mask_blur",
+    "inpaint_area",
+    "hires",
+)
 
 
 def check_presets(value: Any) -> dict[str, dict[str, Any]]:
@@ -302,6 +312,8 @@ def check_presets(value: Any) -> dict[str, dict[str, Any]]:
             checked[field] = _job_field(field)(dotted, raw)
             if field == "loras":  # kept as config.yaml writes it: [{name, weight}, ...]
                 checked[field] = [{"name": n, "weight": w} for n, w in checked[field]]
+            if field == "hires" and checked[field] is not None:  # and {scale, steps, ...}
+                checked[field] = dict(zip(jobs.HIRES_DEFAULTS, checked[field], strict=True))
         presets[name] = checked
     return presets
 

@@ -321,3 +321,22 @@ def test_a_folder_fsync_that_fails_after_the_rename_is_not_an_error(tmp_path, mo
     target.write_text("generation: {steps: 20}\n")
     config_file.update_file(target, {"generation": {"steps": 21}})
     assert config_mod.load(target)["generation"]["steps"] == 21
+
+
+def test_presets_take_model_and_image_settings(tmp_path: Path):
+    text = (
+        "presets:\n"
+        "  soft: {model: beta, loras: ['detail:0.5'], strength: 0.4, mask_blur: 8,\n"
+        "         inpaint_area: masked, hires: {scale: 1.5}}\n"
+    )
+    preset = load_text(tmp_path, text)["presets"]["soft"]
+    assert preset["loras"] == [{"name": "detail", "weight": 0.5}]
+    assert preset["hires"] == {
+        "scale": 1.5,
+        "steps": 0,
+        "denoising_strength": 0.5,
+        "upscaler": "latent",
+    }
+    assert (preset["strength"], preset["mask_blur"], preset["inpaint_area"]) == (0.4, 8, "masked")
+    with pytest.raises(ConfigError, match="presets.soft.strength"):
+        load_text(tmp_path, "presets: {soft: {strength: 2}}\n")

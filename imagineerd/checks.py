@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ImagineerdError, ValidationError
 
@@ -298,3 +299,24 @@ def _is_number(text: str) -> bool:
         return math.isfinite(float(text))
     except ValueError:
         return False
+
+
+def check_url(name: str, value: Any) -> str:
+    """An http(s) URL (whether its host is allowed is the daemon's question)."""
+    if value == "":
+        return ""
+    if not isinstance(value, str) or len(value) > 2048:
+        raise ValidationError(
+            f"{name} must be an http:// or https:// URL, got {_describe(value)}", field=name
+        )
+    check_encodable(name, value)
+    parts = urlsplit(value.strip())
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or any(c in value for c in " \n\r\t")
+    ):
+        raise ValidationError(
+            f"{name} must be an http:// or https:// URL, got {_describe(value)}", field=name
+        )
+    return value.strip()

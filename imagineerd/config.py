@@ -78,6 +78,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "orphan_seconds": 600.0,
     },
     "presets": {},
+    "webhooks": {"endpoints": [], "allowed_hosts": [], "job_secret": "", "retry_hours": 24.0},
     "queue": {"max_attempts": 3},
     "performance": {
         "max_batch": "auto",

@@ -45,6 +45,7 @@ _READ_ONLY_WHY = {
     "model": "it decides what code and files are loaded",
     "inbox": "it decides which folders are watched and where images go",
     "metrics": "it decides who may read the metrics",
+    "webhooks": "it decides where job data is sent, and the secrets that sign it",
 }
 
 

@@ -107,6 +107,67 @@ def _origins(key: str, value: Any) -> list[str]:
     return list(value)
 
 
+#: Events a webhook endpoint may ask for.
+WEBHOOK_EVENTS = ("job.completed", "job.failed", "job.cancelled")
+
+
+def _url(key: str, value: Any) -> str:
+    if (
+        not isinstance(value, str)
+        or len(value) > 2048
+        or not re.fullmatch(r"https?://[^\s/?#]+(?:[/?#]\S*)?", value)
+    ):
+        raise ConfigError(
+            f"{key} must be an http:// or https:// URL, got {show_value(value)}", field=key
+        )
+    return value
+
+
+def _webhook_secret(key: str, value: Any) -> str:
+    """Standard Webhooks secrets: ``whsec_`` and base64 (what their libraries generate)."""
+    if not isinstance(value, str) or not re.fullmatch(r"whsec_[A-Za-z0-9+/=]{16,}", value):
+        raise ConfigError(
+            f"{key} must be a Standard Webhooks secret: whsec_ and at least 16 base64 "
+            "characters, e.g. the output of python -c 'import base64, os; "
+            'print("whsec_" + base64.b64encode(os.urandom(24)).decode())\'',
+            field=key,
+        )
+    return value
+
+
+def _webhook_endpoints(key: str, value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key} must be a list of {{url, events, secret}}", field=key)
+    endpoints = []
+    for index, item in enumerate(value):
+        where = f"{key}[{index}]"
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{where} must be a mapping with url, events, secret", field=key)
+        unknown = [k for k in item if k not in ("url", "events", "secret")]
+        if unknown:
+            raise ConfigError(
+                f"unknown key {where}.{key_name(unknown[0])}; an endpoint has url, events, secret",
+                field=key,
+            )
+        if "url" not in item or "secret" not in item:
+            raise ConfigError(f"{where} needs url and secret", field=key)
+        events = item.get("events", list(WEBHOOK_EVENTS))
+        if not isinstance(events, list) or not all(e in WEBHOOK_EVENTS for e in events):
+            raise ConfigError(
+                f"{where}.events must be a list of {', '.join(WEBHOOK_EVENTS)}, got "
+                f"{show_value(events)}",
+                field=key,
+            )
+        endpoints.append(
+            {
+                "url": _url(f"{where}.url", item["url"]),
+                "events": list(events),
+                "secret": _webhook_secret(f"{where}.secret", item["secret"]),
+            }
+        )
+    return endpoints
+
+
 def _hosts(key: str, value: Any) -> list[str]:
     if not isinstance(value, list) or not all(
         isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9.*:\[\]_-]+", v) for v in value
@@ -227,6 +288,12 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "orphan_seconds": _float(1, 86400 * 30),
     },
     "presets": {},  # free-form names; checked by check_presets
+    "webhooks": {
+        "endpoints": _webhook_endpoints,
+        "allowed_hosts": _hosts,
+        "job_secret": lambda key, value: "" if value == "" else _webhook_secret(key, value),
+        "retry_hours": _float(0.01, 720),
+    },
     "queue": {"max_attempts": _int(1, 100)},
     "performance": {
         "max_batch": _auto_or(_int(1, 64)),

@@ -24,7 +24,7 @@ from .errors import Conflict, Gone, NotFound, Unavailable
 from .events import EventBus
 from .gallery import Gallery
 from .inputs import InputStore
-from .jobs import COMPLETED, FAILED, QUEUED, RUNNING, Job, iso
+from .jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, Job, iso
 from .metrics import Metrics
 from .model_choice import ModelChoice
 from .models import ModelLibrary
@@ -33,6 +33,7 @@ from .saver import ImageSaver
 from .sqlite_store import SQLiteStore
 from .store import Store
 from .views import JobViews, progress_dict
+from .webhooks import Webhooks
 from .worker import SHUTDOWN, Supervisor, Worker, describe_failure
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class Daemon:
         default_path = config.model_settings()["name"]
         self.models = ModelLibrary(config.path_for("models"), self.state_dir, loaded=default_path)
         self.model_choice = ModelChoice(self.models, config["model"]["name"], default_path)
+        self.webhooks = Webhooks(self.store, config["webhooks"])
         self.saver = ImageSaver(
             config, self.outputs_dir, clock, self._image_saved, choice=self.model_choice
         )
@@ -99,6 +101,7 @@ class Daemon:
         self.recover()
         self.collect_inputs()
         self.models.start()
+        self.webhooks.start()
         if workers:
             self.supervisor = Supervisor(
                 self, self.devices(), self.config["performance"]["max_batch"]
@@ -145,11 +148,14 @@ class Daemon:
                 completed_at=meta.get("completed_at") or self.now_iso(),
                 duration_seconds=meta.get("duration_seconds"),
                 output_path=self.saver.output_ref(found),
+                webhooks=self.webhooks.targets(job.spec, COMPLETED),
             )
             log.warning("job %s had finished its image before the stop; completed", job.id)
             self._announce_finished(done)
         for job in self.store.recover(
-            max_attempts=self.config["queue"]["max_attempts"], completed_at=self.now_iso()
+            max_attempts=self.config["queue"]["max_attempts"],
+            completed_at=self.now_iso(),
+            webhooks=lambda spec: self.webhooks.targets(spec, FAILED),
         ):
             if job.status == FAILED:
                 log.error("job %s failed: %s", job.id, job.error)
@@ -172,6 +178,7 @@ class Daemon:
         if self.supervisor is not None:
             self.supervisor.join(timeout)
         self.saver.shutdown()  # images already generated are still written
+        self.webhooks.stop()  # what is still owed is sent after the next start
         self.store.close()
 
     def wake(self) -> None:
@@ -197,6 +204,7 @@ class Daemon:
         (``ValidationError`` naming the field and the closest names) and its input images
         checked and stored."""
         spec = self.model_choice.check(jobs.validate(data, self.generation_defaults))
+        self.webhooks.check(spec)
         return self.inputs.resolve(spec, data) if spec.init_image else spec
 
     def collect_inputs(self) -> None:
@@ -253,7 +261,11 @@ class Daemon:
         """Cancel a queued job. 404 unknown, 409 running, 410 already finished."""
         job = self.job(job_id)
         if job.status == QUEUED:
-            cancelled = self.store.cancel_queued(job_id, completed_at=self.now_iso())
+            cancelled = self.store.cancel_queued(
+                job_id,
+                completed_at=self.now_iso(),
+                webhooks=self.webhooks.targets(job.spec, CANCELLED),
+            )
             if cancelled is not None:
                 self._announce_finished(cancelled)
                 return cancelled
@@ -425,6 +437,7 @@ class Daemon:
                 output_path=output_path,
                 error=error,
                 progress=self.views.progress.pop(job.id, None),
+                webhooks=self.webhooks.targets(job.spec, status),
             )
         except RuntimeError:
             # Already finished elsewhere (e.g. failed by the watchdog): the first word stands.
@@ -434,7 +447,9 @@ class Daemon:
         return done
 
     def _announce_finished(self, job: Job) -> None:
-        """The one way a finished job is made known: an event and the plugin hook."""
+        """The one way a finished job is made known: an event, the plugin hook, and the
+        webhooks (their deliveries were written with the job's end)."""
+        self.webhooks.wake()
         if job.spec.init_image:
             self.collect_inputs()
         view = self.job_view(job)

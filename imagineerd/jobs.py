@@ -36,6 +36,7 @@ from .checks import (
     check_option,
     check_scheduler,
     check_text,
+    check_url,
 )
 from .errors import ValidationError
 
@@ -89,11 +90,13 @@ class Param:
             return check_option(self.name, value, self.choices)
         if self.kind == "hires":
             return check_hires(self.name, value)
+        if self.kind == "url":
+            return check_url(self.name, value)
         return check_scheduler(self.name, value)
 
     def limits(self) -> dict[str, Any]:
         """The bounds as ``GET /api/options`` shows them (and the UI's inputs use)."""
-        if self.kind in ("text", "name"):
+        if self.kind in ("text", "name", "url"):
             return {"max_length": self.max_length}
         if self.kind == "loras":
             return {"max_items": LORAS_MAX, "min": LORA_WEIGHT[0], "max": LORA_WEIGHT[1]}
@@ -118,7 +121,7 @@ class Param:
 
     def rule(self) -> str:
         """The bounds in words: ``steps 1-150``, ``width 64-2048, divisible by 8``."""
-        if self.kind in ("text", "name"):
+        if self.kind in ("text", "name", "url"):
             return f"{self.name} up to {self.max_length} characters"
         if self.kind == "loras":
             lo, hi = (_number(w) for w in LORA_WEIGHT)
@@ -161,6 +164,7 @@ PARAMS: dict[str, Param] = {
         Param("mask_blur", "int", 0, 64, has_default=False, empty=4),
         Param("inpaint_area", "option", has_default=False, empty="whole", choices=INPAINT_AREAS),
         Param("hires", "hires", has_default=False, empty=None),
+        Param("webhook_url", "url", max_length=2048, has_default=False, empty=""),
     )
 }
 PARAMETERS = tuple(PARAMS)
@@ -234,6 +238,8 @@ class JobSpec:
     inpaint_area: str = "whole"
     #: ``(scale, steps, denoising_strength, upscaler)`` of A1111's hires fix, or None.
     hires: tuple[float, int, float, str] | None = None
+    #: Called when the job finishes (a host in ``webhooks.allowed_hosts``), or "".
+    webhook_url: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)

@@ -199,6 +199,7 @@ class Metrics:
             ("health", self._health),
             ("gpu", self._gpu),
             ("streams", self._streams),
+            ("webhooks", self._webhooks),
         ]
         for part, read in parts:
             try:
@@ -231,6 +232,16 @@ class Metrics:
         for state in (QUEUED, RUNNING):
             queue.add_metric([state], counts.get(state, 0))
         return [queue]
+
+    def _webhooks(self) -> list[Metric]:
+        deliveries = GaugeMetricFamily(
+            "imagineerd_webhook_deliveries",
+            "Webhook deliveries by state: pending (owed), delivered, failed (given up).",
+            labels=["state"],
+        )
+        for state, count in sorted(self.daemon.store.delivery_counts().items()):
+            deliveries.add_metric([state], count)
+        return [deliveries]
 
     def _health(self) -> list[Metric]:
         health = self.daemon.health()

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 
 from .jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, Job, JobSpec
 from .sqlite_db import SQLiteDatabase
-from .store import CLAIMING, OPEN_CLAIM_STATES, SUBMITTED
+from .store import (
+    CLAIMING,
+    DELIVERED,
+    GAVE_UP,
+    OPEN_CLAIM_STATES,
+    PENDING,
+    SUBMITTED,
+    Delivery,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -42,6 +51,22 @@ CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_status_id ON jobs (status, id);
 CREATE INDEX IF NOT EXISTS jobs_seq ON jobs (seq);
 CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (claim_id) WHERE claim_id IS NOT NULL;
+-- The webhook outbox: a delivery owed is written in the transaction that finishes its job,
+-- so a crash between the two can neither lose nor invent one.
+CREATE TABLE IF NOT EXISTS deliveries (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id       INTEGER NOT NULL REFERENCES jobs (id),
+    event        TEXT NOT NULL,
+    url          TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    created_at   REAL NOT NULL,
+    next_at      REAL NOT NULL,
+    last_status  INTEGER,
+    last_error   TEXT,
+    delivered_at REAL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_at);
 CREATE TABLE IF NOT EXISTS claims (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     original    TEXT NOT NULL,
@@ -57,7 +82,8 @@ CREATE TABLE IF NOT EXISTS claims (
 #: with their defaults (the configured model, no LoRAs, clip skip 1, its own VAE), so the
 #: migration changes no row; the number is bumped so that an older imagineerd, which cannot
 #: read those fields, refuses the database instead of failing on its jobs.
-SCHEMA_VERSION = 2
+#: 3: the ``deliveries`` table (webhooks); created empty on a version 2 database.
+SCHEMA_VERSION = 3
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:
@@ -188,6 +214,7 @@ class SQLiteStore(SQLiteDatabase):
         output_path: str | None = None,
         error: str | None = None,
         progress: tuple[int, int] | None = None,
+        webhooks: Sequence[str] = (),
     ) -> Job:
         assert status in (COMPLETED, FAILED, CANCELLED)
         step, total = progress if progress else (None, None)
@@ -212,14 +239,19 @@ class SQLiteStore(SQLiteDatabase):
             )
             if cur.rowcount != 1:
                 raise RuntimeError(f"job {job_id} is not running; cannot mark it {status}")
+            _owe(db, job_id, status, webhooks)
         return self.get(job_id)
 
-    def cancel_queued(self, job_id: int, *, completed_at: str) -> Job | None:
+    def cancel_queued(
+        self, job_id: int, *, completed_at: str, webhooks: Sequence[str] = ()
+    ) -> Job | None:
         with self._write() as db:
             cur = db.execute(
                 "UPDATE jobs SET status = ?, completed_at = ? WHERE id = ? AND status = ?",
                 (CANCELLED, completed_at, job_id, QUEUED),
             )
+            if cur.rowcount == 1:
+                _owe(db, job_id, CANCELLED, webhooks)
         return self.get(job_id) if cur.rowcount == 1 else None
 
     def requeue(self, job_ids: Sequence[int], *, count_attempt: bool) -> list[Job]:
@@ -242,10 +274,16 @@ class SQLiteStore(SQLiteDatabase):
                 )
         return [job for job in (self.get(job_id) for job_id in job_ids) if job is not None]
 
-    def recover(self, *, max_attempts: int, completed_at: str) -> list[Job]:
+    def recover(
+        self,
+        *,
+        max_attempts: int,
+        completed_at: str,
+        webhooks: Callable[[JobSpec], Sequence[str]] | None = None,
+    ) -> list[Job]:
         with self._write() as db:
             rows = db.execute(
-                "SELECT id, attempts FROM jobs WHERE status = ? ORDER BY seq", (RUNNING,)
+                "SELECT id, attempts, spec FROM jobs WHERE status = ? ORDER BY seq", (RUNNING,)
             ).fetchall()
             head = db.execute(
                 "SELECT COALESCE(MIN(seq), 1) FROM jobs WHERE status = ?", (QUEUED,)
@@ -270,7 +308,53 @@ class SQLiteStore(SQLiteDatabase):
                             row["id"],
                         ),
                     )
+                    if webhooks is not None:
+                        _owe(db, row["id"], FAILED, webhooks(JobSpec.from_json(row["spec"])))
         return [self.get(row["id"]) for row in rows]
+
+    # -- webhook deliveries --------------------------------------------------------------
+    def deliveries_due(self, now: float, limit: int) -> list[Delivery]:
+        rows = self._db().execute(
+            "SELECT * FROM deliveries WHERE state = ? AND next_at <= ? ORDER BY next_at, id"
+            " LIMIT ?",
+            (PENDING, now, limit),
+        )
+        return [Delivery(**dict(row)) for row in rows]
+
+    def record_delivery(
+        self,
+        delivery_id: int,
+        *,
+        now: float,
+        delivered: bool,
+        status: int | None = None,
+        error: str | None = None,
+        next_at: float | None = None,
+    ) -> None:
+        state = DELIVERED if delivered else (PENDING if next_at is not None else GAVE_UP)
+        with self._write() as db:
+            db.execute(
+                "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_status = ?,"
+                " last_error = ?, next_at = COALESCE(?, next_at), delivered_at = ?"
+                " WHERE id = ? AND state = ?",
+                (
+                    state,
+                    status,
+                    error,
+                    next_at,
+                    now if delivered else None,
+                    delivery_id,
+                    PENDING,
+                ),
+            )
+
+    def delivery_counts(self) -> dict[str, int]:
+        rows = self._db().execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state")
+        return {PENDING: 0, DELIVERED: 0, GAVE_UP: 0, **{state: n for state, n in rows}}
+
+    def deliveries(self, limit: int) -> list[Delivery]:
+        rows = self._db().execute("SELECT * FROM deliveries ORDER BY id DESC LIMIT ?", (limit,))
+        return [Delivery(**dict(row)) for row in rows]
 
     # -- claims: files taken from the inbox ---------------------------------------------
     def create_claim(self, original: str, claimed: str, *, created_at: str) -> int:
@@ -421,3 +505,13 @@ class SQLiteStore(SQLiteDatabase):
                 work = s["width"] * s["height"] * s["steps"]
                 other.append(duration * spec.width * spec.height * spec.steps / work)
         return (similar or other)[:limit]
+
+
+def _owe(db: sqlite3.Connection, job_id: int, status: str, urls: Sequence[str]) -> None:
+    """Outbox rows for a job that just finished, in the caller's transaction."""
+    now = time.time()
+    db.executemany(
+        "INSERT INTO deliveries (job_id, event, url, state, created_at, next_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        [(job_id, f"job.{status}", url, PENDING, now, now) for url in dict.fromkeys(urls)],
+    )

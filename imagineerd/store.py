@@ -13,6 +13,7 @@ Queue order is a sequence number, not the id: a job put back (recovery, a clean 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from .jobs import Job, JobSpec
@@ -22,6 +23,29 @@ from .jobs import Job, JobSpec
 #: ``failed/`` with a note (``failed``).
 CLAIMING, SUBMITTED, DONE, FAILED_CLAIM = "claiming", "submitted", "done", "failed"
 OPEN_CLAIM_STATES = (CLAIMING, SUBMITTED)
+
+#: Webhook delivery states: ``pending`` (due at ``next_at``) -> ``delivered`` | ``failed``.
+PENDING, DELIVERED, GAVE_UP = "pending", "delivered", "failed"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One webhook call owed for one job's event (the outbox row). Times are Unix seconds."""
+
+    id: int
+    job_id: int
+    event: str
+    url: str
+    state: str
+    attempts: int
+    created_at: float
+    next_at: float
+    last_status: int | None = None
+    last_error: str | None = None
+    delivered_at: float | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return dict(vars(self))
 
 
 @runtime_checkable
@@ -80,13 +104,18 @@ class Store(Protocol):
         output_path: str | None = None,
         error: str | None = None,
         progress: tuple[int, int] | None = None,
+        webhooks: Sequence[str] = (),
     ) -> Job:
         """Move a ``running`` job to ``completed``, ``failed`` or ``cancelled``; raises
-        ``RuntimeError`` if it is not running (the first finish stands)."""
+        ``RuntimeError`` if it is not running (the first finish stands). In the same
+        transaction, a ``pending`` delivery of ``job.<status>`` to each of ``webhooks``."""
         ...
 
-    def cancel_queued(self, job_id: int, *, completed_at: str) -> Job | None:
-        """Move a ``queued`` job to ``cancelled``; ``None`` if it was not queued."""
+    def cancel_queued(
+        self, job_id: int, *, completed_at: str, webhooks: Sequence[str] = ()
+    ) -> Job | None:
+        """Move a ``queued`` job to ``cancelled`` (with its deliveries, as :meth:`finish`);
+        ``None`` if it was not queued."""
         ...
 
     def requeue(self, job_ids: Sequence[int], *, count_attempt: bool) -> list[Job]:
@@ -95,10 +124,44 @@ class Store(Protocol):
         back the attempt their claim counted."""
         ...
 
-    def recover(self, *, max_attempts: int, completed_at: str) -> list[Job]:
+    def recover(
+        self,
+        *,
+        max_attempts: int,
+        completed_at: str,
+        webhooks: Callable[[JobSpec], Sequence[str]] | None = None,
+    ) -> list[Job]:
         """Start-up, in one transaction: every ``running`` job (its process died) goes back
-        to the head in its order, or fails once interrupted ``max_attempts`` times.
-        Returns the jobs touched, as they are now."""
+        to the head in its order, or fails once interrupted ``max_attempts`` times (with the
+        deliveries ``webhooks(spec)`` names for it). Returns the jobs touched, as they are
+        now."""
+        ...
+
+    # -- webhook deliveries (the outbox) --------------------------------------------------
+    def deliveries_due(self, now: float, limit: int) -> list[Delivery]:
+        """``pending`` deliveries whose ``next_at`` has come, oldest first."""
+        ...
+
+    def record_delivery(
+        self,
+        delivery_id: int,
+        *,
+        now: float,
+        delivered: bool,
+        status: int | None = None,
+        error: str | None = None,
+        next_at: float | None = None,
+    ) -> None:
+        """One attempt of a ``pending`` delivery: ``delivered``; else tried again at
+        ``next_at``, or ``failed`` for good when it is None."""
+        ...
+
+    def deliveries(self, limit: int) -> list[Delivery]:
+        """The latest deliveries, newest first."""
+        ...
+
+    def delivery_counts(self) -> dict[str, int]:
+        """Deliveries by state (``pending``, ``delivered``, ``failed``), every state present."""
         ...
 
     # -- jobs: queries -----------------------------------------------------------------

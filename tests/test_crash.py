@@ -151,3 +151,39 @@ def test_twenty_kills_at_random_moments_lose_and_double_nothing(tmp_path: Path, 
     cut_short = sum(j.attempts for j in jobs) - len(jobs)
     assert cut_short >= 5, cut_short  # the kills really landed while jobs ran
     client.store.close()
+
+
+def test_kill_9_between_a_jobs_end_and_its_webhook_delivers_it_after_restart(
+    tmp_path: Path, tiny_model: Path
+):
+    """The receiver is down while the job completes; the daemon is killed with the delivery
+    still owed; after the restart, with the receiver up, it arrives once."""
+    from .test_webhooks import SECRET, Receiver, free_port
+
+    port = free_port()
+    hook = {"endpoints": [{"url": f"http://127.0.0.1:{port}/hook", "secret": SECRET}]}
+    config_path = write_config(tmp_path, tiny_model, webhooks=hook)
+    client = Daemon(config_mod.load(config_path))
+    job = client.submit({"prompt": "owed", "seed": 1})
+    log = tmp_path / "serve.log"
+    proc = start_serve(config_path, log)
+    try:
+        wait_for(lambda: client.job(job.id).status == COMPLETED, timeout=120)
+        wait_for(lambda: any(d.attempts for d in client.store.deliveries(10)), timeout=30)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    (owed,) = client.store.deliveries(10)
+    assert owed.state == "pending"
+    receiver = Receiver(port)
+    proc = start_serve(config_path, log)
+    try:
+        wait_for(lambda: client.store.deliveries(10)[0].state == "delivered", timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        receiver.close()
+    assert len(receiver.received) == 1
+    client.store.close()

@@ -30,7 +30,7 @@ def test_the_readme_job_table_states_each_bound_of_the_parameter_table(name):
         assert f"{number(param.lo)}–{number(param.hi)}" in row, row
         if param.multiple_of > 1:
             assert f"divisible by {param.multiple_of}" in row, row
-    elif param.kind in ("text", "name"):
+    elif param.kind in ("text", "name", "url"):
         assert str(param.max_length) in row, row
     elif param.kind == "image":
         assert all(name in row for name in ("PNG", "JPEG", "WebP")), row

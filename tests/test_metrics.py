@@ -45,6 +45,7 @@ def test_metrics_parse_and_the_queue_and_job_counters_move(start_api: Callable[.
     samples = scrape(api)
     assert value(samples, "imagineerd_queue_jobs", state="queued") == 0
     assert value(samples, "imagineerd_queue_jobs", state="running") == 0
+    assert value(samples, "imagineerd_webhook_deliveries", state="pending") == 0
     assert value(samples, "imagineerd_jobs_total", source="api", outcome="completed") == 0
     ids = [api("POST", "/api/generate", json={"prompt": f"q{i}"}).json()["id"] for i in range(3)]
     assert value(scrape(api), "imagineerd_queue_jobs", state="queued") == 3

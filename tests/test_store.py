@@ -14,7 +14,15 @@ from imagineerd import config as config_mod
 from imagineerd.errors import ConfigError, Unavailable
 from imagineerd.jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, validate
 from imagineerd.sqlite_store import SCHEMA_VERSION, SQLiteStore
-from imagineerd.store import CLAIMING, DONE, SUBMITTED, Store
+from imagineerd.store import (
+    CLAIMING,
+    DELIVERED,
+    DONE,
+    GAVE_UP,
+    PENDING,
+    SUBMITTED,
+    Store,
+)
 
 T = "2026-01-01T00:00:00.000000"
 DATA = Path(__file__).parent / "data"
@@ -123,6 +131,44 @@ def test_jobs_added_together_are_queued_in_order_in_one_transaction(store: Store
     assert [j.id for j in store.queued()] == [first.id] + [j.id for j in together]
     assert {j.source for j in together} == {"a1111"}
     assert store.add_many([], submitted_at=T) == []
+
+
+def test_a_finished_job_owes_its_webhook_deliveries_in_the_same_transaction(store: Store):
+    done = store.add(spec("done"), submitted_at=T)
+    gone = store.add(spec("cancelled"), submitted_at=T)
+    store.claim_next(started_at=T)
+    store.finish(done.id, COMPLETED, completed_at=T, webhooks=["http://a/", "http://b/"])
+    store.cancel_queued(gone.id, completed_at=T, webhooks=["http://a/"])
+    owed = store.deliveries(10)
+    assert [(d.job_id, d.event, d.url) for d in reversed(owed)] == [
+        (done.id, "job.completed", "http://a/"),
+        (done.id, "job.completed", "http://b/"),
+        (gone.id, "job.cancelled", "http://a/"),
+    ]
+    assert {d.state for d in owed} == {PENDING}
+    first, second, third = store.deliveries_due(owed[0].created_at + 1, 10)
+    store.record_delivery(first.id, now=1.0, delivered=True, status=204)
+    store.record_delivery(second.id, now=1.0, delivered=False, error="refused", next_at=1e12)
+    store.record_delivery(third.id, now=1.0, delivered=False, status=500, next_at=None)
+    states = {d.id: d for d in store.deliveries(10)}
+    assert (states[first.id].state, states[first.id].delivered_at) == (DELIVERED, 1.0)
+    assert (states[second.id].state, states[second.id].attempts) == (PENDING, 1)
+    assert states[second.id].last_error == "refused" and states[third.id].state == GAVE_UP
+    assert store.deliveries_due(1e9, 10) == []  # the pending one is due only at 1e12
+    assert store.delivery_counts() == {PENDING: 1, DELIVERED: 1, GAVE_UP: 1}
+    store.record_delivery(first.id, now=2.0, delivered=False, next_at=5.0)  # already delivered
+    assert store.deliveries(10)[-1].state == DELIVERED
+
+
+def test_recovery_owes_the_deliveries_of_the_jobs_it_fails(store: Store):
+    job = store.add(spec("keeps dying"), submitted_at=T)
+    store.claim_next(started_at=T)
+    (failed,) = store.recover(
+        max_attempts=1, completed_at=T, webhooks=lambda s: [f"http://hook/{s.prompt}"]
+    )
+    assert failed.status == FAILED
+    (owed,) = store.deliveries(10)
+    assert (owed.job_id, owed.event, owed.url) == (job.id, "job.failed", "http://hook/keeps dying")
 
 
 def test_history_is_newest_first_and_pages_by_id(store: Store):

@@ -155,6 +155,7 @@ def create_app(daemon: Daemon, config: Config, *, streams: Any = None) -> falcon
     if config["metrics"]["public"]:  # for a scraper without the token
         auth.public = ("/metrics",)
     app.add_route("/api/openapi.json", OpenApi())
+    app.add_route("/api/webhooks/deliveries", resources.Webhooks(daemon), suffix="deliveries")
     from . import openai_api  # OpenAI's Images API, with OpenAI's error shape under /v1/
 
     app.add_route("/v1/images/generations", openai_api.ImageGenerations(daemon))

@@ -22,7 +22,7 @@ ERROR_CODES = ("400", "401", "403", "404", "405", "409", "410", "413", "415", "4
 def _param_schema(param: jobs.Param) -> dict[str, Any]:
     """One job field as JSON Schema, from its row in the parameter table."""
     kind = param.kind
-    if kind in ("text", "name"):
+    if kind in ("text", "name", "url"):
         return {"type": "string", "maxLength": param.max_length}
     if kind == "int":
         schema: dict[str, Any] = {"type": "integer", "minimum": param.lo, "maximum": param.hi}
@@ -355,6 +355,21 @@ def document() -> dict[str, Any]:
                     **{code: {"$ref": "#/components/responses/Error"} for code in ERROR_CODES},
                 },
             }
+        },
+        "/api/webhooks/deliveries": {
+            "get": _operation(
+                "the latest webhook deliveries, newest first",
+                (
+                    "200",
+                    _answer(
+                        "deliveries",
+                        _object(("deliveries",), deliveries={"type": "array", "items": anything}),
+                    ),
+                ),
+                parameters=[
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "how many")
+                ],
+            )
         },
         "/api/openapi.json": {
             "get": _operation("this document", ("200", _answer("OpenAPI 3.1", anything)))

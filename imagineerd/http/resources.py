@@ -138,9 +138,15 @@ class Jobs:
 
 
 def redacted(config: dict[str, Any]) -> dict[str, Any]:
+    """The configuration as the API shows it: the token and the webhook secrets masked."""
     shown = copy.deepcopy(config)
     if shown["server"]["auth_token"]:
         shown["server"]["auth_token"] = REDACTED
+    hooks = shown["webhooks"]
+    if hooks["job_secret"]:
+        hooks["job_secret"] = REDACTED
+    for endpoint in hooks["endpoints"]:
+        endpoint["secret"] = REDACTED
     return shown
 
 
@@ -172,6 +178,15 @@ class ConfigResource:
         if isinstance(server, dict) and server.get("auth_token") == REDACTED:
             # GET shows the token this way; sent back, it means "unchanged".
             server["auth_token"] = self.daemon.saved_config["server"]["auth_token"]
+        hooks, saved = data.get("webhooks"), self.daemon.saved_config["webhooks"]
+        if isinstance(hooks, dict):
+            if hooks.get("job_secret") == REDACTED:
+                hooks["job_secret"] = saved["job_secret"]
+            if (
+                hooks.get("endpoints")
+                == redacted(self.daemon.saved_config)["webhooks"]["endpoints"]
+            ):
+                hooks["endpoints"] = copy.deepcopy(saved["endpoints"])
         return data
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -348,6 +363,17 @@ class Session:
     def on_delete(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.unset_cookie(SESSION_COOKIE, path="/", same_site="Strict")
         resp.media = {"message": "Logged out"}
+
+
+class Webhooks:
+    """``GET /api/webhooks/deliveries``: the latest deliveries, newest first."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def on_get_deliveries(self, req: falcon.Request, resp: falcon.Response) -> None:
+        limit = int_param(req, "limit", 100, 1, 1000)
+        resp.media = {"deliveries": [d.to_dict() for d in self.daemon.store.deliveries(limit)]}
 
 
 class NoRoute:

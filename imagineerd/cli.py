@@ -120,7 +120,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = config_mod.load(args.config)
     request: dict = {"prompt": args.prompt}
     for name in jobs.PARAMETERS[1:]:  # every job field but the prompt
-        value = getattr(args, name)
+        value = getattr(args, name, None)  # not every job field has a command-line option
         if value is not None:
             request[name] = value
     for name in ("init_image", "mask"):  # local files: their bytes are the image

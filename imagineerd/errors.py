@@ -8,6 +8,11 @@ into the one JSON error body; the CLI and the inbox print ``str(error)``.
 from __future__ import annotations
 
 
+class StoreClosed(RuntimeError):
+    """The job store was closed: the daemon stopped (or, in a test, died); threads that
+    read it end rather than retry."""
+
+
 class ImagineerdError(Exception):
     """Base class: a problem we can explain to the user."""
 

@@ -120,6 +120,13 @@ class Metrics:
             ["source", "outcome"],
             registry=r,
         )
+        # rate() of these gives images per minute (x60) and denoising steps per second.
+        self.images = Counter("imagineerd_images_total", "Images written.", registry=r)
+        self.steps = Counter(
+            "imagineerd_denoising_steps_total",
+            "Denoising steps run by completed jobs (a hires fix counts both passes).",
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "imagineerd_job_queue_wait_seconds",
             "Time from submission to start, of jobs that started.",
@@ -396,6 +403,12 @@ class Metrics:
         source = str(job.get("source") or "unknown")
         outcome = str(job.get("status"))
         self.finished.labels(source, outcome).inc()
+        if outcome == "completed":
+            self.images.inc()
+            progress = job.get("progress") or {}
+            steps = progress.get("total") or job.get("steps")
+            if isinstance(steps, int) and steps > 0:
+                self.steps.inc(steps)
         started = job.get("started_at")
         if not started:
             return  # cancelled while queued: it never waited to the end, nor ran

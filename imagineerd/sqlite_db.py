@@ -8,7 +8,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from .errors import ConfigError, Unavailable
+from .errors import ConfigError, StoreClosed, Unavailable
 
 
 class SQLiteDatabase:
@@ -47,7 +47,7 @@ class SQLiteDatabase:
         db = getattr(self._local, "db", None)
         if db is None:
             if self._closed:
-                raise RuntimeError("the job store is closed")
+                raise StoreClosed("the job store is closed")
             # isolation_level=None: we issue BEGIN ourselves, so transactions are explicit.
             db = sqlite3.connect(
                 self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False

@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import __version__
-from .errors import ValidationError
+from .errors import StoreClosed, ValidationError
 from .jobs import JobSpec
 from .store import Delivery, Store
 
@@ -133,6 +133,8 @@ class Webhooks:
                     if self._stopping.is_set():
                         return
                     self.deliver(delivery)
+            except StoreClosed:
+                return  # the daemon is gone; what is owed is sent after the next start
             except Exception:  # the thread outlives anything one pass can raise
                 log.exception("webhooks: a delivery pass failed; trying again shortly")
                 due = []

@@ -67,6 +67,8 @@ def test_metrics_parse_and_the_queue_and_job_counters_move(start_api: Callable[.
     assert value(samples, "imagineerd_queue_jobs", state="queued") == 0
     assert value(samples, "imagineerd_job_queue_wait_seconds_count", source="api") == 1
     assert value(samples, "imagineerd_job_run_seconds_count", outcome="completed") == 1
+    assert value(samples, "imagineerd_images_total") == 1
+    assert value(samples, "imagineerd_denoising_steps_total") == done["steps"]
     assert 0 < value(samples, "imagineerd_job_run_seconds_sum", outcome="completed") < 60
     assert value(samples, "imagineerd_model_loads_total", source="disk") >= 1
     assert value(samples, "imagineerd_model_load_seconds_count") >= 1

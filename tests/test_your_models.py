@@ -197,7 +197,9 @@ def test_clip_skip_vae_and_embeddings_change_the_image(
     bare = tmp_path / "bare"
     shutil.copytree(model_files, bare, copy_function=os.link)
     (bare / "embeddings" / "shiny.safetensors").unlink()
-    other = start_api(paths={"models": str(bare)}, model={"name": "alpha"})
+    # A daemon of its own (state and outputs apart), so no other worker takes its job.
+    own = {"models": str(bare), "state": "state2", "outputs": "outputs2"}
+    other = start_api(paths=own, model={"name": "alpha"})
     _, without, meta = generate(other, prompt="a shiny fox")
     assert differ(base, without) and "TI hashes" not in params(meta)
 
@@ -270,7 +272,8 @@ def test_the_empty_prompt_padding_follows_the_loras_in_use(start_api, model_file
     first = start_api(paths={"models": str(model_files)}, model={"name": "alpha"})
     generate(first, prompt=long_prompt)  # caches the padding without the LoRA
     _, after, _ = generate(first, prompt=long_prompt, loras=["detail"])
-    fresh = start_api(paths={"models": str(model_files)}, model={"name": "alpha"})
+    own = {"models": str(model_files), "state": "state2", "outputs": "outputs2"}
+    fresh = start_api(paths=own, model={"name": "alpha"})  # its own queue: no shared worker
     _, alone, _ = generate(fresh, prompt=long_prompt, loras=["detail"])
     assert np.array_equal(after, alone)
 

@@ -112,15 +112,14 @@ WEBHOOK_EVENTS = ("job.completed", "job.failed", "job.cancelled")
 
 
 def _url(key: str, value: Any) -> str:
-    if (
-        not isinstance(value, str)
-        or len(value) > 2048
-        or not re.fullmatch(r"https?://[^\s/?#]+(?:[/?#]\S*)?", value)
-    ):
-        raise ConfigError(
-            f"{key} must be an http:// or https:// URL, got {show_value(value)}", field=key
-        )
-    return value
+    """An http(s) URL, by the same check as a job's ``webhook_url``."""
+    try:
+        url = checks.check_url(key, value)
+    except ValidationError as exc:
+        raise ConfigError(exc.message, field=key) from None
+    if not url:
+        raise ConfigError(f"{key} must be an http:// or https:// URL", field=key)
+    return url
 
 
 def _webhook_secret(key: str, value: Any) -> str:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -29,6 +30,7 @@ from .metrics import Metrics
 from .model_choice import ModelChoice
 from .models import ModelLibrary
 from .plugins import get_plugin_manager
+from .safefile import read_regular_file
 from .saver import ImageSaver
 from .sqlite_store import SQLiteStore
 from .store import Store
@@ -39,6 +41,8 @@ from .worker import SHUTDOWN, Supervisor, Worker, describe_failure
 log = logging.getLogger(__name__)
 
 DB_NAME = "imagineerd.db"
+#: No PNG we write comes near this (2048 x 2048 RGB uncompressed is 12 MiB).
+MAX_OUTPUT_BYTES = 64 << 20
 
 
 class Daemon:
@@ -224,13 +228,7 @@ class Daemon:
     def submit_spec(
         self, spec: jobs.JobSpec, *, source: str = "api", source_name: str | None = None
     ) -> Job:
-        job = self.store.add(
-            spec, submitted_at=self.now_iso(), source=source, source_name=source_name
-        )
-        self.inputs.release((spec.init_image, spec.mask))
-        self._announce_submitted(job)
-        self.wake()
-        return job
+        return self.submit_many([spec], source=source, source_name=source_name)[0]
 
     def submit_many(
         self, specs: list[jobs.JobSpec], *, source: str = "api", source_name: str | None = None
@@ -298,6 +296,12 @@ class Daemon:
         self, *, limit: int = 50, before: int | None = None, queued_limit: int = 1000
     ) -> dict[str, Any]:
         return self.views.overview(limit=limit, before=before, queued_limit=queued_limit)
+
+    def output_bytes(self, job: Job) -> bytes:
+        """A completed job's PNG, read as the gallery reads outputs (inside outputs/, a
+        regular file, bounded); ``OSError`` or ``NotFound`` when it is gone."""
+        name = Path(job.output_path or "").as_posix().removeprefix("outputs/")
+        return read_regular_file(self.gallery.resolve(name), MAX_OUTPUT_BYTES)
 
     def loaded_models(self) -> list[str]:
         """The models the workers hold on their devices now (the default one by the path or

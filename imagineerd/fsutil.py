@@ -12,6 +12,11 @@ log = logging.getLogger(__name__)
 
 
 def atomic_write_text(path: Path, text: str, *, follow_symlinks: bool = False) -> None:
+    """:func:`atomic_write_bytes` of ``text`` as UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"), follow_symlinks=follow_symlinks)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, follow_symlinks: bool = False) -> None:
     """Write to a temporary file in the same folder, fsync, rename over ``path``, then fsync
     the folder so the rename itself survives a power cut.
 
@@ -25,8 +30,8 @@ def atomic_write_text(path: Path, text: str, *, follow_symlinks: bool = False) -
         path = Path(os.path.realpath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         if path.exists():

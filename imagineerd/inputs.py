@@ -33,7 +33,7 @@ from typing import Any
 from PIL import Image
 
 from .errors import NotFound, ValidationError
-from .fsutil import fsync_dir
+from .fsutil import atomic_write_bytes
 from .gallery import Gallery
 from .jobs import PARAMS, JobSpec, round8
 from .safefile import read_regular_file
@@ -218,13 +218,7 @@ class InputStore:
             if path.is_file():
                 os.utime(path)  # young again: the grace period protects it anew
             else:
-                temp = path.with_name(f".{digest}.tmp")
-                with open(temp, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(temp, path)
-                fsync_dir(self.folder)
+                atomic_write_bytes(path, data)
         return f"sha256:{digest}"
 
     def resolve(self, spec: JobSpec, data: Mapping[str, Any]) -> JobSpec:

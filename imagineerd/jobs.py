@@ -7,6 +7,7 @@ stored spec reproduces the image). A *job* is a spec plus its life in the queue.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -275,11 +276,16 @@ class JobSpec:
     def sampler_label(self) -> str:
         return SCHEDULERS[self.scheduler]
 
+    @functools.cached_property
+    def _active_loras(self) -> tuple[tuple[str, float], ...]:
+        # Parsed once per spec: batch keys ask for it for every job a claim looks at.
+        tags = prompt_syntax.extract_networks(self.prompt)[1]
+        return prompt_syntax.combine_loras(self.loras, tags)
+
     def active_loras(self) -> tuple[tuple[str, float], ...]:
         """The LoRAs this job applies: the ``loras`` field, then the prompt's
         ``<lora:name:weight>`` tags; one weight per name (weights of a name given twice add)."""
-        tags = prompt_syntax.extract_networks(self.prompt)[1]
-        return prompt_syntax.combine_loras(self.loras, tags)
+        return self._active_loras
 
 
 def validate(

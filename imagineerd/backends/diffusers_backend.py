@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from PIL import Image
 from .. import hookimpl
 from ..errors import BackendError, ConfigError
 from ..model_arch import checkpoint_arch, diffusers_arch, read_safetensors_header, tensor_shapes
+from ..model_choice import label
 from . import BackendBase, GenerationRequest, StepCallback
 from .embeddings import EmbeddingCache
 from .loading import load_pipeline, load_vae
@@ -65,7 +66,7 @@ def pick_dtype(setting: str, device: str) -> Any:
 
 
 def detect_arch(name: str, setting: str = "auto") -> str:
-    """``sd15`` or ``sdxl`` (the pipeline class to load): from ``model.arch``, or read from
+    """``sd15``, ``sd2`` or ``sdxl``: from ``model.arch``, or read from
     the model itself as the models listing reads it (model_index.json, or the tensor names
     of a checkpoint's header); a hub id is guessed from its name."""
     if setting != "auto":
@@ -81,13 +82,7 @@ def detect_arch(name: str, setting: str = "auto") -> str:
         arch = "unknown"  # unreadable here: the pipeline load reports it properly
     if arch == "unknown":
         arch = "sdxl" if "xl" in name.lower() else "sd15"
-    return "sdxl" if arch == "sdxl" else "sd15"
-
-
-def model_label(name: str) -> str:
-    """What PNG metadata calls a model: a file's or folder's stem, a repo id's last part."""
-    path = Path(name.rstrip("/"))
-    return path.stem if path.suffix.lower() in (".safetensors", ".ckpt") else path.name
+    return arch if arch in ("sd2", "sdxl") else "sd15"
 
 
 class DiffusersBackend(BackendBase):
@@ -113,7 +108,7 @@ class DiffusersBackend(BackendBase):
         )
         self.max_loaded = max(1, int(settings.get("max_loaded", 1)))
         self.cpu_cache = max(0, int(settings.get("cpu_cache", 0)))
-        self.model_label = model_label(self.default_name)
+        self.model_label = label(self.default_name)
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()  # least recent first
         self._vaes: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self.embeddings = EmbeddingCache()
@@ -174,20 +169,6 @@ class DiffusersBackend(BackendBase):
                 "default_error": self.default_error,
             }
 
-    def batch_key(self, request: GenerationRequest) -> Hashable:
-        # Images of one call must also share the conditioning's length (prompt chunks), or
-        # the shorter ones would be padded and differ from the same job run alone.
-        model = self._models.get(self._key(request.model))
-        chunks = (
-            max(
-                model.encoder.chunk_count(request.prompt),
-                model.encoder.chunk_count(request.negative_prompt),
-            )
-            if model is not None
-            else None
-        )
-        return (super().batch_key(request), chunks)
-
     # -- models ----------------------------------------------------------------------------
     def _key(self, name: str) -> str:
         """The LRU key of a job's model: "" for the default model."""
@@ -201,16 +182,16 @@ class DiffusersBackend(BackendBase):
             return ""
         return name
 
-    def _resolve(self, key: str) -> tuple[str, str]:
-        """``(what to load, label)`` for a model key."""
+    def _resolve(self, key: str) -> str:
+        """What to load for a model key: a path or a repo id."""
         if key == "":
-            return self.default_name, self.model_label
+            return self.default_name
         found = self.library.find("checkpoints", key) if self.library is not None else None
         if found is None:
             raise BackendError(
                 f"the model {key!r} is not in the models folder (any more); see GET /api/models"
             )
-        return found.path, model_label(found.name)
+        return found.path
 
     def _get_model(self, name: str) -> LoadedModel:
         key = self._key(name)
@@ -226,7 +207,7 @@ class DiffusersBackend(BackendBase):
                 model.device = self.device
                 self._announce_ready(key, started)
             return model
-        target, label = self._resolve(key)
+        target = self._resolve(key)
         self._announce_loading(key, "disk")
         started = time.monotonic()
         self._make_room(keep=None)
@@ -251,7 +232,6 @@ class DiffusersBackend(BackendBase):
         model = LoadedModel(
             pipe,
             name=key or self.default_name,
-            label=label,
             arch=arch,
             device=self.device,
             performance=self.settings.get("performance") or {},
@@ -344,7 +324,10 @@ class DiffusersBackend(BackendBase):
         pipe.vae = self._vae(model, first.vae)
         try:
             encoded = [self._encode(model, r) for r in batch]
-            # Only images with conditioning of one length run together (see batch_key).
+            # Only images with conditioning of one length run together: a shorter prompt
+            # padded to a longer one's chunks would differ from the same job run alone. The
+            # claim does not tokenize to tell (it looks at many jobs); the rare mixed batch
+            # runs as two calls here.
             groups: dict[int, list[int]] = {}
             for index, item in enumerate(encoded):
                 groups.setdefault(item.prompt_embeds.shape[1], []).append(index)

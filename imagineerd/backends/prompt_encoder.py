@@ -95,9 +95,6 @@ class PromptEncoder:
         )
         return chunks
 
-    def chunk_count(self, text: str) -> int:
-        return len(self.chunks(text))
-
     # -- encoding ------------------------------------------------------------------------
     def encode(
         self,

@@ -48,7 +48,6 @@ class LoadedModel:
         pipe: Any,
         *,
         name: str,
-        label: str,
         arch: str,
         device: str,
         performance: dict[str, Any],
@@ -60,7 +59,6 @@ class LoadedModel:
         self._torch = torch
         self.pipe = pipe
         self.name = name
-        self.label = label
         self.arch = arch
         self.device = device
         pipe.set_progress_bar_config(disable=True)

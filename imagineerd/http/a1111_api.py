@@ -22,16 +22,19 @@ from other sites' pages here as on ``/api/`` (without its JSON rule: A1111's cli
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import random
 import re
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import falcon
+from PIL import Image
 
 from .. import __version__
 from ..checks import SCHEDULERS, SEED_MAX, check_int
@@ -40,7 +43,7 @@ from ..errors import BackendError, Conflict, Gone, NotFound, Unavailable, Valida
 from ..events import Subscription
 from ..jobs import CANCELLED, COMPLETED, FAILED, Job, JobSpec
 from ..model_choice import label
-from ..outputs import NotAPng, parse_infotext, read_metadata
+from ..outputs import parse_infotext
 from .resources import read_json_object
 
 SOURCE = "a1111"
@@ -238,11 +241,12 @@ def _memory() -> dict[str, Any]:
     total = page * os.sysconf("SC_PHYS_PAGES")
     free = page * os.sysconf("SC_AVPHYS_PAGES")
     ram = {"free": free, "used": total - free, "total": total}
+    # Only a torch the backend already imported, with CUDA already set up: a request must
+    # never import torch or create a CUDA context from an HTTP thread (as metrics.py).
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {"ram": ram, "cuda": {"error": "no CUDA device in use"}}
     try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return {"ram": ram, "cuda": {"error": "no CUDA device"}}
         free_b, total_b = torch.cuda.mem_get_info()
         stats = torch.cuda.memory_stats()
 
@@ -476,11 +480,11 @@ class A1111Api:
         for job in jobs:
             if job.status != COMPLETED or not job.output_path:
                 continue
-            path = Path(self.daemon.config.base_dir) / job.output_path
             try:
-                data = path.read_bytes()
-                infotexts.append(read_metadata(path)["parameters"] or "")
-            except (OSError, NotAPng) as exc:
+                data = self.daemon.output_bytes(job)
+                with Image.open(io.BytesIO(data), formats=["PNG"]) as png:
+                    infotexts.append(png.text.get("parameters") or "")
+            except (OSError, NotFound, ValueError) as exc:
                 failed.append({"id": job.id, "error": f"its image cannot be read: {exc}"})
                 continue
             images.append(base64.b64encode(data).decode("ascii"))

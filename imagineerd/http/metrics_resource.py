@@ -16,8 +16,7 @@ class MetricsResource:
     """Serves ``daemon.metrics`` and tells it how many event streams are open."""
 
     def __init__(self, daemon: Daemon, streams: StreamCount | None = None) -> None:
-        metrics = getattr(daemon, "metrics", None)
-        self.metrics: Metrics = metrics if metrics is not None else Metrics(daemon)
+        self.metrics: Metrics = daemon.metrics
         if streams is not None:
             self.metrics.streams = streams
 

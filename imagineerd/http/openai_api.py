@@ -33,7 +33,7 @@ import falcon
 from .. import jobs
 from ..checks import SEED_MAX
 from ..daemon import Daemon
-from ..errors import ImagineerdError, ValidationError
+from ..errors import ImagineerdError, NotFound, ValidationError
 from ..events import Subscription
 from ..jobs import COMPLETED, Job
 from .resources import read_json_object
@@ -334,8 +334,8 @@ class ImageGenerations:
             item["url"] = self._url(req, path)
             return item
         try:
-            item["b64_json"] = base64.b64encode(path.read_bytes()).decode("ascii")
-        except OSError:
+            item["b64_json"] = base64.b64encode(self.daemon.output_bytes(job)).decode("ascii")
+        except (OSError, NotFound):
             raise OpenAIError(
                 500, f"the image of job {job.id} is gone from the outputs folder"
             ) from None

@@ -122,6 +122,11 @@ def _answer(description: str, schema: dict[str, Any] | None = None, **extra: Any
     return answer
 
 
+def _errors() -> dict[str, Any]:
+    """Every error status an operation may answer, all in the one error shape."""
+    return {code: {"$ref": "#/components/responses/Error"} for code in ERROR_CODES}
+
+
 def _operation(
     summary: str,
     ok: tuple[str, dict[str, Any]],
@@ -133,7 +138,7 @@ def _operation(
 ) -> dict[str, Any]:
     status, answer = ok
     responses = {status: answer}
-    responses.update({code: {"$ref": "#/components/responses/Error"} for code in ERROR_CODES})
+    responses.update(_errors())
     operation: dict[str, Any] = {"summary": summary, "responses": responses}
     if parameters:
         operation["parameters"] = parameters
@@ -280,7 +285,7 @@ def document() -> dict[str, Any]:
                         "content": {"image/png": {}, "image/jpeg": {}},
                     },
                     "304": {"description": "not modified"},
-                    **{code: {"$ref": "#/components/responses/Error"} for code in ERROR_CODES},
+                    **_errors(),
                 },
             }
         },
@@ -352,7 +357,7 @@ def document() -> dict[str, Any]:
                 "summary": "Server-Sent Events (job and model state, progress)",
                 "responses": {
                     "200": {"description": "an event stream", "content": {"text/event-stream": {}}},
-                    **{code: {"$ref": "#/components/responses/Error"} for code in ERROR_CODES},
+                    **_errors(),
                 },
             }
         },

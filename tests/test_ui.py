@@ -54,6 +54,17 @@ def page(browser) -> Page:
     assert not errors, errors  # no uncaught JavaScript errors in any test
 
 
+def phone_context(browser, scheme: str):
+    """A 375 px touch phone in the light or dark scheme."""
+    return browser.new_context(
+        viewport={"width": 375, "height": 740},
+        is_mobile=True,
+        has_touch=True,
+        device_scale_factor=2,
+        color_scheme=scheme,
+    )
+
+
 def shot(page: Page, name: str, tmp_path: Path) -> None:
     folder = SCREENSHOTS if os.environ.get("IMAGINEERD_SCREENSHOTS") else tmp_path
     folder.mkdir(parents=True, exist_ok=True)
@@ -260,13 +271,7 @@ def test_phone_layout_has_no_horizontal_scroll(start_api, browser, tmp_path, sch
     api = start_api()
     api("POST", "/api/generate", json={"prompt": "phone " * 40, "seed": 1})
     api.wait_job(1)
-    context = browser.new_context(
-        viewport={"width": 375, "height": 740},
-        is_mobile=True,
-        has_touch=True,
-        device_scale_factor=2,
-        color_scheme=scheme,
-    )
+    context = phone_context(browser, scheme)
     page = context.new_page()
     try:
         for view in ("create", "queue", "gallery", "settings"):
@@ -489,13 +494,7 @@ def test_phone_layout_with_models_and_the_banner(
 ):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     api = start_api(paths={"models": str(models_folder)}, model={"name": "nobody/missing-model"})
-    context = browser.new_context(
-        viewport={"width": 375, "height": 740},
-        is_mobile=True,
-        has_touch=True,
-        device_scale_factor=2,
-        color_scheme=scheme,
-    )
+    context = phone_context(browser, scheme)
     page = context.new_page()
     try:
         page.goto(api.url)
@@ -797,13 +796,7 @@ def test_drop_or_paste_an_image_and_wrong_files(start_api, page: Page, tmp_path)
 def test_phone_paints_a_mask_by_touch(start_api, browser, tmp_path, scheme):
     api = start_api(workers=False)
     picture = _input_png(tmp_path / "phone.png", (96, 128))
-    context = browser.new_context(
-        viewport={"width": 375, "height": 740},
-        is_mobile=True,
-        has_touch=True,
-        device_scale_factor=2,
-        color_scheme=scheme,
-    )
+    context = phone_context(browser, scheme)
     page = context.new_page()
     try:
         page.goto(api.url)

@@ -9,6 +9,7 @@ pixel; "differs" means a mean difference of more than one level.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -221,9 +222,9 @@ def test_jobs_batch_only_with_jobs_that_share_their_weights():
 
     base = JobSpec("a fox", "", 1, 2, 64, 64, 7.0, "euler", "alpha", (("detail", 0.8),), 1, "soft")
     key = BackendBase().batch_key
-    same = base.__class__(**{**base.__dict__, "prompt": "an owl", "seed": 9})
+    same = dataclasses.replace(base, prompt="an owl", seed=9)
     assert key(same) == key(base)
-    tag = base.__class__(**{**base.__dict__, "prompt": "an <lora:detail:0.8> owl", "loras": ()})
+    tag = dataclasses.replace(base, prompt="an <lora:detail:0.8> owl", loras=())
     assert key(tag) == key(base)  # the same LoRA at the same weight, written as a tag
     for change in (
         {"model": "beta"},
@@ -232,7 +233,7 @@ def test_jobs_batch_only_with_jobs_that_share_their_weights():
         {"vae": "default"},
         {"clip_skip": 2},
     ):
-        assert key(base.__class__(**{**base.__dict__, **change})) != key(base), change
+        assert key(dataclasses.replace(base, **change)) != key(base), change
 
 
 def test_names_that_are_not_listed_rescan_the_folder_at_most_every_few_seconds(models_api):
@@ -240,10 +241,11 @@ def test_names_that_are_not_listed_rescan_the_folder_at_most_every_few_seconds(m
     scans: list[float] = []
     real = library.refresh
     library.refresh = lambda: (scans.append(1), real())[1]
+    library._scanned_at = float("-inf")  # as if the last scan were long ago
     for _ in range(20):
         response = models_api("POST", "/api/generate", json={"prompt": "x", "model": "nope"})
         assert_error(response, 400)
-    assert len(scans) <= 2  # the first miss (and perhaps the watcher's pass), not twenty
+    assert 1 <= len(scans) <= 2  # the first miss (and perhaps the watcher's pass), not twenty
 
 
 def test_a_relative_model_name_in_config_is_the_default(start_api, tiny_model, tmp_path):
@@ -260,7 +262,8 @@ def test_a_listed_checkpoint_wins_over_a_default_of_the_same_stem(start_api, mod
     of a listed checkpoint (what `imagineerd pull` writes): the listed one runs."""
     api = start_api(paths={"models": str(model_files)}, model={"name": "nobody/alpha"})
     body, _, meta = generate(api, model="alpha")
-    assert body["model"] == "alpha" and params(meta)["Model hash"]
+    alpha = sha256(model_files / "checkpoints" / "alpha.safetensors")[:10]
+    assert body["model"] == "alpha" and params(meta)["Model hash"] == alpha
     health = api("GET", "/api/health").json()["backend"]
     assert health["state"] == "error" and "nobody/alpha" in health["error"]  # the banner's case
 

@@ -389,6 +389,11 @@ class Job:
     progress_step: int = 0
     progress_total: int = 0
     claim_id: int | None = None
+    #: The node (``queue.node_name``) whose worker holds or last held the job.
+    node: str | None = None
+    #: A running job's claim token: the node that holds it proves it with this when it
+    #: finishes the job, so a late result from a node whose lease ran out is refused.
+    token: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -407,4 +412,6 @@ class Job:
             if value is not None:
                 body[key] = value
         body["attempts"] = self.attempts
+        if self.node is not None:
+            body["node"] = self.node
         return body

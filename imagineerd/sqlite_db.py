@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ConfigError, StoreClosed, Unavailable
@@ -15,7 +16,18 @@ class SQLiteDatabase:
     """Connections (one per thread: sqlite3 connections must not be shared across threads
     mid-transaction), WAL with ``synchronous=FULL``, and ``_write()`` transactions."""
 
-    def __init__(self, path: str | Path, schema: str, version: int, *, timeout: float) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        schema: str,
+        version: int,
+        *,
+        timeout: float,
+        migrate: Callable[[sqlite3.Connection, int], None] | None = None,
+    ) -> None:
+        """Open (creating) the file and bring its schema to ``version`` in one transaction:
+        ``migrate(db, found)`` first alters the tables of an older version ``found`` (columns
+        ``schema`` needs and ``CREATE ... IF NOT EXISTS`` cannot add), then ``schema`` runs."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._timeout = timeout
@@ -38,6 +50,8 @@ class SQLiteDatabase:
                     "Upgrade imagineerd, or point paths.state at another folder",
                     field="paths.state",
                 )
+            if found is not None and found < version and migrate is not None:
+                migrate(db, found)
             for statement in schema.split(";"):
                 if statement.strip():
                     db.execute(statement)

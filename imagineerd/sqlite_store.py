@@ -13,17 +13,26 @@ import sqlite3
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
+from .errors import ConfigError
 from .jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, Job, JobSpec
 from .sqlite_db import SQLiteDatabase
 from .store import (
     CLAIMING,
     DELIVERED,
     GAVE_UP,
+    LEASE_LOST,
     OPEN_CLAIM_STATES,
+    OPEN_CLAIM_STATES_SQL,
     PENDING,
+    SCHEMA_VERSION,
+    STOPPED,
     SUBMITTED,
     Delivery,
+    Fenced,
+    lost_error,
+    new_token,
 )
 
 _SCHEMA = """
@@ -43,7 +52,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts         INTEGER NOT NULL DEFAULT 0,
     progress_step    INTEGER NOT NULL DEFAULT 0,
     progress_total   INTEGER NOT NULL DEFAULT 0,
-    claim_id         INTEGER REFERENCES claims (id)
+    claim_id         INTEGER REFERENCES claims (id),
+    node             TEXT,
+    token            TEXT,
+    lease_until      REAL,
+    interrupt        TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
 -- History and duration estimates read finished jobs newest first, new jobs take MAX(seq):
@@ -51,6 +64,10 @@ CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_status_id ON jobs (status, id);
 CREATE INDEX IF NOT EXISTS jobs_seq ON jobs (seq);
 CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (claim_id) WHERE claim_id IS NOT NULL;
+-- A node's running jobs (lease renewal, its start-up) and the leases that ran out: only
+-- running jobs are indexed, so both stay small however long the history grows.
+CREATE INDEX IF NOT EXISTS jobs_running_node ON jobs (node, seq) WHERE status = 'running';
+CREATE INDEX IF NOT EXISTS jobs_running_lease ON jobs (lease_until) WHERE status = 'running';
 -- The webhook outbox: a delivery owed is written in the transaction that finishes its job,
 -- so a crash between the two can neither lose nor invent one.
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -74,16 +91,55 @@ CREATE TABLE IF NOT EXISTS claims (
     state       TEXT NOT NULL,
     created_at  TEXT NOT NULL,
     final_path  TEXT,
-    note_path   TEXT
+    note_path   TEXT,
+    node        TEXT
+);
+-- One open claim per inbox file: of two nodes that see the same file, one records it.
+CREATE UNIQUE INDEX IF NOT EXISTS claims_open_original ON claims (original)
+    WHERE state IN ('claiming', 'submitted');
+CREATE TABLE IF NOT EXISTS nodes (
+    name         TEXT PRIMARY KEY,
+    info         TEXT NOT NULL,
+    started_at   REAL NOT NULL,
+    heartbeat_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 """
-#: Bumped with every schema change, which comes with a migration from the version before.
-#: 2: job specs may carry model, loras, clip_skip and vae. Specs stored by version 1 read
-#: with their defaults (the configured model, no LoRAs, clip skip 1, its own VAE), so the
-#: migration changes no row; the number is bumped so that an older imagineerd, which cannot
-#: read those fields, refuses the database instead of failing on its jobs.
-#: 3: the ``deliveries`` table (webhooks); created empty on a version 2 database.
-SCHEMA_VERSION = 3
+#: Columns version 4 added to tables that older versions have already.
+_ADDED_IN_4 = {
+    "jobs": ("node TEXT", "token TEXT", "lease_until REAL", "interrupt TEXT"),
+    "claims": ("node TEXT",),
+}
+
+
+def _migrate(db: sqlite3.Connection, found: int) -> None:
+    """Bring a database of version ``found`` (1-3) to the columns of this version, in the
+    opening transaction; new tables and indexes then come from the schema itself."""
+    for table, columns in _ADDED_IN_4.items():
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if not have:
+            continue  # the schema creates it whole
+        for column in columns:
+            if column.split()[0] not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+    if found < 4 and "original" in {row[1] for row in db.execute("PRAGMA table_info(claims)")}:
+        twice = db.execute(
+            "SELECT original, COUNT(*) FROM claims WHERE state IN (?, ?) GROUP BY original"
+            " HAVING COUNT(*) > 1 LIMIT 1",
+            OPEN_CLAIM_STATES,
+        ).fetchone()
+        if twice is not None:
+            # Only an older imagineerd's crash can leave these; the unique index of version
+            # 4 cannot be built over them, and which file is which is the user's to say.
+            raise ConfigError(
+                f"the job database has {twice[1]} unfinished inbox claims of the same file "
+                f"{twice[0]!r}; start the previous imagineerd once so that it finishes them, "
+                "then upgrade",
+                field="paths.state",
+            )
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:
@@ -103,6 +159,8 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         progress_step=row["progress_step"],
         progress_total=row["progress_total"],
         claim_id=row["claim_id"],
+        node=row["node"],
+        token=row["token"],
     )
 
 
@@ -111,11 +169,21 @@ class SQLiteStore(SQLiteDatabase):
 
     Every state transition is a single ``BEGIN IMMEDIATE`` transaction that checks the
     current status in its ``WHERE`` clause, so two workers can never claim the same job and
-    a job cannot be cancelled and started at once.
+    a job cannot be cancelled and started at once. The store's clock (leases, node
+    heartbeats) is this machine's: every process using the file runs on it.
     """
 
     def __init__(self, path: str | Path, *, timeout: float = 30.0) -> None:
-        super().__init__(path, _SCHEMA, SCHEMA_VERSION, timeout=timeout)
+        super().__init__(path, _SCHEMA, SCHEMA_VERSION, timeout=timeout, migrate=_migrate)
+
+    @staticmethod
+    def _now() -> float:
+        return time.time()
+
+    def schema_version(self) -> int:
+        """The version the file is at (this imagineerd's, once opened)."""
+        row = self._db().execute("SELECT value FROM meta WHERE key = 'schema_version'")
+        return int(row.fetchone()[0])
 
     def _one(self, sql: str, args: Iterable = ()) -> Job | None:
         row = self._db().execute(sql, tuple(args)).fetchone()
@@ -169,8 +237,12 @@ class SQLiteStore(SQLiteDatabase):
     #: How far past the head a batch claim looks for compatible jobs.
     BATCH_LOOKAHEAD = 512
 
-    def claim_next(self, *, started_at: str) -> Job | None:
-        claimed = self.claim_batch(started_at=started_at, limit=1)
+    def claim_next(
+        self, *, started_at: str, node: str = "", lease_seconds: float = 30.0
+    ) -> Job | None:
+        claimed = self.claim_batch(
+            started_at=started_at, limit=1, node=node, lease_seconds=lease_seconds
+        )
         return claimed[0] if claimed else None
 
     def claim_batch(
@@ -179,6 +251,8 @@ class SQLiteStore(SQLiteDatabase):
         started_at: str,
         limit: int | Callable[[JobSpec], int],
         key: Callable[[JobSpec], Hashable] | None = None,
+        node: str = "",
+        lease_seconds: float = 30.0,
     ) -> list[Job]:
         with self._write() as db:
             rows = db.execute(
@@ -197,10 +271,17 @@ class SQLiteStore(SQLiteDatabase):
                         break
                     if key(JobSpec.from_json(row["spec"])) == wanted:
                         ids.append(row["id"])
+            # No node, no lease: a claim of no node is put back by a start-up's recovery,
+            # as before nodes existed, and never by another node.
+            lease_until = self._now() + lease_seconds if node else None
             db.executemany(
                 "UPDATE jobs SET status = ?, started_at = ?, attempts = attempts + 1,"
-                " progress_step = 0, progress_total = 0 WHERE id = ? AND status = ?",
-                [(RUNNING, started_at, job_id, QUEUED) for job_id in ids],
+                " progress_step = 0, progress_total = 0, node = ?, token = ?,"
+                " lease_until = ?, interrupt = NULL WHERE id = ? AND status = ?",
+                [
+                    (RUNNING, started_at, node or None, new_token(), lease_until, job_id, QUEUED)
+                    for job_id in ids
+                ],
             )
         return [self.get(job_id) for job_id in ids]
 
@@ -215,15 +296,24 @@ class SQLiteStore(SQLiteDatabase):
         error: str | None = None,
         progress: tuple[int, int] | None = None,
         webhooks: Sequence[str] = (),
+        token: str | None = None,
     ) -> Job:
         assert status in (COMPLETED, FAILED, CANCELLED)
         step, total = progress if progress else (None, None)
         with self._write() as db:
-            cur = db.execute(
+            row = db.execute("SELECT status, token FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None and token is not None and row["token"] != token:
+                raise Fenced(
+                    f"job {job_id} is no longer held by this claim (its lease ran out and it "
+                    f"went back to the queue or to another node); not marking it {status}"
+                )
+            if row is None or row["status"] != RUNNING:
+                raise RuntimeError(f"job {job_id} is not running; cannot mark it {status}")
+            db.execute(
                 "UPDATE jobs SET status = ?, completed_at = ?, duration_seconds = ?,"
                 " output_path = ?, error = ?,"
                 " progress_step = COALESCE(?, progress_step),"
-                " progress_total = COALESCE(?, progress_total)"
+                " progress_total = COALESCE(?, progress_total), lease_until = NULL"
                 " WHERE id = ? AND status = ?",
                 (
                     status,
@@ -237,10 +327,95 @@ class SQLiteStore(SQLiteDatabase):
                     RUNNING,
                 ),
             )
-            if cur.rowcount != 1:
-                raise RuntimeError(f"job {job_id} is not running; cannot mark it {status}")
             _owe(db, job_id, status, webhooks)
         return self.get(job_id)
+
+    def holds(self, job_id: int, token: str) -> bool:
+        row = (
+            self._db()
+            .execute(
+                "SELECT 1 FROM jobs WHERE id = ? AND status = ? AND token = ?",
+                (job_id, RUNNING, token),
+            )
+            .fetchone()
+        )
+        return row is not None
+
+    # -- leases and nodes ----------------------------------------------------------------
+    def renew_leases(self, node: str, *, lease_seconds: float) -> dict[int, str]:
+        with self._write() as db:
+            db.execute(
+                f"UPDATE jobs SET lease_until = ? WHERE status = '{RUNNING}' AND node = ?",
+                (self._now() + lease_seconds, node),
+            )
+            rows = db.execute(
+                f"SELECT id, interrupt FROM jobs WHERE status = '{RUNNING}' AND node = ?"
+                " AND interrupt IS NOT NULL ORDER BY seq",
+                (node,),
+            ).fetchall()
+        return {row["id"]: row["interrupt"] for row in rows}
+
+    def request_interrupt(self, job_id: int, reason: str) -> bool:
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE jobs SET interrupt = COALESCE(interrupt, ?) WHERE id = ? AND status = ?",
+                (reason, job_id, RUNNING),
+            )
+        return cur.rowcount == 1
+
+    def expire_leases(
+        self,
+        *,
+        max_attempts: int,
+        completed_at: str,
+        webhooks: Callable[[JobSpec], Sequence[str]] | None = None,
+    ) -> list[Job]:
+        with self._write() as db:
+            rows = db.execute(
+                f"SELECT id, seq, attempts, spec FROM jobs WHERE status = '{RUNNING}'"
+                " AND lease_until < ?",
+                (self._now(),),
+            ).fetchall()
+            rows.sort(key=lambda row: row["seq"])  # few: no index needed to order them
+            _put_back(db, rows, max_attempts, completed_at, webhooks, LEASE_LOST)
+        return [self.get(row["id"]) for row in rows]
+
+    def heartbeat(self, node: str, info: dict[str, Any]) -> None:
+        now = self._now()
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO nodes (name, info, started_at, heartbeat_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET info = excluded.info,"
+                " heartbeat_at = excluded.heartbeat_at",
+                (node, json.dumps(info), now, now),
+            )
+
+    def nodes(self) -> list[dict[str, Any]]:
+        now = self._now()
+        rows = self._db().execute("SELECT * FROM nodes ORDER BY name").fetchall()
+        return [
+            {
+                "name": row["name"],
+                "info": json.loads(row["info"]),
+                "started_at": row["started_at"],
+                "heartbeat_at": row["heartbeat_at"],
+                "age": max(0.0, now - row["heartbeat_at"]),
+            }
+            for row in rows
+        ]
+
+    # -- settings shared by every node ---------------------------------------------------
+    def get_setting(self, key: str) -> Any | None:
+        row = self._db().execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put_setting(self, key: str, value: Any) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO settings (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, json.dumps(value)),
+            )
 
     def cancel_queued(
         self, job_id: int, *, completed_at: str, webhooks: Sequence[str] = ()
@@ -261,9 +436,8 @@ class SQLiteStore(SQLiteDatabase):
             ).fetchone()[0]
             for offset, job_id in enumerate(job_ids):
                 db.execute(
-                    "UPDATE jobs SET status = ?, seq = ?, started_at = NULL,"
-                    " attempts = attempts - ?, progress_step = 0, progress_total = 0"
-                    " WHERE id = ? AND status = ?",
+                    f"UPDATE jobs SET status = ?, seq = ?, {_RELEASED},"
+                    " attempts = attempts - ? WHERE id = ? AND status = ?",
                     (
                         QUEUED,
                         head - len(job_ids) + offset,
@@ -280,46 +454,31 @@ class SQLiteStore(SQLiteDatabase):
         max_attempts: int,
         completed_at: str,
         webhooks: Callable[[JobSpec], Sequence[str]] | None = None,
+        node: str = "",
     ) -> list[Job]:
         with self._write() as db:
             rows = db.execute(
-                "SELECT id, attempts, spec FROM jobs WHERE status = ? ORDER BY seq", (RUNNING,)
+                f"SELECT id, attempts, spec FROM jobs WHERE status = '{RUNNING}'"
+                " AND (node = ? OR node IS NULL) ORDER BY seq",
+                (node,),
             ).fetchall()
-            head = db.execute(
-                "SELECT COALESCE(MIN(seq), 1) FROM jobs WHERE status = ?", (QUEUED,)
-            ).fetchone()[0]
-            requeue = [row["id"] for row in rows if row["attempts"] < max_attempts]
-            for offset, job_id in enumerate(requeue):
-                db.execute(
-                    "UPDATE jobs SET status = ?, seq = ?, started_at = NULL,"
-                    " progress_step = 0, progress_total = 0 WHERE id = ?",
-                    (QUEUED, head - len(requeue) + offset, job_id),
-                )
-            for row in rows:
-                if row["attempts"] >= max_attempts:
-                    db.execute(
-                        "UPDATE jobs SET status = ?, completed_at = ?, error = ? WHERE id = ?",
-                        (
-                            FAILED,
-                            completed_at,
-                            f"the daemon stopped unexpectedly while this job ran, "
-                            f"{row['attempts']} times; giving up so the queue can go on "
-                            f"(queue.max_attempts is {max_attempts})",
-                            row["id"],
-                        ),
-                    )
-                    if webhooks is not None:
-                        _owe(db, row["id"], FAILED, webhooks(JobSpec.from_json(row["spec"])))
+            _put_back(db, rows, max_attempts, completed_at, webhooks, STOPPED)
         return [self.get(row["id"]) for row in rows]
 
     # -- webhook deliveries --------------------------------------------------------------
-    def deliveries_due(self, now: float, limit: int) -> list[Delivery]:
-        rows = self._db().execute(
-            "SELECT * FROM deliveries WHERE state = ? AND next_at <= ? ORDER BY next_at, id"
-            " LIMIT ?",
-            (PENDING, now, limit),
+    def deliveries_due(self, now: float, limit: int, *, hold: float = 0.0) -> list[Delivery]:
+        due = (
+            "SELECT * FROM deliveries WHERE state = ? AND next_at <= ? ORDER BY next_at, id LIMIT ?"
         )
-        return [Delivery(**dict(row)) for row in rows]
+        if not hold:
+            return [Delivery(**dict(row)) for row in self._db().execute(due, (PENDING, now, limit))]
+        with self._write() as db:
+            rows = [dict(row) for row in db.execute(due, (PENDING, now, limit))]
+            db.executemany(
+                "UPDATE deliveries SET next_at = ? WHERE id = ?",
+                [(now + hold, row["id"]) for row in rows],
+            )
+        return [Delivery(**{**row, "next_at": now + hold}) for row in rows]
 
     def record_delivery(
         self,
@@ -357,13 +516,25 @@ class SQLiteStore(SQLiteDatabase):
         return [Delivery(**dict(row)) for row in rows]
 
     # -- claims: files taken from the inbox ---------------------------------------------
-    def create_claim(self, original: str, claimed: str, *, created_at: str) -> int:
+    def create_claim(
+        self, original: str, claimed: str, *, created_at: str, node: str = ""
+    ) -> int | None:
+        return self.create_claims([(original, claimed)], created_at=created_at, node=node)[0]
+
+    def create_claims(
+        self, items: Sequence[tuple[str, str]], *, created_at: str, node: str = ""
+    ) -> list[int | None]:
+        ids: list[int | None] = []
         with self._write() as db:
-            cur = db.execute(
-                "INSERT INTO claims (original, claimed, state, created_at) VALUES (?, ?, ?, ?)",
-                (original, claimed, CLAIMING, created_at),
-            )
-            return cur.lastrowid
+            for original, claimed in items:
+                row = db.execute(
+                    "INSERT INTO claims (original, claimed, state, created_at, node)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (original)"
+                    f" WHERE state IN {OPEN_CLAIM_STATES_SQL} DO NOTHING RETURNING id",
+                    (original, claimed, CLAIMING, created_at, node or None),
+                ).fetchone()
+                ids.append(row[0] if row else None)
+        return ids
 
     def submit_claim(
         self,
@@ -407,10 +578,13 @@ class SQLiteStore(SQLiteDatabase):
         row = self._db().execute("SELECT * FROM claims WHERE id = ?", (claim_id,)).fetchone()
         return dict(row) if row else None
 
-    def open_claims(self) -> list[dict]:
-        rows = self._db().execute(
-            "SELECT * FROM claims WHERE state IN (?, ?) ORDER BY id", OPEN_CLAIM_STATES
-        )
+    def open_claims(self, node: str | None = None) -> list[dict]:
+        # The states are literals so that the partial index of open claims serves this.
+        sql = f"SELECT * FROM claims WHERE state IN {OPEN_CLAIM_STATES_SQL}"
+        if node is None:
+            rows = self._db().execute(sql + " ORDER BY id")
+        else:
+            rows = self._db().execute(sql + " AND (node = ? OR node IS NULL) ORDER BY id", (node,))
         return [dict(row) for row in rows]
 
     def claim_jobs(self, claim_id: int) -> list[Job]:
@@ -420,8 +594,14 @@ class SQLiteStore(SQLiteDatabase):
     def get(self, job_id: int) -> Job | None:
         return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
 
-    def running(self) -> list[Job]:
-        return self._many("SELECT * FROM jobs WHERE status = ? ORDER BY seq", (RUNNING,))
+    def running(self, node: str | None = None) -> list[Job]:
+        if node is None:
+            return self._many("SELECT * FROM jobs WHERE status = ? ORDER BY seq", (RUNNING,))
+        return self._many(
+            f"SELECT * FROM jobs WHERE status = '{RUNNING}' AND (node = ? OR node IS NULL)"
+            " ORDER BY seq",
+            (node,),
+        )
 
     def queued(self, limit: int | None = None) -> list[Job]:
         return self._many(
@@ -505,6 +685,44 @@ class SQLiteStore(SQLiteDatabase):
                 work = s["width"] * s["height"] * s["steps"]
                 other.append(duration * spec.width * spec.height * spec.steps / work)
         return (similar or other)[:limit]
+
+
+#: What putting a running job back clears: its claim (node's lease and token), its progress
+#: and any interrupt asked of it. The node stays: it shows where the job last ran.
+_RELEASED = (
+    "started_at = NULL, progress_step = 0, progress_total = 0, token = NULL,"
+    " lease_until = NULL, interrupt = NULL"
+)
+
+
+def _put_back(
+    db: sqlite3.Connection,
+    rows: Sequence[sqlite3.Row],
+    max_attempts: int,
+    completed_at: str,
+    webhooks: Callable[[JobSpec], Sequence[str]] | None,
+    why: str,
+) -> None:
+    """Running jobs whose process is gone (``rows``: id, attempts, spec in queue order) go
+    back to the head of the queue in their order, or fail once ``max_attempts`` are used."""
+    head = db.execute(
+        "SELECT COALESCE(MIN(seq), 1) FROM jobs WHERE status = ?", (QUEUED,)
+    ).fetchone()[0]
+    requeue = [row["id"] for row in rows if row["attempts"] < max_attempts]
+    for offset, job_id in enumerate(requeue):
+        db.execute(
+            f"UPDATE jobs SET status = ?, seq = ?, {_RELEASED} WHERE id = ?",
+            (QUEUED, head - len(requeue) + offset, job_id),
+        )
+    for row in rows:
+        if row["attempts"] >= max_attempts:
+            db.execute(
+                "UPDATE jobs SET status = ?, completed_at = ?, error = ?, token = NULL,"
+                " lease_until = NULL, interrupt = NULL WHERE id = ?",
+                (FAILED, completed_at, lost_error(why, row["attempts"], max_attempts), row["id"]),
+            )
+            if webhooks is not None:
+                _owe(db, row["id"], FAILED, webhooks(JobSpec.from_json(row["spec"])))
 
 
 def _owe(db: sqlite3.Connection, job_id: int, status: str, urls: Sequence[str]) -> None:

@@ -2,19 +2,28 @@
 
 :class:`Store` is what the daemon and the inbox rely on; each method's docstring says which
 state transition it performs and that it is atomic. :class:`~imagineerd.sqlite_store.SQLiteStore`
-implements it on one SQLite file; another implementation (PostgreSQL, for several machines
-sharing a queue) implements the same methods with the same atomicity, passes the same
-contract suite (``tests/test_store.py``), and nothing else changes.
+implements it on one SQLite file; :class:`~imagineerd.pg_store.PostgresStore` on a PostgreSQL
+database that several machines share. Both pass the same contract suite
+(``tests/test_store.py``); :func:`imagineerd.stores.open_store` picks one by
+``queue.database``, and nothing else changes.
 
 Queue order is a sequence number, not the id: a job put back (recovery, a clean stop) goes
 *to the head* of the queue.
+
+Several daemons ("nodes", each named by ``queue.node_name``) may share one store. A claim
+gives the running job to a node with a *lease* and a *token*: the node's heartbeat renews
+the lease (:meth:`Store.renew_leases`); when a node dies its leases run out and another node
+puts the jobs back (:meth:`Store.expire_leases`); a late result from the dead node is
+refused because it no longer holds the token (:meth:`Store.finish` with ``token``). Lease
+times are read from the store's own clock, so nodes need not agree on the time.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .jobs import Job, JobSpec
 
@@ -23,9 +32,43 @@ from .jobs import Job, JobSpec
 #: ``failed/`` with a note (``failed``).
 CLAIMING, SUBMITTED, DONE, FAILED_CLAIM = "claiming", "submitted", "done", "failed"
 OPEN_CLAIM_STATES = (CLAIMING, SUBMITTED)
+#: The same, as SQL literals (partial indexes match literals, not parameters).
+OPEN_CLAIM_STATES_SQL = "('claiming', 'submitted')"
 
 #: Webhook delivery states: ``pending`` (due at ``next_at``) -> ``delivered`` | ``failed``.
 PENDING, DELIVERED, GAVE_UP = "pending", "delivered", "failed"
+
+
+#: Bumped with every schema change, which comes with a migration from the version before.
+#: 2: job specs may carry model, loras, clip_skip and vae. Specs stored by version 1 read
+#: with their defaults (the configured model, no LoRAs, clip skip 1, its own VAE), so the
+#: migration changes no row; the number is bumped so that an older imagineerd, which cannot
+#: read those fields, refuses the database instead of failing on its jobs.
+#: 3: the ``deliveries`` table (webhooks); created empty on a version 2 database.
+#: 4: nodes sharing a queue: ``jobs.node``/``token``/``lease_until``/``interrupt``,
+#: ``claims.node`` (added empty to older rows: no node, no lease), the ``nodes`` and
+#: ``settings`` tables, and one open claim per inbox file. The PostgreSQL store has the
+#: same number for the same schema (the tables the SQLite one has, in its types).
+SCHEMA_VERSION = 4
+
+
+def new_token() -> str:
+    """A fresh claim token: 64 random bits, never reused in practice."""
+    return secrets.token_hex(8)
+
+
+#: Why a job was taken from its node: the daemon died (found at its start-up), or its node
+#: stopped renewing the lease (found by another node).
+STOPPED = "the daemon stopped unexpectedly while this job ran"
+LEASE_LOST = "the node running this job stopped answering (its lease ran out)"
+
+
+def lost_error(why: str, attempts: int, max_attempts: int) -> str:
+    """Why a job failed whose node kept dying (or losing its lease) while it ran."""
+    return (
+        f"{why}, {attempts} times; giving up so the queue can go on "
+        f"(queue.max_attempts is {max_attempts})"
+    )
 
 
 @dataclass(frozen=True)
@@ -46,6 +89,11 @@ class Delivery:
 
     def to_dict(self) -> dict[str, object]:
         return dict(vars(self))
+
+
+class Fenced(RuntimeError):
+    """A node finished (or checked) a job whose claim it no longer holds: its lease ran
+    out and the job went back to the queue or to another node. The late result is dropped."""
 
 
 @runtime_checkable
@@ -84,13 +132,23 @@ class Store(Protocol):
         started_at: str,
         limit: int | Callable[[JobSpec], int],
         key: Callable[[JobSpec], Hashable] | None = None,
+        node: str = "",
+        lease_seconds: float = 30.0,
     ) -> list[Job]:
         """Move the head of the queue plus up to ``limit - 1`` later queued jobs with the
         head's ``key(spec)`` to ``running`` (attempts + 1), atomically; ``limit`` may depend
-        on the head's spec. The head is always included (FIFO). Without ``key``, one job."""
+        on the head's spec. The head is always included (FIFO). Without ``key``, one job.
+        The jobs get ``node``, a new ``token`` each and a lease ``lease_seconds`` long;
+        without a node (``""``, a one-off claimer such as ``imagineerd generate``) they get
+        no node and no lease: no other node expires them, a start-up's :meth:`recover` puts
+        them back, as before nodes existed.
+        Two claimers at once (threads, processes, machines) never get the same job, and
+        neither waits for the other's lookahead (``SKIP LOCKED`` where the engine has it)."""
         ...
 
-    def claim_next(self, *, started_at: str) -> Job | None:
+    def claim_next(
+        self, *, started_at: str, node: str = "", lease_seconds: float = 30.0
+    ) -> Job | None:
         """``claim_batch`` of one: the head of the queue, or ``None``."""
         ...
 
@@ -105,10 +163,63 @@ class Store(Protocol):
         error: str | None = None,
         progress: tuple[int, int] | None = None,
         webhooks: Sequence[str] = (),
+        token: str | None = None,
     ) -> Job:
         """Move a ``running`` job to ``completed``, ``failed`` or ``cancelled``; raises
-        ``RuntimeError`` if it is not running (the first finish stands). In the same
-        transaction, a ``pending`` delivery of ``job.<status>`` to each of ``webhooks``."""
+        ``RuntimeError`` if it is not running (the first finish stands), and :class:`Fenced`
+        (a ``RuntimeError`` too) if ``token`` is given and the job does not carry it,
+        whatever its status (its lease was lost: it went back to the queue, to another
+        node, or was finished there); a finished job keeps its token, so finishing twice
+        under the same one is the plain ``RuntimeError``. In the same transaction, a
+        ``pending`` delivery of ``job.<status>`` to each of ``webhooks``."""
+        ...
+
+    def holds(self, job_id: int, token: str) -> bool:
+        """Whether the job is still ``running`` under this claim ``token`` (a node checks
+        before it publishes a result; :meth:`finish` with the token is the real fence)."""
+        ...
+
+    # -- leases and nodes ----------------------------------------------------------------
+    def renew_leases(self, node: str, *, lease_seconds: float) -> dict[int, str]:
+        """Extend the lease of every job ``node`` runs to ``lease_seconds`` from now; returns
+        ``{job id: reason}`` for those of them another node asked to interrupt."""
+        ...
+
+    def request_interrupt(self, job_id: int, reason: str) -> bool:
+        """Ask the node running the job to stop it (seen at its next :meth:`renew_leases`);
+        ``False`` if the job is not running. The first reason stands."""
+        ...
+
+    def expire_leases(
+        self,
+        *,
+        max_attempts: int,
+        completed_at: str,
+        webhooks: Callable[[JobSpec], Sequence[str]] | None = None,
+    ) -> list[Job]:
+        """In one transaction, every ``running`` job whose lease has run out (its node died
+        or lost the database) goes back to the head of the queue, its attempt counted, or
+        fails once ``max_attempts`` are used (with its deliveries). Returns them as now.
+        A job without a lease (claimed before leases existed) is left to :meth:`recover`."""
+        ...
+
+    def heartbeat(self, node: str, info: dict[str, Any]) -> None:
+        """Record that ``node`` is alive now (the store's clock), with what it reports
+        (``info``: version, devices, state); creates the node on first call."""
+        ...
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every node seen: ``name``, ``info``, ``started_at``, ``heartbeat_at`` (Unix
+        seconds) and ``age`` (seconds since its last heartbeat), by name."""
+        ...
+
+    # -- settings shared by every node (generation defaults) ------------------------------
+    def get_setting(self, key: str) -> Any | None:
+        """A JSON value shared by every node of this store, or ``None``."""
+        ...
+
+    def put_setting(self, key: str, value: Any) -> None:
+        """Store a JSON value for every node (replaces the previous one)."""
         ...
 
     def cancel_queued(
@@ -130,16 +241,21 @@ class Store(Protocol):
         max_attempts: int,
         completed_at: str,
         webhooks: Callable[[JobSpec], Sequence[str]] | None = None,
+        node: str = "",
     ) -> list[Job]:
-        """Start-up, in one transaction: every ``running`` job (its process died) goes back
-        to the head in its order, or fails once interrupted ``max_attempts`` times (with the
-        deliveries ``webhooks(spec)`` names for it). Returns the jobs touched, as they are
-        now."""
+        """Start-up of ``node``, in one transaction: every ``running`` job its previous life
+        held (or held by no node: written before nodes existed) goes back to the head in its
+        order, or fails once interrupted ``max_attempts`` times (with the deliveries
+        ``webhooks(spec)`` names for it). Other nodes' jobs are left to their leases.
+        Returns the jobs touched, as they are now."""
         ...
 
     # -- webhook deliveries (the outbox) --------------------------------------------------
-    def deliveries_due(self, now: float, limit: int) -> list[Delivery]:
-        """``pending`` deliveries whose ``next_at`` has come, oldest first."""
+    def deliveries_due(self, now: float, limit: int, *, hold: float = 0.0) -> list[Delivery]:
+        """``pending`` deliveries whose ``next_at`` has come, oldest first. With ``hold``,
+        atomically taken for that many seconds (their ``next_at`` moves to ``now + hold``),
+        so the delivery thread of another node sharing the store does not send them too; if
+        this one dies before it records the attempt, they are due again after the hold."""
         ...
 
     def record_delivery(
@@ -166,7 +282,11 @@ class Store(Protocol):
 
     # -- jobs: queries -----------------------------------------------------------------
     def get(self, job_id: int) -> Job | None: ...
-    def running(self) -> list[Job]: ...
+    def running(self, node: str | None = None) -> list[Job]:
+        """Running jobs in queue order; when ``node`` is given, only those it holds and those
+        of no node (which its start-up takes as its own, as :meth:`recover` does)."""
+        ...
+
     def queued(self, limit: int | None = None) -> list[Job]:
         """Queued jobs in queue order."""
         ...
@@ -197,8 +317,19 @@ class Store(Protocol):
     # A claim is recorded *before* the file is renamed out of the drop area, and its jobs
     # are inserted in the same transaction that marks it submitted, so a crash at any point
     # leaves a state that start-up can finish without losing or doubling a job.
-    def create_claim(self, original: str, claimed: str, *, created_at: str) -> int:
-        """Record the intent to claim ``original`` by renaming it to ``claimed``."""
+    def create_claim(
+        self, original: str, claimed: str, *, created_at: str, node: str = ""
+    ) -> int | None:
+        """Record ``node``'s intent to claim ``original`` (a path relative to the inbox) by
+        renaming it to ``claimed``; ``None`` if an open claim of ``original`` exists already
+        (another node took it first: the file is theirs)."""
+        ...
+
+    def create_claims(
+        self, items: Sequence[tuple[str, str]], *, created_at: str, node: str = ""
+    ) -> list[int | None]:
+        """:meth:`create_claim` for many ``(original, claimed)`` pairs in one transaction
+        (a burst of files costs one commit); ``None`` where the file is claimed already."""
         ...
 
     def submit_claim(
@@ -230,11 +361,13 @@ class Store(Protocol):
         ...
 
     def get_claim(self, claim_id: int) -> dict | None: ...
-    def open_claims(self) -> list[dict]:
-        """Claims a crash may have left half-way: ``claiming`` or ``submitted``."""
+    def open_claims(self, node: str | None = None) -> list[dict]:
+        """Claims a crash may have left half-way: ``claiming`` or ``submitted``; only
+        ``node``'s (and those of no node) when given."""
         ...
 
     def claim_jobs(self, claim_id: int) -> list[Job]: ...
     def close(self) -> None:
-        """Release connections; later calls raise ``RuntimeError``."""
+        """Release connections; later calls raise :class:`~imagineerd.errors.StoreClosed`
+        (a ``RuntimeError``)."""
         ...

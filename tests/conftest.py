@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +40,70 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+        if "postgres_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)
+
+
+#: The PostgreSQL server the ``postgres`` tests use: its maintenance database, as a user that
+#: may create databases. Each test session makes its own databases there and drops them.
+POSTGRES_SERVER = os.environ.get(
+    "IMAGINEERD_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _postgres_admin():
+    """An autocommit connection to POSTGRES_SERVER; skips the test when there is none (fails
+    it in CI, which has one: a missing server must not pass as skipped tests)."""
+    import psycopg
+
+    try:
+        return psycopg.connect(POSTGRES_SERVER, autocommit=True, connect_timeout=3)
+    except psycopg.Error as exc:
+        from imagineerd.stores import redact
+
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = (
+            f"no PostgreSQL server at {redact(POSTGRES_SERVER)} ({reason}); set "
+            "IMAGINEERD_TEST_POSTGRES to a postgresql:// URL of a user who may create databases"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@contextlib.contextmanager
+def make_postgres_database() -> Iterator[str]:
+    """A new empty PostgreSQL database, as a ``postgresql://`` URL, dropped afterwards
+    (with any connection still open to it): one per test session, or one per process of a
+    multi-node test."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    name = f"imagineerd_test_{os.getpid()}_{secrets.token_hex(4)}"
+    with _postgres_admin() as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield urlunsplit(urlsplit(POSTGRES_SERVER)._replace(path="/" + name))
+    finally:
+        with _postgres_admin() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """The URL of a PostgreSQL database of this test session (tests that share it empty it
+    first: ``reset_postgres``)."""
+    with make_postgres_database() as url:
+        yield url
+
+
+def reset_postgres(url: str) -> None:
+    """Drop every table of the database at ``url``: the next store opened there starts on
+    a fresh schema, its ids from 1."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("DROP SCHEMA public CASCADE")
+        db.execute("CREATE SCHEMA public")
 
 
 @pytest.fixture(scope="session")

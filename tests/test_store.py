@@ -21,8 +21,11 @@ from imagineerd.store import (
     GAVE_UP,
     PENDING,
     SUBMITTED,
+    Fenced,
     Store,
 )
+
+from .conftest import reset_postgres
 
 T = "2026-01-01T00:00:00.000000"
 DATA = Path(__file__).parent / "data"
@@ -32,22 +35,36 @@ def spec(prompt: str = "p", **fields):
     return validate({"prompt": prompt, "seed": 1, **fields}, config_mod.DEFAULTS["generation"])
 
 
-def open_sqlite(directory: Path) -> Callable[[], Store]:
+def open_sqlite(request: pytest.FixtureRequest, directory: Path) -> Callable[[], Store]:
     return lambda: SQLiteStore(directory / "jobs.db")
 
 
-#: Every store implementation runs the whole contract below. Each entry opens a store on a
-#: fresh database; calling the opener again opens a second store object on the same data
-#: (as a second worker process, or the same daemon after a restart, would).
-STORES = {"sqlite": open_sqlite}
+def open_postgres(request: pytest.FixtureRequest, directory: Path) -> Callable[[], Store]:
+    from imagineerd.pg_store import PostgresStore
+
+    url = request.getfixturevalue("postgres_url")  # one database per session, emptied here
+    reset_postgres(url)
+    return lambda: PostgresStore(url)
 
 
-@pytest.fixture(params=sorted(STORES))
+#: Every store implementation runs the whole contract below. Each entry is called once per
+#: test with a fresh place for its data and returns an opener; calling the opener again opens
+#: a second store object on the same data (as a second worker process, another node, or the
+#: same daemon after a restart, would).
+STORES = {"sqlite": open_sqlite, "postgres": open_postgres}
+#: Marks of the stores that need a server.
+STORE_MARKS = {"postgres": [pytest.mark.postgres]}
+
+
+@pytest.fixture(
+    params=[pytest.param(name, marks=STORE_MARKS.get(name, [])) for name in sorted(STORES)]
+)
 def open_store(request, tmp_path: Path) -> Iterator[Callable[[], Store]]:
     opened: list[Store] = []
+    opener = STORES[request.param](request, tmp_path)
 
     def open_() -> Store:
-        store = STORES[request.param](tmp_path)()
+        store = opener()
         opened.append(store)
         return store
 
@@ -158,6 +175,33 @@ def test_a_finished_job_owes_its_webhook_deliveries_in_the_same_transaction(stor
     assert store.delivery_counts() == {PENDING: 1, DELIVERED: 1, GAVE_UP: 1}
     store.record_delivery(first.id, now=2.0, delivered=False, next_at=5.0)  # already delivered
     assert store.deliveries(10)[-1].state == DELIVERED
+
+
+def test_deliveries_taken_with_a_hold_go_to_one_sender_only(open_store):
+    """Two nodes' delivery threads poll at once: each delivery is handed to one of them;
+    one not recorded (its sender died) is due again once the hold has passed."""
+    first, second = open_store(), open_store()
+    jobs = [first.add(spec(f"j{i}"), submitted_at=T) for i in range(6)]
+    for job in jobs:
+        first.claim_next(started_at=T)
+        first.finish(job.id, COMPLETED, completed_at=T, webhooks=["http://a/"])
+    now = max(d.created_at for d in first.deliveries(10)) + 1
+    taken: list[list] = [[], []]
+
+    def take(index: int, s: Store) -> None:
+        taken[index] = s.deliveries_due(now, 4, hold=60)
+
+    threads = [threading.Thread(target=take, args=(i, s)) for i, s in enumerate((first, second))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ids = [d.id for batch in taken for d in batch]
+    assert len(ids) == len(set(ids)) == 6  # each once, none left out
+    assert all(d.next_at == now + 60 for batch in taken for d in batch)
+    assert first.deliveries_due(now + 30, 10, hold=60) == []  # held
+    again = second.deliveries_due(now + 61, 10)  # the hold passed: due again
+    assert sorted(d.id for d in again) == sorted(ids)
 
 
 def test_recovery_owes_the_deliveries_of_the_jobs_it_fails(store: Store):
@@ -315,6 +359,242 @@ def test_claims_record_an_inbox_file_once_and_queue_its_jobs_once(store: Store):
     assert store.get_claim(gone) is None
 
 
+def test_a_claim_gives_its_node_a_token_per_job_and_a_lease(store: Store):
+    a, b, c = (store.add(spec(p), submitted_at=T) for p in "abc")
+    batch = store.claim_batch(started_at=T, limit=2, key=lambda s: 0, node="gpu-1")
+    assert [j.id for j in batch] == [a.id, b.id]
+    assert {j.node for j in batch} == {"gpu-1"} and all(j.token for j in batch)
+    assert batch[0].token != batch[1].token
+    other = store.claim_next(started_at=T, node="gpu-2", lease_seconds=60)
+    assert (other.id, other.node) == (c.id, "gpu-2")
+    assert store.holds(a.id, batch[0].token) and not store.holds(a.id, batch[1].token)
+    assert [j.id for j in store.running(node="gpu-1")] == [a.id, b.id]
+    assert [j.id for j in store.running(node="gpu-2")] == [c.id]
+    assert store.running(node="gpu-3") == [] and len(store.running()) == 3
+    d = store.add(spec("d"), submitted_at=T)
+    store.claim_next(started_at=T)  # of no node: counted as every node's own
+    assert [j.id for j in store.running(node="gpu-2")] == [c.id, d.id]
+    done = store.finish(a.id, COMPLETED, completed_at=T, token=batch[0].token)
+    assert (done.status, done.node) == (COMPLETED, "gpu-1")  # who ran it stays on record
+    assert not store.holds(a.id, batch[0].token)  # finished: nobody holds it
+    with pytest.raises(RuntimeError) as twice:  # the first finish stands, as without tokens
+        store.finish(a.id, FAILED, completed_at=T, token=batch[0].token)
+    assert not isinstance(twice.value, Fenced)
+    (back,) = store.requeue([b.id], count_attempt=False)
+    assert back.token is None and not store.holds(b.id, batch[1].token)
+
+
+def test_a_claim_of_no_node_has_no_lease_and_any_start_up_recovers_it(open_store):
+    store, other = open_store(), open_store()
+    job = store.add(spec("one-off"), submitted_at=T)
+    claimed = store.claim_next(started_at=T, lease_seconds=-1)  # as `imagineerd generate`
+    assert claimed.node is None and claimed.token and store.holds(job.id, claimed.token)
+    assert [j.id for j in store.running(node="gpu-1")] == [job.id]  # every node's to recover
+    assert other.expire_leases(max_attempts=3, completed_at=T) == []  # no lease to run out
+    assert other.renew_leases("", lease_seconds=60) == {}
+    (back,) = other.recover(max_attempts=3, completed_at=T, node="gpu-1")
+    assert (back.id, back.status) == (job.id, QUEUED)
+
+
+def test_renewed_leases_hold_and_run_out_ones_go_back_to_the_head(open_store):
+    store, other_node = open_store(), open_store()
+    a, b, c = (store.add(spec(p), submitted_at=T) for p in "abc")
+    lost = store.claim_next(started_at=T, node="dead", lease_seconds=-1)  # ran out already
+    kept = store.claim_next(started_at=T, node="alive", lease_seconds=-1)
+    assert store.renew_leases("alive", lease_seconds=60) == {}  # just in time
+    (expired,) = other_node.expire_leases(max_attempts=3, completed_at=T)
+    assert (expired.id, expired.status, expired.attempts) == (lost.id, QUEUED, 1)
+    assert expired.token is None and not other_node.holds(a.id, lost.token)
+    assert [j.id for j in store.queued()] == [a.id, c.id]  # at the head, in order
+    assert store.get(kept.id).status == RUNNING and store.holds(kept.id, kept.token)
+    assert other_node.expire_leases(max_attempts=3, completed_at=T) == []
+    assert kept.id == b.id and store.renew_leases("nobody", lease_seconds=60) == {}
+
+
+def test_a_late_result_from_a_node_whose_lease_ran_out_is_fenced(open_store):
+    slow, other = open_store(), open_store()
+    job = slow.add(spec("a"), submitted_at=T)
+    claim = slow.claim_next(started_at=T, node="slow", lease_seconds=-1)
+    other.expire_leases(max_attempts=3, completed_at=T)
+    with pytest.raises(Fenced):  # back in the queue: the slow node's result is dropped
+        slow.finish(job.id, COMPLETED, completed_at=T, output_path="late.png", token=claim.token)
+    untouched = other.get(job.id)
+    assert (untouched.status, untouched.output_path, untouched.token) == (QUEUED, None, None)
+    again = other.claim_next(started_at=T, node="other", lease_seconds=60)
+    assert again.id == job.id and again.attempts == 2 and again.token != claim.token
+    with pytest.raises(Fenced, match="no longer held"):  # and so while another node runs it
+        slow.finish(job.id, FAILED, completed_at=T, error="late", token=claim.token)
+    assert not slow.holds(job.id, claim.token) and slow.holds(job.id, again.token)
+    assert other.get(job.id).status == RUNNING
+    done = other.finish(job.id, COMPLETED, completed_at=T, output_path="x.png", token=again.token)
+    assert (done.status, done.output_path) == (COMPLETED, "x.png")
+    assert issubclass(Fenced, RuntimeError)  # callers that catch RuntimeError keep working
+
+
+def test_a_lease_that_keeps_running_out_fails_the_job_with_its_deliveries(store: Store):
+    job = store.add(spec("unlucky"), submitted_at=T)
+    store.add(spec("next"), submitted_at=T)
+    for _ in range(2):
+        assert store.claim_next(started_at=T, node="n", lease_seconds=-1).id == job.id
+        touched = store.expire_leases(
+            max_attempts=2, completed_at=T, webhooks=lambda s: [f"http://hook/{s.prompt}"]
+        )
+    (failed,) = touched
+    assert failed.status == FAILED and "2 times" in failed.error and "lease" in failed.error
+    assert failed.token is None and not store.holds(job.id, "anything")
+    (owed,) = store.deliveries(10)
+    assert (owed.job_id, owed.event, owed.url) == (job.id, "job.failed", "http://hook/unlucky")
+    assert store.claim_next(started_at=T).spec.prompt == "next"
+
+
+def test_an_interrupt_asked_through_one_store_reaches_the_node_at_its_renewal(open_store):
+    node, store = open_store(), open_store()  # the node, and the API of another
+    job = node.add(spec("long"), submitted_at=T)
+    waiting = node.add(spec("waiting"), submitted_at=T)
+    node.claim_next(started_at=T, node="gpu", lease_seconds=60)
+    assert node.renew_leases("gpu", lease_seconds=60) == {}
+    assert store.request_interrupt(job.id, "cancelled by the user")
+    assert store.request_interrupt(job.id, "another reason")  # still running: accepted
+    assert node.renew_leases("gpu", lease_seconds=60) == {job.id: "cancelled by the user"}
+    assert node.renew_leases("other", lease_seconds=60) == {}
+    assert not store.request_interrupt(waiting.id, "x")  # not running: nothing to stop
+    assert not store.request_interrupt(10**6, "x")
+    node.requeue([job.id], count_attempt=False)  # a put back job forgets the request
+    node.claim_next(started_at=T, node="gpu", lease_seconds=60)
+    assert node.renew_leases("gpu", lease_seconds=60) == {}
+
+
+def test_nodes_are_known_by_their_heartbeats_on_the_stores_clock(open_store):
+    store, two = open_store(), open_store()
+    assert store.nodes() == []
+    store.heartbeat("gpu-b", {"version": "1", "devices": ["cuda:0"]})
+    two.heartbeat("gpu-a", {"version": "1", "devices": []})
+    first = {n["name"]: n for n in two.nodes()}
+    assert list(first) == ["gpu-a", "gpu-b"]  # by name
+    assert first["gpu-b"]["info"] == {"version": "1", "devices": ["cuda:0"]}
+    assert 0 <= first["gpu-b"]["age"] < 60
+    assert first["gpu-b"]["started_at"] <= first["gpu-b"]["heartbeat_at"]
+    store.heartbeat("gpu-b", {"version": "2", "state": "busy"})
+    later = {n["name"]: n for n in store.nodes()}["gpu-b"]
+    assert later["info"] == {"version": "2", "state": "busy"}
+    assert later["heartbeat_at"] >= first["gpu-b"]["heartbeat_at"]
+    assert later["started_at"] == first["gpu-b"]["started_at"]
+
+
+def test_settings_are_shared_by_every_node(open_store):
+    store, two = open_store(), open_store()
+    assert store.get_setting("generation") is None
+    store.put_setting("generation", {"steps": 20, "scheduler": "euler_a"})
+    assert two.get_setting("generation") == {"steps": 20, "scheduler": "euler_a"}
+    two.put_setting("generation", {"steps": 12})  # replaced whole
+    two.put_setting("note", ["a", 1, None, 2.5])
+    assert store.get_setting("generation") == {"steps": 12}
+    assert store.get_setting("note") == ["a", 1, None, 2.5]
+
+
+def test_recovery_of_a_node_leaves_the_jobs_of_other_nodes_to_their_leases(open_store):
+    store = open_store()
+    a, b, c = (store.add(spec(p), submitted_at=T) for p in "abc")
+    store.claim_next(started_at=T, node="restarted", lease_seconds=60)
+    other = store.claim_next(started_at=T, node="busy", lease_seconds=60)
+    store.close()
+    reopened = open_store()
+    (back,) = reopened.recover(max_attempts=3, completed_at=T, node="restarted")
+    assert (back.id, back.status, back.token) == (a.id, QUEUED, None)
+    assert [j.id for j in reopened.running()] == [b.id]
+    assert reopened.holds(b.id, other.token)
+    assert [j.id for j in reopened.queued()] == [a.id, c.id]
+
+
+def test_one_open_claim_per_inbox_file_however_many_nodes_race_for_it(open_store):
+    stores = [open_store(), open_store()]
+    files = [f"drop/{i}.txt" for i in range(20)]
+    won: list[tuple[str, int | None]] = []
+    start = threading.Barrier(len(stores))
+    lock = threading.Lock()
+
+    def node(index: int) -> None:
+        start.wait()
+        for name in files:
+            got = stores[index].create_claim(
+                name, f"/inbox/.claimed/{index}-{name}", created_at=T, node=f"n{index}"
+            )
+            with lock:
+                won.append((name, got))
+
+    threads = [threading.Thread(target=node, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name in files:
+        ids = [got for file, got in won if file == name]
+        assert len(ids) == 2 and sum(got is not None for got in ids) == 1, (name, ids)
+    store = stores[0]
+    assert len(store.open_claims()) == len(files)
+    (first,) = [got for file, got in won if file == files[0] and got is not None]
+    assert store.create_claim(files[0], "/inbox/.claimed/again", created_at=T) is None
+    store.update_claim(first, DONE, final_path="/inbox/done/0.txt")  # that file is settled:
+    again = store.create_claim(files[0], "/inbox/.claimed/again", created_at=T)  # a new one
+    assert again is not None and again != first
+
+
+def test_a_burst_of_inbox_files_is_claimed_in_one_call(store: Store):
+    taken = store.create_claim("b.txt", "/c/1-b.txt", created_at=T, node="other")
+    ids = store.create_claims(
+        [("a.txt", "/c/2-a.txt"), ("b.txt", "/c/2-b.txt"), ("c.txt", "/c/2-c.txt")],
+        created_at=T,
+        node="me",
+    )
+    assert ids[1] is None and None not in (ids[0], ids[2]) and taken not in ids
+    assert [store.get_claim(i)["claimed"] for i in (ids[0], ids[2])] == ["/c/2-a.txt", "/c/2-c.txt"]
+    assert store.create_claims([("d.txt", "/c/d"), ("d.txt", "/c/d2")], created_at=T)[1] is None
+    assert store.create_claims([], created_at=T) == []
+
+
+def test_open_claims_of_a_node_are_its_own_and_those_of_no_node(store: Store):
+    mine = store.create_claim("a.txt", "/c/a", created_at=T, node="me")
+    theirs = store.create_claim("b.txt", "/c/b", created_at=T, node="them")
+    assert store.get_claim(mine)["node"] == "me"
+    assert [c["id"] for c in store.open_claims(node="me")] == [mine]
+    assert [c["id"] for c in store.open_claims(node="them")] == [theirs]
+    assert [c["id"] for c in store.open_claims()] == [mine, theirs]
+    store.update_claim(mine, DONE)
+    assert store.open_claims(node="me") == []
+
+
+def test_four_nodes_claiming_at_once_take_every_job_exactly_once(open_store):
+    store = open_store()
+    total = 200
+    store.add_many([spec(f"p{i}", width=64 * (1 + i % 3)) for i in range(total)], submitted_at=T)
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def node(index: int) -> None:
+        own = open_store()  # its own store object (connections), as another machine has
+        while True:
+            if index % 2:
+                batch = own.claim_batch(
+                    started_at=T, limit=3, key=lambda s: s.width, node=f"n{index}"
+                )
+            else:
+                one = own.claim_next(started_at=T, node=f"n{index}")
+                batch = [one] if one else []
+            if not batch:
+                return
+            assert all(j.node == f"n{index}" and j.attempts == 1 for j in batch)
+            with lock:
+                claimed.extend(j.id for j in batch)
+
+    threads = [threading.Thread(target=node, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(claimed) == total and sorted(claimed) == list(range(1, total + 1))
+    assert store.counts()[RUNNING] == total and store.queued() == []
+
+
 def test_cancel_history_counts_and_overview_agree(store: Store):
     a, b, c = (store.add(spec(p), submitted_at=T) for p in "abc")
     store.claim_next(started_at=T)
@@ -395,9 +675,14 @@ def test_hot_queries_use_indexes_not_scans_or_sorts(sqlite_store: SQLiteStore):
     sqlite_store.recent_durations(spec("c"))
     sqlite_store.queued(1000)
     sqlite_store.running()
+    sqlite_store.running(node="n")
+    sqlite_store.holds(job.id, "t")
+    sqlite_store.renew_leases("n", lease_seconds=30)
+    sqlite_store.expire_leases(max_attempts=3, completed_at=T)
+    sqlite_store.recover(max_attempts=3, completed_at=T, node="n")
     sqlite_store._db().set_trace_callback(None)
     selects = {sql for sql in ran if sql.lstrip().upper().startswith("SELECT")}
-    assert len(selects) >= 8
+    assert len(selects) >= 12
     for sql in selects:
         plan = " | ".join(row[3] for row in sqlite_store._db().execute(f"EXPLAIN QUERY PLAN {sql}"))
         assert "TEMP B-TREE" not in plan, (sql, plan)
@@ -427,8 +712,9 @@ def test_a_database_made_by_the_last_release_opens_with_its_jobs(tmp_path: Path)
     store = SQLiteStore(path)
     try:
         assert store.counts() == {QUEUED: 1, RUNNING: 1, COMPLETED: 1, FAILED: 0, CANCELLED: 0}
-        (recovered,) = store.recover(max_attempts=3, completed_at=T)
-        assert recovered.status == QUEUED
+        # Its running job has no node: whichever node starts first recovers it.
+        (recovered,) = store.recover(max_attempts=3, completed_at=T, node="gpu-1")
+        assert recovered.status == QUEUED and recovered.node is None
         assert [j.spec.prompt for j in store.queued()] == ["was running", "was queued"]
         assert store.open_claims() == [] and store.get_claim(1)["state"] == DONE
         # Its specs predate per-job models: they read as the configured model, as they ran.
@@ -452,3 +738,128 @@ def test_a_lone_surrogate_the_last_release_stored_reads_back_as_a_replacement(
     stored = sqlite_store.get(job.id)
     assert stored.spec.prompt == "a \ufffd b" and stored.spec.negative_prompt == "\ufffd"
     json.dumps(stored.to_dict(), ensure_ascii=False).encode("utf-8")  # any answer can carry it
+
+
+#: The tables of schema version 3 (0.2, webhooks), as that release created them.
+V3_SCHEMA = """
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, seq INTEGER NOT NULL, status TEXT NOT NULL,
+    spec TEXT NOT NULL, source TEXT NOT NULL DEFAULT 'api', source_name TEXT,
+    submitted_at TEXT NOT NULL, started_at TEXT, completed_at TEXT, duration_seconds REAL,
+    output_path TEXT, error TEXT, attempts INTEGER NOT NULL DEFAULT 0,
+    progress_step INTEGER NOT NULL DEFAULT 0, progress_total INTEGER NOT NULL DEFAULT 0,
+    claim_id INTEGER REFERENCES claims (id)
+);
+CREATE INDEX jobs_status_seq ON jobs (status, seq);
+CREATE INDEX jobs_status_id ON jobs (status, id);
+CREATE INDEX jobs_seq ON jobs (seq);
+CREATE INDEX jobs_claim ON jobs (claim_id) WHERE claim_id IS NOT NULL;
+CREATE TABLE deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL REFERENCES jobs (id),
+    event TEXT NOT NULL, url TEXT NOT NULL, state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, next_at REAL NOT NULL,
+    last_status INTEGER, last_error TEXT, delivered_at REAL
+);
+CREATE INDEX deliveries_due ON deliveries (state, next_at);
+CREATE TABLE claims (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, original TEXT NOT NULL, claimed TEXT NOT NULL,
+    state TEXT NOT NULL, created_at TEXT NOT NULL, final_path TEXT, note_path TEXT
+);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '3');
+"""
+
+
+def make_v3_database(path: Path) -> None:
+    """A version 3 database with a job of every kind, a delivery and an open inbox claim."""
+    raw = sqlite3.connect(path)
+    raw.executescript(V3_SCHEMA)
+    body = json.dumps(spec("x").to_dict())
+    raw.execute(
+        "INSERT INTO claims (original, claimed, state, created_at) VALUES"
+        " ('a.txt', '/inbox/.claimed/1-a.txt', 'submitted', ?)",
+        (T,),
+    )
+    for seq, status, attempts in ((1, COMPLETED, 1), (2, RUNNING, 1), (3, QUEUED, 0)):
+        raw.execute(
+            "INSERT INTO jobs (seq, status, spec, submitted_at, attempts, claim_id, output_path)"
+            " VALUES (?, ?, ?, ?, ?, 1, ?)",
+            (seq, status, body.replace('"x"', f'"{status}"'), T, attempts, f"{status}.png"),
+        )
+    raw.execute(
+        "INSERT INTO deliveries (job_id, event, url, state, created_at, next_at)"
+        " VALUES (1, 'job.completed', 'http://hook/', 'pending', 1.0, 1.0)"
+    )
+    raw.commit()
+    raw.close()
+
+
+def test_a_version_3_database_migrates_keeping_its_jobs_claims_and_deliveries(tmp_path: Path):
+    path = tmp_path / "imagineerd.db"
+    make_v3_database(path)
+    store = SQLiteStore(path)
+    try:
+        assert store.counts() == {QUEUED: 1, RUNNING: 1, COMPLETED: 1, FAILED: 0, CANCELLED: 0}
+        assert [j.output_path for j in store.claim_jobs(1)] == [
+            "completed.png",
+            "running.png",
+            "queued.png",
+        ]
+        assert store.get(2).node is None and store.get(2).token is None
+        assert [(d.job_id, d.url) for d in store.deliveries(10)] == [(1, "http://hook/")]
+        (claim,) = store.open_claims(node="gpu-1")  # of no node: every node's to finish
+        assert claim["original"] == "a.txt" and claim["node"] is None
+        assert store.create_claim("a.txt", "/inbox/.claimed/2-a.txt", created_at=T) is None
+        assert store.expire_leases(max_attempts=3, completed_at=T) == []  # no lease: kept
+        (back,) = store.recover(max_attempts=3, completed_at=T, node="gpu-1")
+        assert [j.spec.prompt for j in store.queued()] == ["running", "queued"]
+        claimed = store.claim_next(started_at=T, node="gpu-1", lease_seconds=60)
+        assert claimed.id == back.id and claimed.attempts == 2 and claimed.token
+        store.heartbeat("gpu-1", {})
+        store.put_setting("k", 1)
+        assert store.get_setting("k") == 1 and [n["name"] for n in store.nodes()] == ["gpu-1"]
+    finally:
+        store.close()
+    raw = sqlite3.connect(path)
+    assert raw.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION) == "4"
+    indexes = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"claims_open_original", "jobs_running_node", "jobs_running_lease"} <= indexes
+    raw.close()
+    SQLiteStore(path).close()  # and it opens again as it is
+
+
+def test_a_version_5_database_is_refused_by_message_and_left_alone(tmp_path: Path):
+    path = tmp_path / "imagineerd.db"
+    make_v3_database(path)
+    raw = sqlite3.connect(path)
+    raw.execute("UPDATE meta SET value = '5'")
+    raw.commit()
+    raw.close()
+    with pytest.raises(ConfigError) as info:
+        SQLiteStore(path)
+    message = info.value.message
+    assert "schema version 5" in message and "up to version 4" in message
+    assert "Upgrade imagineerd" in message and info.value.field == "paths.state"
+    raw = sqlite3.connect(path)
+    columns = {row[1] for row in raw.execute("PRAGMA table_info(jobs)")}
+    assert "token" not in columns  # not migrated
+    raw.close()
+
+
+def test_an_older_database_with_two_open_claims_of_one_file_is_refused_plainly(tmp_path: Path):
+    path = tmp_path / "imagineerd.db"
+    make_v3_database(path)
+    raw = sqlite3.connect(path)
+    raw.execute(
+        "INSERT INTO claims (original, claimed, state, created_at) VALUES"
+        " ('a.txt', '/inbox/.claimed/2-a.txt', 'claiming', ?)",
+        (T,),
+    )
+    raw.commit()
+    raw.close()
+    with pytest.raises(ConfigError, match="unfinished inbox claims of the same file 'a.txt'"):
+        SQLiteStore(path)
+    raw = sqlite3.connect(path)  # the failed migration changed nothing
+    assert raw.execute("SELECT value FROM meta").fetchone()[0] == "3"
+    assert "node" not in {row[1] for row in raw.execute("PRAGMA table_info(claims)")}
+    raw.close()

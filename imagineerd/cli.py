@@ -1,4 +1,4 @@
-"""The ``imagineerd`` command: serve, generate, token, smb-conf, pull, make-test-model,
+"""The ``imagineerd`` command: serve, generate, token, smb-conf, pull, db, make-test-model,
 make-test-lora, make-test-embedding, make-test-vae."""
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ def _setup_logging(level: str) -> None:
     # diffusers/transformers are chatty at INFO; their warnings still show.
     for noisy in ("diffusers", "transformers", "huggingface_hub", "PIL"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # The pool warns at every failed reconnect while the database is away; the node logs
+    # the outage once itself (and its return).
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 
 def security_warnings(host: str, token: str) -> list[str]:
@@ -230,6 +233,68 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    """Create the job database's schema, or bring it to this version (as every start does);
+    for a deployment that prepares the database before the nodes start."""
+    from . import config as config_mod
+    from .stores import open_store
+
+    try:
+        store = open_store(config_mod.load(args.config))
+        try:
+            where = getattr(store, "where", None) or str(getattr(store, "path", ""))
+            version = store.schema_version()
+        finally:
+            store.close()
+    except ImagineerdError as exc:
+        print(f"imagineerd: error: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"the job database {where} is at schema version {version}")
+    return 0
+
+
+def cmd_db_copy(args: argparse.Namespace) -> int:
+    """Copy the whole queue of an SQLite job database into the configured PostgreSQL one."""
+    from . import config as config_mod
+    from .pg_store import PostgresStore
+    from .stores import open_store
+
+    source = args.source
+    if not source.startswith("sqlite:") or not source[len("sqlite:") :].strip():
+        print(
+            f"imagineerd: error: --from must be sqlite:PATH (the SQLite job database, e.g. "
+            f"sqlite:state/imagineerd.db); got {source!r}",
+            file=sys.stderr,
+        )
+        return 1
+    path = Path(source[len("sqlite:") :].strip()).expanduser()
+    try:
+        store = open_store(config_mod.load(args.config))
+    except ImagineerdError as exc:
+        print(f"imagineerd: error: {exc.message}", file=sys.stderr)
+        return 1
+    try:
+        if not isinstance(store, PostgresStore):
+            print(
+                "imagineerd: error: queue.database must name the PostgreSQL database to copy "
+                "into (postgresql://...); it names an SQLite one",
+                file=sys.stderr,
+            )
+            return 1
+        counts = store.copy_from_sqlite(path)
+    except ImagineerdError as exc:
+        print(f"imagineerd: error: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(
+        f"copied {counts['jobs']} jobs, {counts['claims']} inbox claims, "
+        f"{counts['deliveries']} webhook deliveries and {counts['settings']} settings "
+        f"from {path} into {store.where}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imagineerd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"imagineerd {__version__}")
@@ -343,6 +408,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="for one file: the folder it goes into (default: checkpoints)",
     )
     pl.set_defaults(func=cmd_pull)
+
+    db = sub.add_parser("db", help="the job database (queue.database): upgrade, copy")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    up = db_sub.add_parser(
+        "upgrade", help="create the job database's tables or bring them to this version"
+    )
+    up.add_argument("--config", default="config.yaml", help="config file (default: %(default)s)")
+    up.set_defaults(func=cmd_db_upgrade)
+    cp = db_sub.add_parser(
+        "copy",
+        help="copy every job, inbox claim, webhook delivery and setting of an SQLite job "
+        "database into the (empty) PostgreSQL database queue.database names",
+    )
+    cp.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="sqlite:PATH",
+        help="the SQLite job database, e.g. sqlite:state/imagineerd.db (stop its daemon first)",
+    )
+    cp.add_argument("--config", default="config.yaml", help="config file (default: %(default)s)")
+    cp.set_defaults(func=cmd_db_copy)
     return parser
 
 

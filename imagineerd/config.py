@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "presets": {},
     "webhooks": {"endpoints": [], "allowed_hosts": [], "job_secret": "", "retry_hours": 24.0},
-    "queue": {"max_attempts": 3},
+    "queue": {"max_attempts": 3, "database": "", "lease_seconds": 30.0, "node_name": ""},
     "performance": {
         "max_batch": "auto",
         "compile": "auto",
@@ -92,6 +93,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 #: Sections whose keys take effect while running; a change to any other key needs a restart.
 LIVE_SECTIONS = ("generation", "queue", "presets")
+#: Keys of live sections that still need a restart: which database holds the queue and who
+#: this node is are fixed for the life of the process.
+RESTART_KEYS = frozenset({"queue.database", "queue.lease_seconds", "queue.node_name"})
 
 
 def restart_required(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -99,9 +103,9 @@ def restart_required(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str
     return [
         f"{section}.{key}"
         for section, values in new.items()
-        if section not in LIVE_SECTIONS
         for key, value in values.items()
-        if old[section].get(key) != value
+        if (section not in LIVE_SECTIONS or f"{section}.{key}" in RESTART_KEYS)
+        and old[section].get(key) != value
     ]
 
 
@@ -154,6 +158,10 @@ class Config:
     def path_for(self, name: str) -> Path:
         """``paths.<name>`` as an absolute path (outputs, inbox, state, models)."""
         return self.resolve(self.data["paths"][name])
+
+    def node_name(self) -> str:
+        """``queue.node_name``, or this machine's host name when it is empty."""
+        return self.data["queue"].get("node_name") or socket.gethostname() or "imagineerd"
 
     def model_settings(self) -> dict[str, Any]:
         """The ``model:`` section as a backend receives it.

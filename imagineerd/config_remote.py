@@ -46,6 +46,7 @@ _READ_ONLY_WHY = {
     "inbox": "it decides which folders are watched and where images go",
     "metrics": "it decides who may read the metrics",
     "webhooks": "it decides where job data is sent, and the secrets that sign it",
+    "queue": "it decides which database holds the queue and how this machine is named in it",
 }
 
 

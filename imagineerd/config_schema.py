@@ -185,6 +185,33 @@ _HOSTNAME = re.compile(
 )
 
 
+def _database(key: str, value: Any) -> str:
+    """Where the queue lives: empty (SQLite under paths.state), a PostgreSQL URL shared by
+    several nodes, or ``sqlite:PATH``."""
+    if isinstance(value, str) and (
+        value == ""
+        or re.fullmatch(r"postgres(?:ql)?://[^\s]*", value)
+        or re.fullmatch(r"sqlite:[^\s]+", value)
+    ):
+        return value
+    raise ConfigError(
+        f"{key} must be empty (SQLite in paths.state), a PostgreSQL URL such as "
+        "postgresql://imagineerd@db.lan/imagineerd, or sqlite:/path/to/jobs.db; got "
+        f"{show_value(value)}",
+        field=key,
+    )
+
+
+def _node_name(key: str, value: Any) -> str:
+    if isinstance(value, str) and re.fullmatch(r"|[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value):
+        return value
+    raise ConfigError(
+        f"{key} must be empty (the host name) or a name of letters, digits, '.', '_' and '-' "
+        f"up to 63 characters, such as gpu-box-2; got {show_value(value)}",
+        field=key,
+    )
+
+
 def _host(key: str, value: Any) -> str:
     """An IP address (v4 or v6) or a host name: what the server binds to."""
     if isinstance(value, str):
@@ -293,7 +320,12 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "job_secret": lambda key, value: "" if value == "" else _webhook_secret(key, value),
         "retry_hours": _float(0.01, 720),
     },
-    "queue": {"max_attempts": _int(1, 100)},
+    "queue": {
+        "max_attempts": _int(1, 100),
+        "database": lambda key, value: _database(key, value),
+        "lease_seconds": _float(2, 3600),
+        "node_name": lambda key, value: _node_name(key, value),
+    },
     "performance": {
         "max_batch": _auto_or(_int(1, 64)),
         "compile": _auto_or(_bool),

@@ -8,6 +8,7 @@ store (finished) -> events and hooks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -22,18 +23,20 @@ from . import __version__, backends, config_remote, jobs, outputs
 from .backends import Backend, build_registry
 from .config import Config
 from .errors import Conflict, Gone, NotFound, Unavailable
-from .events import EventBus
+from .events import Event, EventBus
 from .gallery import Gallery
 from .inputs import InputStore
 from .jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, Job, iso
 from .metrics import Metrics
 from .model_choice import ModelChoice
 from .models import ModelLibrary
+from .nodes import NodeService
 from .plugins import get_plugin_manager
 from .safefile import read_regular_file
 from .saver import ImageSaver
-from .sqlite_store import SQLiteStore
-from .store import Store
+from .shared_events import SharedEventBus
+from .store import Fenced, Store
+from .stores import open_store
 from .views import JobViews, progress_dict
 from .webhooks import Webhooks
 from .worker import SHUTDOWN, Supervisor, Worker, describe_failure
@@ -41,6 +44,8 @@ from .worker import SHUTDOWN, Supervisor, Worker, describe_failure
 log = logging.getLogger(__name__)
 
 DB_NAME = "imagineerd.db"
+#: How a stopped node's heartbeat leaves it in ``/api/health`` until it starts again.
+STOPPED = "stopped"
 #: No PNG we write comes near this (2048 x 2048 RGB uncompressed is 12 MiB).
 MAX_OUTPUT_BYTES = 64 << 20
 
@@ -69,12 +74,27 @@ class Daemon:
         self.state_dir = config.path_for("state")
         for folder in (self.outputs_dir, self.state_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        self.store: Store = store if store is not None else SQLiteStore(self.state_dir / DB_NAME)
+        self.store: Store = store if store is not None else open_store(config)
         self.clock = clock
-        self.events = EventBus()
+        #: This daemon's name in the queue (``queue.node_name``, or the host name).
+        self.node = config.node_name()
+        self.lease_seconds = float(config["queue"]["lease_seconds"])
+        # A store other daemons share (PostgreSQL) hands out a connection for the event log;
+        # then events, leases and settings are shared by every node.
+        connect = getattr(self.store, "connect", None)
+        self.shared = callable(connect)
+        self.events: EventBus = (
+            SharedEventBus(connect, node=self.node, on_remote=self._remote_event)
+            if self.shared
+            else EventBus()
+        )
         self.gallery = Gallery(self.outputs_dir, self.state_dir / "thumbnails")
         self.inputs = InputStore(
-            self.state_dir / "inputs", self.gallery, max_bytes=config["server"]["max_image_bytes"]
+            self.state_dir / "inputs",
+            self.gallery,
+            max_bytes=config["server"]["max_image_bytes"],
+            # Another node may run the job: its input images travel with the queue.
+            shared=self.store if self.shared else None,
         )
         self.stopping = threading.Event()
         self.supervisor: Supervisor | None = None
@@ -90,10 +110,27 @@ class Daemon:
         self.model_choice = ModelChoice(self.models, config["model"]["name"], default_path)
         self.webhooks = Webhooks(self.store, config["webhooks"])
         self.saver = ImageSaver(
-            config, self.outputs_dir, clock, self._image_saved, choice=self.model_choice
+            config,
+            self.outputs_dir,
+            clock,
+            self._image_saved,
+            choice=self.model_choice,
+            # On a shared queue a node that lost its lease must not publish a second image
+            # of a job another node now runs (its finish would be refused anyway).
+            holds=self._holds if self.shared else None,
         )
         # Services beside the workers (the inbox, ...) report their state in /api/health.
         self._status_providers: dict[str, Callable[[], dict[str, Any]]] = {}
+        self.node_service = NodeService(
+            self.store,
+            node=self.node,
+            lease_seconds=self.lease_seconds,
+            shared=self.shared,
+            info=self._node_info,
+            interrupt=self._interrupt_here,
+            expire=self._expire_leases,
+            expired=self._announce_recovered,
+        )
         self.metrics = Metrics(self)  # GET /metrics; read on scrape and from job hooks
 
     # -- life cycle ----------------------------------------------------------------------
@@ -102,6 +139,9 @@ class Daemon:
 
     def start(self, *, workers: bool = True) -> None:
         """Recover from an unclean stop, then start one worker per device."""
+        if isinstance(self.events, SharedEventBus):
+            self.events.start()
+            self._apply_shared_generation()
         self.recover()
         self.collect_inputs()
         self.models.start()
@@ -113,6 +153,11 @@ class Daemon:
             self.models.loaded_models = self.loaded_models
             self.supervisor.start()
         self._started = True
+        if self.shared:
+            # Alone on its SQLite file a node needs no heartbeat: nobody else could take its
+            # jobs, and a restart's recover() puts back what a crash left running.
+            self.node_service.beat()
+            self.node_service.start()
 
     @property
     def workers(self) -> list[Worker]:
@@ -141,26 +186,40 @@ class Daemon:
         like any other (events, the ``imagineerd_job_finished`` hook, inbox receipts)."""
         for path in outputs.remove_partial_files(self.outputs_dir):
             log.warning("removed partial output %s", path)
-        for job in self.store.running():
+        self._complete_written(self.store.running(self.node))
+        self._announce_recovered(
+            self.store.recover(
+                max_attempts=self.config["queue"]["max_attempts"],
+                completed_at=self.now_iso(),
+                webhooks=lambda spec: self.webhooks.targets(spec, FAILED),
+                node=self.node,
+            )
+        )
+
+    def _complete_written(self, running: list[Job]) -> None:
+        """Complete the jobs among ``running`` whose image is on disk already (their node
+        stopped after the rename, before the store heard of it)."""
+        for job in running:
             found = outputs.find_output_for_job(self.outputs_dir, job.id)
             if found is None:
                 continue
             meta = outputs.read_metadata(found)["imagineerd"] or {}
-            done = self.store.finish(
-                job.id,
-                COMPLETED,
-                completed_at=meta.get("completed_at") or self.now_iso(),
-                duration_seconds=meta.get("duration_seconds"),
-                output_path=self.saver.output_ref(found),
-                webhooks=self.webhooks.targets(job.spec, COMPLETED),
-            )
+            try:
+                done = self.store.finish(
+                    job.id,
+                    COMPLETED,
+                    completed_at=meta.get("completed_at") or self.now_iso(),
+                    duration_seconds=meta.get("duration_seconds"),
+                    output_path=self.saver.output_ref(found),
+                    webhooks=self.webhooks.targets(job.spec, COMPLETED),
+                )
+            except RuntimeError:  # its node finished it meanwhile
+                continue
             log.warning("job %s had finished its image before the stop; completed", job.id)
             self._announce_finished(done)
-        for job in self.store.recover(
-            max_attempts=self.config["queue"]["max_attempts"],
-            completed_at=self.now_iso(),
-            webhooks=lambda spec: self.webhooks.targets(spec, FAILED),
-        ):
+
+    def _announce_recovered(self, jobs_: list[Job]) -> None:
+        for job in jobs_:
             if job.status == FAILED:
                 log.error("job %s failed: %s", job.id, job.error)
                 self._announce_finished(job)
@@ -170,19 +229,42 @@ class Daemon:
                 )
                 self.events.publish("job.requeued", self.job_view(job))
 
+    def _expire_leases(self) -> list[Job]:
+        """Put back the jobs of nodes whose lease ran out (they died): called by the node
+        service on a shared queue."""
+        return self.store.expire_leases(
+            max_attempts=self.config["queue"]["max_attempts"],
+            completed_at=self.now_iso(),
+            webhooks=lambda spec: self.webhooks.targets(spec, FAILED),
+        )
+
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop taking jobs; a running job is interrupted at its next step and put back in the
         queue (without counting an attempt); then close the store."""
         self.stopping.set()
         self.models.stop()
+        self.node_service.stop()
+        held = {job_id for worker in self.workers for job_id in worker.active}
+        if self._started:
+            try:
+                held.update(job.id for job in self.store.running(self.node))
+            except Unavailable as exc:  # the database is away: stop what the workers hold
+                log.warning("stopping without the job database: %s", exc.message)
         with self._lock:
-            for job in self.store.running() if self._started else []:
-                self._interrupts[job.id] = SHUTDOWN
+            for job_id in held:
+                self._interrupts[job_id] = SHUTDOWN
         self.wake()
         if self.supervisor is not None:
             self.supervisor.join(timeout)
         self.saver.shutdown()  # images already generated are still written
         self.webhooks.stop()  # what is still owed is sent after the next start
+        if self._started and self.shared:
+            try:
+                self.node_service.beat(STOPPED)
+            except Exception as exc:  # the database may be gone: the lease says the rest
+                log.warning("could not record that node %s stopped: %s", self.node, exc)
+        if isinstance(self.events, SharedEventBus):
+            self.events.stop()
         self.store.close()
 
     def wake(self) -> None:
@@ -234,10 +316,12 @@ class Daemon:
         self, specs: list[jobs.JobSpec], *, source: str = "api", source_name: str | None = None
     ) -> list[Job]:
         """Queue validated specs together (one transaction, one wake-up), so that a worker
-        takes them as one batch where they are compatible: copies of one request."""
-        queued = self.store.add_many(
-            specs, submitted_at=self.now_iso(), source=source, source_name=source_name
-        )
+        takes them as one batch where they are compatible: copies of one request. Submits
+        arriving together share that transaction (``group_commit``): it has committed, so
+        the jobs are durable, before this returns."""
+        from .group_commit import job_adder
+
+        queued = job_adder(self).run((source, source_name), specs)
         self.inputs.release(ref for spec in specs for ref in (spec.init_image, spec.mask))
         for job in queued:
             self._announce_submitted(job)
@@ -279,14 +363,22 @@ class Daemon:
         """Stop a running job at its next step (it ends ``cancelled``)."""
         job = self.job(job_id)
         if job.status == RUNNING:
-            with self._lock:
-                self._interrupts.setdefault(job_id, "interrupted by request")
+            reason = "interrupted by request"
+            if job.node in (None, self.node):
+                self._interrupt_here(job_id, reason)
+            else:
+                # Its node sees the request at its next lease renewal (twice a second).
+                self.store.request_interrupt(job_id, reason)
             return job
         if job.status == QUEUED:
             raise Conflict(
                 f"job {job_id} is queued, not running; DELETE /api/jobs/{job_id} cancels it"
             )
         raise Gone(f"job {job_id} is already {job.status}")
+
+    def _interrupt_here(self, job_id: int, reason: str) -> None:
+        with self._lock:
+            self._interrupts.setdefault(job_id, reason)
 
     def job_view(self, job: Job) -> dict[str, Any]:
         """A job as the API shows it: the record plus queue position, ETA and live progress."""
@@ -300,8 +392,17 @@ class Daemon:
     def output_bytes(self, job: Job) -> bytes:
         """A completed job's PNG, read as the gallery reads outputs (inside outputs/, a
         regular file, bounded); ``OSError`` or ``NotFound`` when it is gone."""
-        name = Path(job.output_path or "").as_posix().removeprefix("outputs/")
-        return read_regular_file(self.gallery.resolve(name), MAX_OUTPUT_BYTES)
+        name = self._output_name(job.output_path or "")
+        try:
+            return read_regular_file(self.gallery.resolve(name), MAX_OUTPUT_BYTES)
+        except (OSError, NotFound) as exc:
+            if job.node in (None, self.node):
+                raise
+            raise NotFound(
+                f"the image of job {job.id} was written by node {job.node} and is not in "
+                f"this node's outputs folder ({self.outputs_dir}); share paths.outputs between "
+                f"the nodes, or ask {job.node}"
+            ) from exc
 
     def loaded_models(self) -> list[str]:
         """The models the workers hold on their devices now (the default one by the path or
@@ -334,7 +435,52 @@ class Daemon:
                 "error": first["error"],
             },
             "workers": workers,
+            "node": self.node,
+            "nodes": self.nodes(),
             **{name: provider() for name, provider in list(self._status_providers.items())},
+        }
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every node of the queue as ``/api/health`` lists it, this one included."""
+        if not self.shared:
+            info = self._node_info()
+            return [
+                {
+                    "name": self.node,
+                    "state": info["state"],
+                    "version": __version__,
+                    "devices": info["devices"],
+                    "last_heartbeat": self.now_iso(),
+                    "seconds_since_heartbeat": 0.0,
+                }
+            ]
+        return [
+            {
+                "name": n["name"],
+                "state": n["info"].get("state", "unknown")
+                if n["age"] <= self.lease_seconds or n["info"].get("state") == STOPPED
+                else "unreachable",
+                "version": n["info"].get("version"),
+                "devices": n["info"].get("devices", []),
+                "last_heartbeat": datetime.fromtimestamp(n["heartbeat_at"]).isoformat(
+                    timespec="seconds"
+                ),
+                "seconds_since_heartbeat": round(n["age"], 1),
+            }
+            for n in self.node_service.nodes
+        ]
+
+    def _node_info(self) -> dict[str, Any]:
+        """What this node's heartbeat records for the others to show."""
+        workers = self.supervisor.states() if self.supervisor is not None else []
+        return {
+            "version": __version__,
+            "state": STOPPED if self.stopping.is_set() else ("running" if workers else "idle"),
+            "devices": [
+                {"device": w["device"], "state": w["state"], "max_batch": w["max_batch"]}
+                for w in workers
+            ],
+            "database": "reachable" if self.node_service.healthy else "unreachable",
         }
 
     @property
@@ -350,8 +496,33 @@ class Daemon:
             data, merge=merge, models=self.available_models
         )
         if changed:
+            if self.shared:
+                # Generation defaults are the queue's, not this node's: every node applies
+                # them when the event below reaches it.
+                self.store.put_setting("generation", saved["generation"])
             self.events.publish("config.changed", {"restart_required": restart})
         return {"config": saved, "restart_required": restart}
+
+    def _apply_shared_generation(self) -> None:
+        """Take the queue's generation defaults (saved into this node's config.yaml too, so
+        the settings page shows them); the first node to start shares its own."""
+        shared = self.store.get_setting("generation")
+        if shared is None:
+            self.store.put_setting("generation", self.saved_config["generation"])
+        elif shared != self.saved_config["generation"]:
+            self.settings.update({"generation": shared}, merge=True, models=self.available_models)
+
+    def _remote_event(self, event: Event) -> None:
+        """Another node's event, before this node's subscribers see it."""
+        data = event.data
+        if event.type in ("job.submitted", "job.requeued"):
+            self.wake()  # our workers may take it
+        elif event.type == "job.progress":
+            self.views.progress[data["id"]] = (data["step"], data["total"])
+        elif event.type.startswith("job.") and data.get("status") not in (QUEUED, RUNNING):
+            self.views.progress.pop(data.get("id"), None)
+        elif event.type == "config.changed":
+            self._apply_shared_generation()
 
     def pending_restart(self) -> list[str]:
         """Saved config keys that differ from the running ones until the next restart."""
@@ -385,7 +556,13 @@ class Daemon:
     def claim_batch(
         self, limit: Callable[[jobs.JobSpec], int], key: Callable[[jobs.JobSpec], Hashable]
     ) -> list[Job]:
-        return self.store.claim_batch(started_at=self.now_iso(), limit=limit, key=key)
+        return self.store.claim_batch(
+            started_at=self.now_iso(),
+            limit=limit,
+            key=key,
+            node=self.node,
+            lease_seconds=self.lease_seconds,
+        )
 
     def job_started(self, job: Job) -> None:
         self.views.progress[job.id] = (0, job.spec.steps)
@@ -416,11 +593,14 @@ class Daemon:
             try:
                 return self._finish(job, status, duration_seconds, output_path, error)
             except Unavailable:
-                # The database is locked by another program past its busy timeout: the job
-                # is done, so keep trying rather than leave it "running" until a restart.
+                # The database is locked by another program past its busy timeout, or (a
+                # shared one) unreachable: the job is done, so keep trying rather than leave
+                # it "running" until a restart.
                 if self.stopping.is_set() and attempt > 10:
                     raise
-                log.warning("job %s: the database is locked; retrying to record it", job.id)
+                log.warning(
+                    "job %s: the job database is unavailable; retrying to record it", job.id
+                )
                 time.sleep(1.0)
         raise Unavailable(f"could not record the end of job {job.id}: the database stays locked")
 
@@ -442,13 +622,52 @@ class Daemon:
                 error=error,
                 progress=self.views.progress.pop(job.id, None),
                 webhooks=self.webhooks.targets(job.spec, status),
+                token=job.token,
             )
+        except Fenced:
+            # Our lease ran out (the database was away, or we stalled) and another node has
+            # the job now: its result stands, ours is dropped, image included.
+            log.warning("job %s: this node lost its lease; dropping its late result", job.id)
+            if output_path:
+                self._discard_output(output_path)
+            return self.job(job.id)
         except RuntimeError:
             # Already finished elsewhere (e.g. failed by the watchdog): the first word stands.
             log.warning("job %s was already finished; ignoring a late %s", job.id, status)
             return self.job(job.id)
         self._announce_finished(done)
         return done
+
+    def _output_name(self, output_path: str) -> str:
+        """A job's ``output_path`` (relative to the config folder of the node that wrote it,
+        or absolute when outside it) as a name inside this node's outputs folder."""
+        path = Path(output_path)
+        if path.is_absolute():
+            try:
+                return path.relative_to(self.outputs_dir).as_posix()
+            except ValueError:
+                with contextlib.suppress(OSError, ValueError):  # a link on the way, say
+                    return path.resolve().relative_to(self.outputs_dir.resolve()).as_posix()
+                return path.name
+        return path.as_posix().removeprefix("outputs/")
+
+    def _holds(self, job: Job) -> bool:
+        """Whether this node still holds ``job`` (asked before its image is published). A
+        database that is away is waited for, as for finishing a job: the image is done."""
+        for attempt in range(600):
+            try:
+                return job.token is None or self.store.holds(job.id, job.token)
+            except Unavailable:
+                if self.stopping.is_set() and attempt > 10:
+                    raise
+                time.sleep(1.0)
+        raise Unavailable(f"could not check the lease of job {job.id}: the database stays away")
+
+    def _discard_output(self, output_path: str) -> None:
+        try:
+            self.gallery.resolve(self._output_name(output_path)).unlink()
+        except (OSError, NotFound) as exc:
+            log.warning("could not remove the dropped image %s: %s", output_path, exc)
 
     def _announce_finished(self, job: Job) -> None:
         """The one way a finished job is made known: an event, the plugin hook, and the
@@ -485,11 +704,19 @@ class Daemon:
     ) -> None:
         if error is None:
             self.job_finished(job, COMPLETED, duration_seconds=duration, output_path=output_path)
+        elif isinstance(error, Fenced):
+            log.warning("job %s: %s", job.id, error)
         else:
             self.job_finished(job, FAILED, duration_seconds=duration, error=describe_failure(error))
 
     def _capacity(self) -> tuple[int, int]:
         """``(workers, images per batch)``: how fast the queue drains, for ETAs."""
+        if self.shared:
+            # Every live node's devices drain the one queue.
+            live = self.node_service.live_nodes()
+            devices = [d for n in live for d in n["info"].get("devices", [])]
+            if devices:
+                return len(devices), max(d.get("max_batch", 1) for d in devices)
         if self.supervisor is None:
             return 0, 1
         return len(self.supervisor.workers), self.supervisor.max_batch

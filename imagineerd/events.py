@@ -22,6 +22,8 @@ class Event:
     id: int
     type: str
     data: dict[str, Any]
+    #: The node that published it, on a shared queue (None: this process).
+    node: str | None = None
 
 
 class Subscription:
@@ -93,22 +95,35 @@ class EventBus:
         self._lock = threading.Lock()
         self._subscriber_queue = subscriber_queue
 
-    def publish(self, type: str, data: dict[str, Any]) -> Event:
+    def publish(self, type: str, data: dict[str, Any]) -> Event | None:
+        """Number and deliver an event; returns it (a shared bus numbers it later: None)."""
         # Numbering and delivery under one lock: two threads publishing at once must not
         # deliver in another order than the ids say (a client would drop the "older" one).
         # Offering never blocks (bounded queues, put_nowait), so holding the lock is cheap.
         with self._lock:
             self._last_id = max(self._last_id + 1, _now_us())
             event = Event(self._last_id, type, data)
-            if type in self.PROGRESS_TYPES:
-                self._progress.append(event)
-            else:
-                if len(self._state) == self._state.maxlen:
-                    self._state_evicted_upto = self._state[0].id
-                self._state.append(event)
-            for sub in self._subscribers:
-                sub._offer(event)
+            self._deliver_locked(event)
         return event
+
+    def deliver(self, event: Event) -> None:
+        """Hand subscribers an event numbered elsewhere (a shared queue's event log), in the
+        order of its id; one not newer than the last delivered is dropped (seen already)."""
+        with self._lock:
+            if event.id <= self._last_id:
+                return
+            self._last_id = event.id
+            self._deliver_locked(event)
+
+    def _deliver_locked(self, event: Event) -> None:
+        if event.type in self.PROGRESS_TYPES:
+            self._progress.append(event)
+        else:
+            if len(self._state) == self._state.maxlen:
+                self._state_evicted_upto = self._state[0].id
+            self._state.append(event)
+        for sub in self._subscribers:
+            sub._offer(event)
 
     def subscribe(self, last_event_id: int | None = None) -> Subscription:
         """Subscribe; with ``last_event_id`` the held events after it come first, so a
@@ -142,6 +157,12 @@ class EventBus:
         with self._lock:
             if sub in self._subscribers:
                 self._subscribers.remove(sub)
+
+    @property
+    def position(self) -> int:
+        """An id to subscribe from to get only events published after now."""
+        with self._lock:
+            return max(self.epoch, self._last_id)
 
     @property
     def subscriber_count(self) -> int:

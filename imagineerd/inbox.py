@@ -9,7 +9,9 @@ Life of a file, each step safe against a crash at any point:
    shorten that: network copies arrive in pieces, and clients that append close every time.
 3. Claimed: the claim is recorded in the store, then the file is renamed into the hidden
    ``.claimed/`` folder, so it is processed once even if it is noticed twice. If the rename
-   fails the claim is removed again, so none pile up.
+   fails the claim is removed again, so none pile up. Files that settle together (a folder
+   copied in) are claimed together: one transaction records all their claims, and their
+   receipts are written together at the end (see :meth:`Inbox.take_all`).
 4. From there ``inbox_claims`` takes it on (:class:`~.inbox_claims.ClaimedFiles`): read,
    parsed and validated, its jobs queued and the file moved to ``done/`` with a receipt, or
    to ``failed/`` with a note; and at start-up, claims left half-way are finished.
@@ -79,8 +81,12 @@ class _Handler(FileSystemEventHandler):
     def __init__(self, inbox: Inbox) -> None:
         self.inbox = inbox
 
+    #: Events that say nothing about a file's contents or name (inotify reports every open
+    #: and every read-only close, a dozen per file in a burst).
+    IGNORED = frozenset({"opened", "closed_no_write"})
+
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory:
+        if event.is_directory or event.event_type in self.IGNORED:
             return
         path = getattr(event, "dest_path", "") or event.src_path
         self.inbox.notice(Path(os.fsdecode(path)))
@@ -304,14 +310,14 @@ class Inbox:
                 self.rescan()
                 next_rescan = time.monotonic() + self.settings["rescan_seconds"]
             self._report_orphans()
-            for path in self._ready():
+            ready = self._ready()
+            for start in range(0, len(ready), self.ROUND):
                 if self._stopping.is_set():
                     break
-                self._settler.take(path)
-                try:
-                    self.take(path)
-                except Exception:  # a file that got past every guard still must not stop us
-                    log.exception("inbox: could not process %r", str(path))
+                chunk = ready[start : start + self.ROUND]
+                for path in chunk:
+                    self._settler.take(path)
+                self.take_all(chunk)
 
     def _report_orphans(self) -> None:
         """Once a second: report images no prompt file has named (and forget prompt files
@@ -393,20 +399,76 @@ class Inbox:
         return self._images.settled(found, self.settings["settle_seconds"])
 
     # -- taking a file -------------------------------------------------------------------
+    #: Files taken together at most: their claims are recorded in one transaction.
+    ROUND = 256
+
     def take(self, path: Path) -> None:
         """Claim one complete file and turn it into jobs (or a failure note)."""
+        self.take_all([path])
+
+    def take_all(self, paths: list[Path]) -> None:
+        """Claim complete files and turn each into jobs (or a failure note). A burst is
+        taken as one: the claims of all its files are recorded in one transaction (before
+        any file is renamed, as for one file), then the files are renamed, processed in
+        turn, and their receipts written together. A crash anywhere leaves each file in a
+        state start-up finishes, as with one file at a time. No file can stop the others."""
+        taking: list[tuple[Path, str, Path]] = []
+        for path in paths:
+            try:
+                if (found := self._claimable(path)) is not None:
+                    taking.append(found)
+            except Exception:  # a file that got past every guard still must not stop us
+                log.exception("inbox: could not process %r", str(path))
+        if not taking:
+            return
+        try:
+            self._ensure_folders()
+            ids = self.claims.create_claims(
+                [(rel, str(claimed)) for _, rel, claimed in taking],
+                created_at=self.daemon.now_iso(),
+                # On a shared inbox, a file another node claimed already comes back as None.
+                node=self.daemon.node,
+            )
+        except Exception:  # the store is locked, say: the files stay, the next rescan retries
+            log.exception("inbox: could not claim %d file(s)", len(taking))
+            return
+        claimed_ok = []
+        for (path, rel, claimed), claim_id in zip(taking, ids, strict=True):
+            try:
+                if claim_id is not None and self._rename_claimed(path, rel, claimed, claim_id):
+                    claimed_ok.append((claim_id, rel, claimed))
+            except Exception:
+                log.exception("inbox: could not process %r", rel)
+        later: list[int] = []
+        for claim_id, rel, claimed in claimed_ok:
+            if self._stopping.is_set():
+                break  # claimed, not processed: the next start finishes it
+            try:
+                self._claimed.process(claim_id, rel, claimed, later=later)
+            except Exception:
+                log.exception("inbox: could not process %r", rel)
+        try:
+            self._claimed.finish_receipts(later)
+        except Exception:  # left "submitted": the next start writes them
+            log.exception("inbox: could not write %d receipt(s)", len(later))
+
+    def _claimable(self, path: Path) -> tuple[Path, str, Path] | None:
+        """``(path, name relative to the inbox, where its claim renames it)`` for a prompt
+        file to take now; None for anything else, or one that waits for its images."""
         classified = self._classify(path)
         if classified is None or classified[2] != PROMPT:
-            return
+            return None
         if self._waits_for_images(path, classified[0]):
-            return
+            return None
         # A name that is not valid UTF-8 (an old client's Latin-1, say) cannot go into the
         # database, a receipt or a JSON answer: from the claim on, the file carries a name
         # with U+FFFD in place of the bad bytes.
         rel = os.fsencode(classified[0]).decode("utf-8", "replace")
-        self._ensure_folders()
-        claimed = self.claimed_dir / claim_name(Path(rel).name)
-        claim_id = self.claims.create_claim(rel, str(claimed), created_at=self.daemon.now_iso())
+        return path, rel, self.claimed_dir / claim_name(Path(rel).name)
+
+    def _rename_claimed(self, path: Path, rel: str, claimed: Path, claim_id: int) -> bool:
+        """Move a file whose claim is recorded into ``.claimed/``; if that fails the claim
+        is removed again (there is nothing to finish) and False returned."""
         try:
             os.rename(path, claimed)
         except OSError as exc:
@@ -414,8 +476,8 @@ class Inbox:
             if not isinstance(exc, FileNotFoundError):  # else: deleted, or taken already
                 self._settler.refuse(path)
                 log.warning("inbox: cannot claim %r (%s); left until it changes", rel, exc)
-            return
-        self._claimed.process(claim_id, rel, claimed)
+            return False
+        return True
 
     # -- what the claims do, for the daemon and plugins -----------------------------------
     @property

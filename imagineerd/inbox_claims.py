@@ -51,6 +51,7 @@ from .inbox_files import (
     unexpected_problem,
     unique_name,
     unique_pair,
+    write_texts_durably,
 )
 from .jobs import JobSpec
 from .safefile import ensure_directory, kind_of
@@ -96,6 +97,8 @@ class ClaimedFiles:
         # Images lately taken with a prompt file: a second file naming one fails at once.
         self._taken_with: dict[tuple[Path, str], str] = {}
         self._receipt_lock = threading.Lock()
+        # Receipts planned in done/ and not yet written (``process(later=...)``), by claim.
+        self._planned: dict[int, str] = {}
         # Files queued, files failed: the inbox shows them in its health (``Inbox.status``).
         self.taken = self.failed = 0
 
@@ -104,9 +107,13 @@ class ClaimedFiles:
         return self._taken_with.get((folder, name.casefold()))
 
     # -- processing a claimed file -------------------------------------------------------
-    def process(self, claim_id: int, rel: str, claimed: Path) -> None:
+    def process(
+        self, claim_id: int, rel: str, claimed: Path, *, later: list[int] | None = None
+    ) -> None:
         """Turn the file claimed as ``claimed`` (dropped as ``rel``) into jobs, or a failure
-        note; either way it leaves ``.claimed/``."""
+        note; either way it leaves ``.claimed/``. With ``later``, the receipt of a file
+        whose jobs were queued is left to :meth:`finish_receipts` (its claim id is added to
+        ``later``): a burst of files shares the fsync of ``done/``."""
         try:
             specs, record = self.parse_claimed(claim_id, claimed, rel)
         except ValidationError as exc:
@@ -123,7 +130,7 @@ class ClaimedFiles:
         queued = self.daemon.submit_claim(claim_id, specs, rel)
         self.taken += 1  # counted before the receipt appears, so health never lags behind it
         log.info("inbox: %r -> %d job(s) %s", rel, len(queued), [j.id for j in queued])
-        self._finish(claim_id, rel, claimed)
+        self._finish(claim_id, rel, claimed, later=later)
 
     def parse_claimed(
         self, claim_id: int, claimed: Path, rel: str
@@ -220,14 +227,62 @@ class ClaimedFiles:
         self.claims.update_claim(claim_id, FAILED_CLAIM)
         log.warning("inbox: %r failed: %r (moved to %r)", rel, message, str(target))
 
-    def _finish(self, claim_id: int, rel: str, claimed: Path) -> None:
-        target, note = unique_pair(self.done_dir, Path(rel).name, RECEIPT_SUFFIX)
+    def _finish(
+        self, claim_id: int, rel: str, claimed: Path, *, later: list[int] | None = None
+    ) -> None:
+        # Receipts planned but not written yet (``later``) are names taken all the same.
+        target, note = unique_pair(
+            self.done_dir, Path(rel).name, RECEIPT_SUFFIX, taken=self._planned.values()
+        )
         # Where it goes is recorded first, so a crash after the rename is finished right.
         self._plan(claim_id, SUBMITTED, target, note)
         os.rename(claimed, target)
         self._move_inputs(claim_id, self.done_dir)
+        if later is not None:  # the claim stays "submitted" until its receipt is written
+            self._planned[claim_id] = str(note)
+            later.append(claim_id)
+            return
         self.write_receipt(claim_id)
         self.claims.update_claim(claim_id, DONE)
+
+    def finish_receipts(self, claim_ids: list[int]) -> None:
+        """Write the receipts of submitted claims whose files are in ``done/`` (each one
+        fsynced, the folder once for many), then mark each claim done. A receipt that cannot
+        be written leaves its claim "submitted": the next start writes it (as it would
+        after a crash in between)."""
+        try:
+            for start in range(0, len(claim_ids), self.RECEIPTS_AT_ONCE):
+                self._finish_receipts(claim_ids[start : start + self.RECEIPTS_AT_ONCE])
+        finally:
+            for claim_id in claim_ids:
+                self._planned.pop(claim_id, None)
+
+    #: Receipts written under one hold of the receipt lock (the workers' threads rewrite
+    #: receipts as jobs end, and wait for it meanwhile).
+    RECEIPTS_AT_ONCE = 32
+
+    def _finish_receipts(self, claim_ids: list[int]) -> None:
+        with self._receipt_lock:
+            notes: list[tuple[int, Path, str]] = []
+            done: list[int] = []
+            for claim_id in claim_ids:
+                claim = self.claims.get_claim(claim_id)
+                if _receipt_due(claim):
+                    text = receipt_text(claim, self.claims.claim_jobs(claim_id))
+                    notes.append((claim_id, Path(claim["note_path"]), text))
+                else:  # as write_receipt: nothing to write, the claim is done all the same
+                    done.append(claim_id)
+            errors = write_texts_durably([(path, text) for _, path, text in notes])
+        for (claim_id, path, _), error in zip(notes, errors, strict=True):
+            if error is not None:
+                log.error("inbox: cannot write the receipt %r: %s", str(path), error)
+            else:
+                done.append(claim_id)
+        for claim_id in done:
+            try:
+                self.claims.update_claim(claim_id, DONE)
+            except Exception:  # left "submitted": the next start marks it done
+                log.exception("inbox: cannot mark claim %s done", claim_id)
 
     def _plan(self, claim_id: int, state: str, target: Path, note: Path) -> None:
         """Record where the prompt file, its note and each of its images will go."""
@@ -275,7 +330,8 @@ class ClaimedFiles:
     def recover(self) -> None:
         """Finish claims left half-way by a stop; each on its own, so none can stop start-up."""
         try:
-            claims = self.claims.open_claims()
+            # Only ours: another node sharing the inbox finishes its own claims.
+            claims = self.claims.open_claims(node=self.daemon.node)
         except Exception:
             log.exception("inbox: cannot read the claims left by the last run")
             return
@@ -351,13 +407,19 @@ class ClaimedFiles:
     def write_receipt(self, claim_id: int) -> None:
         """Rewrite the receipt of a submitted claim from its jobs as they are now."""
         claim = self.claims.get_claim(claim_id)
-        if not claim or not claim["note_path"] or claim["state"] not in (SUBMITTED, DONE):
+        if not _receipt_due(claim):
             return
-        if not claim["note_path"].endswith(RECEIPT_SUFFIX):
-            return  # a failure note planned before a crash, the claim not yet planned anew
         with self._receipt_lock:
             text = receipt_text(claim, self.claims.claim_jobs(claim_id))
             atomic_write_text(Path(claim["note_path"]), text)
+
+
+def _receipt_due(claim: dict[str, Any] | None) -> bool:
+    """Whether the claim has a receipt to (re)write: submitted, its receipt planned (not a
+    failure note planned before a crash, the claim not yet planned anew)."""
+    if not claim or not claim["note_path"] or claim["state"] not in (SUBMITTED, DONE):
+        return False
+    return claim["note_path"].endswith(RECEIPT_SUFFIX)
 
 
 def _is_real_dir(path: Path) -> bool:

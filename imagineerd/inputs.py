@@ -25,10 +25,10 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image
 
@@ -72,11 +72,30 @@ class Input:
     data: bytes = dataclasses.field(default=b"", repr=False)
 
 
+class SharedInputs(Protocol):
+    """Where nodes sharing a queue keep input images for each other (the PostgreSQL store)."""
+
+    def put_input(self, digest: str, data: bytes) -> None: ...
+    def get_input(self, digest: str) -> bytes | None: ...
+    def collect_inputs(self, keep: Sequence[str], *, older_than: float) -> int: ...
+
+
 class InputStore:
-    def __init__(self, folder: Path, gallery: Gallery, *, max_bytes: int) -> None:
+    """Input images by SHA-256 under ``folder``; with ``shared``, also where every node of
+    a shared queue finds them (the node that runs a job fetches its inputs on first use)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        gallery: Gallery,
+        *,
+        max_bytes: int,
+        shared: SharedInputs | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.gallery = gallery
         self.max_bytes = max_bytes
+        self.shared = shared
         self._lock = threading.Lock()
         self._pins: dict[str, float] = {}  # digest -> when a request named it
 
@@ -118,7 +137,9 @@ class InputStore:
         """Store the inputs and pin them: :meth:`collect` leaves them alone until
         :meth:`release` (their jobs are queued) or ``PIN_SECONDS``."""
         for item in inputs:
-            self._put(item.data)
+            digest = self._put(item.data).removeprefix("sha256:")
+            if self.shared is not None:
+                self.shared.put_input(digest, item.data)
             with self._lock:
                 self._pins[item.ref.removeprefix("sha256:")] = time.monotonic()
 
@@ -190,12 +211,21 @@ class InputStore:
                 field=field,
             ) from None
 
-    def _stored(self, field: str, digest: str, output_name: str) -> Input:
-        path = self.folder / digest
+    def _read(self, digest: str) -> bytes | None:
+        """The stored bytes of ``digest``: here, or fetched from the shared store (and kept
+        here, for the next use); None when neither has them."""
         try:
-            data = read_regular_file(path, self.max_bytes)
+            return read_regular_file(self.folder / digest, self.max_bytes)
         except OSError:
-            data = None
+            pass
+        data = self.shared.get_input(digest) if self.shared is not None else None
+        if data is None or hashlib.sha256(data).hexdigest() != digest:
+            return None
+        self._put(data)
+        return data
+
+    def _stored(self, field: str, digest: str, output_name: str) -> Input:
+        data = self._read(digest)
         if data is None and output_name:
             with contextlib.suppress(ValidationError):
                 candidate = self._output(field, output_name)
@@ -265,7 +295,9 @@ class InputStore:
         match = _HASH.fullmatch(ref)
         if match is None:
             raise ValueError(f"not a stored input: {ref!r}")
-        data = read_regular_file(self.folder / match.group(1), self.max_bytes)
+        data = self._read(match.group(1))
+        if data is None:
+            raise FileNotFoundError(f"the input image {ref} is no longer stored")
         with Image.open(io.BytesIO(data), formats=list(FORMATS)) as image:
             return image.convert("RGB")
 
@@ -293,6 +325,8 @@ class InputStore:
                     removed.append(name)
                 except FileNotFoundError:
                     continue
+        if self.shared is not None:
+            self.shared.collect_inputs(sorted(keep), older_than=GRACE_SECONDS)
         return removed
 
 

@@ -104,7 +104,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self._sync_lock = threading.Lock()
         self._job_lock = threading.Lock()
-        self._last_event = daemon.events.epoch  # replay model events from here
+        self._last_event = daemon.events.position  # count model events from here
         self._last_ready: str | None = None
         self._batches: dict[str, list[float]] = {}  # started_at -> [jobs, last finish]
         self._error_logged: dict[str, float] = {}
@@ -363,7 +363,9 @@ class Metrics:
                         "metrics: more events came since the last scrape than the daemon "
                         "holds; model loads in between are not counted"
                     )
-                elif event.type.startswith("model."):
+                elif event.type.startswith("model.") and event.node in (None, self.daemon.node):
+                    # On a shared queue the bus carries every node's events; each node's
+                    # /metrics counts its own model loads (Prometheus sums the nodes).
                     self._model_event(event.type, event.data)
         except Subscription.Dropped:
             pass

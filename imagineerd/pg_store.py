@@ -137,6 +137,13 @@ CREATE TABLE IF NOT EXISTS settings (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+-- Input images of queued jobs (imagineerd.inputs), by SHA-256: the node that runs a job
+-- is often not the one that took the request, so the bytes travel with the queue.
+CREATE TABLE IF NOT EXISTS inputs (
+    digest     TEXT PRIMARY KEY,
+    data       BYTEA NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL DEFAULT extract(epoch FROM clock_timestamp())
+);
 -- The event log the nodes share (imagineerd.shared_events): only PostgreSQL has one, as
 -- only its nodes need to see each other's events. ``data`` is the event's JSON.
 CREATE TABLE IF NOT EXISTS events (
@@ -680,6 +687,36 @@ class PostgresStore:
                 "INSERT INTO settings (key, value) VALUES (%s, %s)"
                 " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
                 (key, json.dumps(value)),
+            )
+        )
+
+    # -- input images every node can read (not part of the Store contract: only a store
+    # that several machines share needs them; see imagineerd.inputs) ------------------------
+    def put_input(self, digest: str, data: bytes) -> None:
+        """Keep an input image's bytes for every node (once per digest)."""
+        self._statement(
+            lambda c: c.execute(
+                "INSERT INTO inputs (digest, data) VALUES (%s, %s)"
+                " ON CONFLICT (digest) DO UPDATE SET created_at = EXCLUDED.created_at",
+                (digest, data),
+            )
+        )
+
+    def get_input(self, digest: str) -> bytes | None:
+        row = self._statement(
+            lambda c: c.execute("SELECT data FROM inputs WHERE digest = %s", (digest,)).fetchone()
+        )
+        return bytes(row["data"]) if row else None
+
+    def collect_inputs(self, keep: Sequence[str], *, older_than: float) -> int:
+        """Delete the input images not in ``keep`` stored more than ``older_than`` seconds
+        ago (younger ones may belong to a request another node has not queued yet)."""
+        return self._statement(
+            lambda c: (
+                c.execute(
+                    f"DELETE FROM inputs WHERE NOT (digest = ANY(%s)) AND created_at < {NOW} - %s",
+                    (list(keep), older_than),
+                ).rowcount
             )
         )
 

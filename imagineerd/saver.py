@@ -20,6 +20,7 @@ from PIL import Image
 from . import model_choice, outputs
 from .config import Config
 from .jobs import Job, iso
+from .store import Fenced
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,12 @@ class ImageSaver:
         clock: Callable[[], datetime],
         on_saved: SavedCallback,
         choice: model_choice.ModelChoice | None = None,
+        holds: Callable[[Job], bool] | None = None,
     ) -> None:
         self.config = config
+        #: Whether this process still holds the job (its lease on a shared queue): asked
+        #: just before the image is published; None: always.
+        self.holds = holds
         #: Names the model files of a job by hash in its PNG (None: plain metadata).
         self.choice = choice
         self.directory = directory
@@ -53,7 +58,7 @@ class ImageSaver:
             try:
                 path = self.save(job, image, duration=duration, model_label=model_label)
             except Exception as exc:
-                if not isinstance(exc, OSError):
+                if not isinstance(exc, OSError | Fenced):
                     log.exception("job %s: writing its image failed", job.id)
                 self.on_saved(job, duration, None, exc)
             else:
@@ -96,6 +101,11 @@ class ImageSaver:
         if job.source == "inbox" and job.source_name and self.config["inbox"]["outputs_subfolder"]:
             folder = folder / outputs.slugify(Path(job.source_name).stem)
         name = outputs.output_name(job.id, job.spec.prompt, now)
+        if self.holds is not None and not self.holds(job):
+            raise Fenced(
+                "this node lost the job's lease (another node runs it now); its image was "
+                "not written"
+            )
         return self.output_ref(outputs.save_png(image, folder, name, text))
 
     def output_ref(self, path: Path) -> str:

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 TIMEOUT = 10.0
 #: Deliveries sent per pass; the rest wait for the next.
 BATCH = 20
+#: How long a pass holds the deliveries it took (longer than sending a whole batch takes):
+#: on a shared queue, another node's delivery thread leaves them alone meanwhile.
+HOLD_SECONDS = BATCH * (TIMEOUT + 5)
 #: The longest pause between two attempts, in seconds.
 MAX_BACKOFF = 3600.0
 
@@ -128,7 +131,7 @@ class Webhooks:
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                due = self.store.deliveries_due(time.time(), BATCH)
+                due = self.store.deliveries_due(time.time(), BATCH, hold=HOLD_SECONDS)
                 for delivery in due:
                     if self._stopping.is_set():
                         return

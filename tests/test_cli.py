@@ -152,3 +152,12 @@ def test_a_token_from_the_environment_obeys_the_token_rules(tmp_path: Path, tiny
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "IMAGINEERD_AUTH_TOKEN may hold only printable ASCII" in result.stderr
+
+
+def test_serve_against_an_unreachable_database_says_so_and_exits(tmp_path: Path):
+    config = tmp_path / "config.yaml"
+    config.write_text("queue:\n  database: postgresql://u:hidden@127.0.0.1:1/q\n")
+    result = run("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert "cannot reach the job database at 127.0.0.1:1/q" in result.stderr
+    assert "queue.database" in result.stderr and "hidden" not in result.stderr

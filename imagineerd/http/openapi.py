@@ -168,7 +168,12 @@ def _path_param(name: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 def document() -> dict[str, Any]:
     """The whole OpenAPI 3.1 document."""
-    job = _object(("id", "status"), id={"type": "integer"}, status={"enum": list(jobs.STATUSES)})
+    job = _object(
+        ("id", "status"),
+        id={"type": "integer"},
+        status={"enum": list(jobs.STATUSES)},
+        node={"type": "string", "description": "the node (queue.node_name) that ran it"},
+    )
     job_id = [_path_param("job_id", {"type": "integer", "minimum": 1})]
     anything = {"type": "object", "additionalProperties": True}
     config_body = {"type": "object", "additionalProperties": True}
@@ -332,6 +337,18 @@ def document() -> dict[str, Any]:
                             queue_size={"type": "integer"},
                             current_job={"type": "boolean"},
                             total_completed={"type": "integer"},
+                            node={"type": "string"},
+                            nodes={
+                                "type": "array",
+                                "description": "every node of the queue (with the token)",
+                                "items": _object(
+                                    ("name", "state"),
+                                    name={"type": "string"},
+                                    state={"type": "string"},
+                                    devices={"type": "array"},
+                                    last_heartbeat={"type": "string"},
+                                ),
+                            },
                         ),
                     ),
                 ),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from typing import Any
 
 import falcon
@@ -16,6 +17,7 @@ from ..errors import NotFound, ValidationError
 from ..gallery import THUMBNAIL_SIZES
 from ..jobs import SCHEDULERS
 from ..outputs import PNG_SIGNATURE
+from .coalesce import Coalesced
 from .security import SESSION_COOKIE, SESSION_MAX_AGE, BearerAuth
 
 REDACTED = "********"
@@ -113,16 +115,24 @@ class Generate:
 class Jobs:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        # Lists of the same page asked for at once are built and encoded once (coalesce.py).
+        self.listings: Coalesced[tuple[int, int | None], bytes] = Coalesced(self._listing)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         limit = int_param(req, "limit", 50, 1, 500)
         before = int_param(req, "before", None, 1, 2**62)
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self.listings.get((limit, before))
+
+    def _listing(self, page: tuple[int, int | None]) -> bytes:
+        limit, before = page
         # One more than asked tells whether another page exists.
         body = self.daemon.list_jobs(limit=limit + 1, before=before)
         more = len(body["history"]) > limit
         body["history"] = body["history"][:limit]
         body["next_before"] = body["history"][-1]["id"] if more else None
-        resp.media = body
+        # As resp.media would encode it (Falcon's JSON handler), once for every waiter.
+        return json.dumps(body, ensure_ascii=False).encode()
 
     def on_get_item(self, req: falcon.Request, resp: falcon.Response, job_id: int) -> None:
         resp.media = self.daemon.job_view(self.daemon.job(job_id))
@@ -147,7 +157,13 @@ def redacted(config: dict[str, Any]) -> dict[str, Any]:
         hooks["job_secret"] = REDACTED
     for endpoint in hooks["endpoints"]:
         endpoint["secret"] = REDACTED
+    shown["queue"]["database"] = redact_password(shown["queue"]["database"])
     return shown
+
+
+def redact_password(url: str) -> str:
+    """A database URL with its password (if any) shown as ``********``."""
+    return re.sub(r"^([a-z]+://[^:/@]*:)[^@]*@", rf"\g<1>{REDACTED}@", url)
 
 
 class ConfigResource:
@@ -178,6 +194,10 @@ class ConfigResource:
         if isinstance(server, dict) and server.get("auth_token") == REDACTED:
             # GET shows the token this way; sent back, it means "unchanged".
             server["auth_token"] = self.daemon.saved_config["server"]["auth_token"]
+        queue = data.get("queue")
+        saved_url = self.daemon.saved_config["queue"]["database"]
+        if isinstance(queue, dict) and queue.get("database") == redact_password(saved_url):
+            queue["database"] = saved_url  # as GET showed it: unchanged
         hooks, saved = data.get("webhooks"), self.daemon.saved_config["webhooks"]
         if isinstance(hooks, dict):
             if hooks.get("job_secret") == REDACTED:

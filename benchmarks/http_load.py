@@ -1,11 +1,19 @@
 """Bounded HTTP load against a real server on loopback.
 
     python benchmarks/http_load.py --clients 50 --seconds 30 --history 100000
+    python benchmarks/http_load.py --clients 50 --seconds 30 --history 100000 --rate 4
 
 N client threads for a fixed time mix: submit (10%), job status (40%), job list (20%),
 outputs list (20%) and opening the event stream (10%, read its first bytes, close). The
 store is first filled with --history finished jobs, so job status is measured with a big
 table. Reports requests/s, p50/p99 latency per kind and errors (which must be 0).
+
+By default each client sends its next request as soon as the last is answered (a closed
+loop): that measures how many requests the server can answer, and its latencies are
+mostly the time requests wait for each other (with N clients, mean latency = N / rate
+answered). With --rate each client sends requests at random moments, --rate per second on
+average (Poisson), whatever the answers take, and latency is counted from the moment each
+request was due: the latency of the server at that offered load.
 """
 
 from __future__ import annotations
@@ -54,13 +62,28 @@ def fill_history(db_path: Path, count: int) -> None:
 
 
 def client(
-    url: str, until: float, max_id: int, rng: random.Random, results: list, errors: list
+    url: str,
+    until: float,
+    max_id: int,
+    rng: random.Random,
+    results: list,
+    errors: list,
+    rate: float = 0.0,
 ) -> None:
     session = requests.Session()
     kinds = [k for k, w in MIX for _ in range(w)]
+    due = time.perf_counter() + (rng.expovariate(rate) if rate else 0.0)
     while time.monotonic() < until:
         kind = rng.choice(kinds)
-        start = time.perf_counter()
+        if rate:
+            time.sleep(max(0.0, min(due - time.perf_counter(), until - time.monotonic())))
+            if time.monotonic() >= until:
+                break
+            # From when it was due: a request sent late because the last answer was slow
+            # counts that wait too (else a slow server would be measured less often).
+            start, due = due, due + rng.expovariate(rate)
+        else:
+            start = time.perf_counter()
         try:
             if kind == "submit":
                 r = session.post(url + "/api/generate", json={"prompt": "load test"}, timeout=30)
@@ -91,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--history", type=int, default=100_000)
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="requests per second per client, at random moments (default: closed loop)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="imagineerd-load-") as tmp:
@@ -113,7 +142,15 @@ def main(argv: list[str] | None = None) -> int:
             threads = [
                 threading.Thread(
                     target=client,
-                    args=(server.url, until, args.history, random.Random(i), results, errors),
+                    args=(
+                        server.url,
+                        until,
+                        args.history,
+                        random.Random(i),
+                        results,
+                        errors,
+                        args.rate,
+                    ),
                 )
                 for i in range(args.clients)
             ]
@@ -137,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     all_times = [d for _, d in results]
     report = {
         "clients": args.clients,
+        "offered_per_second": args.clients * args.rate if args.rate else None,
         "seconds": elapsed,
         "history_jobs": args.history,
         "requests": len(results),
@@ -152,9 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
+    offered = f" (offered {args.clients * args.rate:.0f}/s)" if args.rate else " (closed loop)"
     print(
         f"{report['requests']} requests in {elapsed:.1f} s = "
-        f"{report['requests_per_second']:.0f} req/s; p50 {report['p50_ms']:.1f} ms, "
+        f"{report['requests_per_second']:.0f} req/s{offered}; p50 {report['p50_ms']:.1f} ms, "
         f"p99 {report['p99_ms']:.1f} ms; errors {report['errors']}"
     )
     for kind, numbers in per_kind.items():

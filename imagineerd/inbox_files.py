@@ -8,16 +8,21 @@ place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .errors import ValidationError
+from .fsutil import fsync_dir
 from .jobs import FINISHED, Job, JobSpec, bounds_summary
 from .safefile import (
     NAME_MAX,
@@ -276,10 +281,13 @@ def claim_name(name: str) -> str:
     return prefix + cut_name(name, NAME_MAX - len(prefix))
 
 
-def unique_pair(folder: Path, name: str, note_suffix: str) -> tuple[Path, Path]:
-    """``folder/name`` and its note, with ``-2``, ``-3``... so nothing is overwritten; the
-    stem is cut so that both names, counter included, fit (the note's with room for the
-    temporary name it is written under)."""
+def unique_pair(
+    folder: Path, name: str, note_suffix: str, taken: Collection[str] = ()
+) -> tuple[Path, Path]:
+    """``folder/name`` and its note, with ``-2``, ``-3``... so nothing is overwritten (nor
+    a path in ``taken``: notes planned but not yet written); the stem is cut so that both
+    names, counter included, fit (the note's with room for the temporary name it is
+    written under)."""
     stem, suffix = os.path.splitext(name)
     if len(os.fsencode(suffix)) > 32:  # not an extension people would recognise anyway
         stem, suffix = name, ""
@@ -289,9 +297,114 @@ def unique_pair(folder: Path, name: str, note_suffix: str) -> tuple[Path, Path]:
         counter = "" if n == 1 else f"-{n}"
         base = cut_name(stem, room - len(counter)) + counter
         target, note = folder / f"{base}{suffix}", folder / f"{base}{note_suffix}"
-        if not os.path.lexists(target) and not os.path.lexists(note):
+        free = str(target) not in taken and str(note) not in taken
+        if free and not os.path.lexists(target) and not os.path.lexists(note):
             return target, note
         n += 1
+
+
+def write_texts_durably(items: list[tuple[Path, str]]) -> list[Exception | None]:
+    """``fsutil.atomic_write_text`` for many files at once: each is written to a temporary
+    file beside it, fsynced and renamed into place (a link at its path is replaced, never
+    written through); then each folder is fsynced once for all of its files, where one
+    write at a time fsyncs it once per file. The files are fsynced a few at a time, side by
+    side (the file system commits its journal once for all of those waiting). Returns, per
+    file, ``None`` or the error that stopped it (the others are written all the same)."""
+    errors: list[Exception | None] = [None] * len(items)
+    folders: dict[Path, None] = {}
+    for start in range(0, len(items), FSYNC_CHUNK):  # a bounded number of open files
+        chunk = list(enumerate(items[start : start + FSYNC_CHUNK], start))
+        folders.update(dict.fromkeys(_write_chunk(chunk, errors)))
+    for folder in folders:
+        fsync_dir(folder)  # the renames, all at once
+    return errors
+
+
+def _write_chunk(
+    chunk: list[tuple[int, tuple[Path, str]]], errors: list[Exception | None]
+) -> list[Path]:
+    """Write, fsync (side by side) and rename the files of ``chunk`` (errors by index into
+    ``errors``); returns the folder of each file renamed into place."""
+    temps: list[tuple[int, int, str]] = []  # (index, open descriptor, temporary name)
+    try:
+        return _write_temps(chunk, errors, temps)
+    except BaseException:  # as atomic_write_text: no temporary file is left behind
+        for _, _, tmp in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+
+
+def _write_temps(
+    chunk: list[tuple[int, tuple[Path, str]]],
+    errors: list[Exception | None],
+    temps: list[tuple[int, int, str]],
+) -> list[Path]:
+    try:
+        for index, (path, text) in chunk:
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            except Exception as exc:  # this file only: a folder gone, no space
+                errors[index] = exc
+                continue
+            temps.append((index, fd, tmp))
+            try:
+                data = memoryview(text.encode("utf-8"))
+                while data:
+                    data = data[os.write(fd, data) :]
+            except Exception as exc:
+                errors[index] = exc
+        writing = [(index, fd) for index, fd, _ in temps if errors[index] is None]
+        for (index, _), error in zip(writing, _fsync_all([fd for _, fd in writing]), strict=True):
+            errors[index] = error
+    finally:
+        for _, fd, _ in temps:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    paths = {index: path for index, (path, _) in chunk}
+    renamed = []
+    for index, _, tmp in temps:
+        path = paths[index]
+        try:
+            if errors[index] is None:
+                if path.exists():
+                    os.chmod(tmp, path.stat().st_mode & 0o777)
+                os.replace(tmp, path)
+                renamed.append(path.parent)
+                continue
+        except Exception as exc:
+            errors[index] = exc
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return renamed
+
+
+#: Files written at once by write_texts_durably (open at once, fsynced side by side).
+FSYNC_CHUNK = 32
+#: Threads that fsync a burst's files side by side (each waits on the disk, not the CPU).
+FSYNC_THREADS = 8
+_fsync_pool: ThreadPoolExecutor | None = None
+_fsync_pool_lock = threading.Lock()
+
+
+def _fsync_all(fds: list[int]) -> list[Exception | None]:
+    """fsync every descriptor; per descriptor ``None`` or the error."""
+
+    def sync(fd: int) -> Exception | None:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            return exc
+        return None
+
+    if len(fds) < 2:
+        return [sync(fd) for fd in fds]
+    global _fsync_pool
+    with _fsync_pool_lock:
+        if _fsync_pool is None:
+            _fsync_pool = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="imagineerd-fsync")
+        pool = _fsync_pool
+    return list(pool.map(sync, fds))
 
 
 def read_prompt_text(path: Path, limit: int) -> str:

@@ -82,11 +82,18 @@ class Settler:
 
     def ready(self, settle_seconds: float) -> tuple[list[Path], list[Path]]:
         """``(ready, changed)``: files unchanged for ``settle_seconds``, re-checked against
-        the disk now, and files that changed or went away meanwhile (to be noticed again)."""
+        the disk now, and files that changed or went away meanwhile (to be noticed again).
+        Only files whose quiet period is over are looked at on the disk (a burst of a
+        thousand files is not stat'ed ten times a second): a change found then starts the
+        quiet period again, so a file is never taken sooner than before, at most later."""
         now = time.monotonic()
         ready, changed = [], []
         with self._lock:
-            items = list(self._pending.items())
+            items = [
+                (path, cand)
+                for path, cand in self._pending.items()
+                if now - cand.since >= settle_seconds and now >= cand.not_before
+            ]
         for path, cand in items:
             try:
                 stat = regular_lstat(path)
@@ -95,7 +102,7 @@ class Settler:
                 continue
             if (stat.st_size, stat.st_mtime_ns) != (cand.size, cand.mtime_ns):
                 changed.append(path)  # still being written: the quiet period starts again
-            elif now - cand.since >= settle_seconds and now >= cand.not_before:
+            else:
                 ready.append(path)
         return ready, changed
 

@@ -32,7 +32,7 @@ class SQLiteDatabase:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._timeout = timeout
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._lock = threading.Lock()
         self._closed = False
         with self._write() as db:
@@ -59,9 +59,13 @@ class SQLiteDatabase:
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
+        if self._closed:
+            if db is not None:  # close() left it to us: it may have been in use then
+                self._local.db = None
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+            raise StoreClosed("the job store is closed")
         if db is None:
-            if self._closed:
-                raise StoreClosed("the job store is closed")
             # isolation_level=None: we issue BEGIN ourselves, so transactions are explicit.
             db = sqlite3.connect(
                 self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
@@ -72,7 +76,7 @@ class SQLiteDatabase:
             db.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
             self._local.db = db
             with self._lock:
-                self._connections.append(db)
+                self._connections.append((threading.current_thread(), db))
         return db
 
     class _Tx:
@@ -117,11 +121,20 @@ class SQLiteDatabase:
         return self._Tx(self._db())
 
     def close(self) -> None:
+        """Close this thread's connection and those of threads that ended. A connection
+        another live thread owns may be in the middle of a statement: closing it under that
+        thread crashes the interpreter (SQLite frees what the statement uses), so its thread
+        closes it at its next call, which raises ``StoreClosed``."""
         with self._lock:
             self._closed = True
-            for db in self._connections:
-                # Closing from another thread than the one that used it last may complain.
-                with contextlib.suppress(sqlite3.ProgrammingError):
-                    db.close()
-            self._connections.clear()
-        self._local = threading.local()
+            current = threading.current_thread()
+            kept = []
+            for owner, db in self._connections:
+                if owner is current or not owner.is_alive():
+                    with contextlib.suppress(sqlite3.Error):
+                        db.close()
+                else:
+                    kept.append((owner, db))
+            self._connections = kept
+        if getattr(self._local, "db", None) is not None:
+            self._local.db = None

@@ -472,6 +472,8 @@ class SQLiteStore(SQLiteDatabase):
         )
         if not hold:
             return [Delivery(**dict(row)) for row in self._db().execute(due, (PENDING, now, limit))]
+        if not self._db().execute(due, (PENDING, now, 1)).fetchone():
+            return []  # nothing due: no write transaction (and no fsync) for each poll
         with self._write() as db:
             rows = [dict(row) for row in db.execute(due, (PENDING, now, limit))]
             db.executemany(

@@ -32,6 +32,23 @@ def test_http_load_has_no_errors(tmp_path):
     assert all(kind["requests"] > 0 for kind in report["per_kind"].values())
 
 
+def test_http_load_can_offer_a_fixed_rate(tmp_path):
+    report = run(
+        "http_load",
+        tmp_path,
+        "--clients",
+        "4",
+        "--seconds",
+        "3",
+        "--history",
+        "1000",
+        "--rate",
+        "5",
+    )
+    assert report["errors"] == 0 and report["offered_per_second"] == 20
+    assert report["requests"] > 0 and report["healthy_after"] == "ok"
+
+
 def test_inbox_burst_takes_every_file_once(tmp_path):
     report = run("inbox_burst", tmp_path, "--files", "40")
     assert report["exactly_once"] and report["jobs"] == 40

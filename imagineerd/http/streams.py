@@ -13,7 +13,7 @@ import falcon
 
 from ..daemon import Daemon
 from ..errors import NotFound, ValidationError
-from ..events import Subscription
+from ..events import Event, Subscription
 
 
 class StreamLimiter:
@@ -42,10 +42,14 @@ class Events:
     ``?last_event_id=``) replays recent events a reconnecting client missed."""
 
     HEARTBEAT_SECONDS = 15.0
+    #: Events kept encoded: every open stream sends the same bytes for an event, so each
+    #: event is encoded once, not once per browser tab.
+    ENCODED_EVENTS = 2048
 
     def __init__(self, daemon: Daemon, limiter: StreamLimiter | None) -> None:
         self.daemon = daemon
         self.limiter = limiter or StreamLimiter(8)
+        self._encoded: dict[int, tuple[Event, bytes]] = {}
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         raw = req.get_header("Last-Event-ID") or req.get_param("last_event_id")
@@ -86,11 +90,29 @@ class Events:
                         yield b": keep-alive\n\n"  # finds dead connections, keeps proxies open
                     continue
                 idle = 0.0
-                data = json.dumps(event.data, separators=(",", ":"))
-                yield f"id: {event.id}\nevent: {event.type}\ndata: {data}\n\n".encode()
+                yield self._encode(event)
         finally:
             sub.close()
             self.limiter.release()
+
+    def _encode(self, event: Event) -> bytes:
+        """The event as one SSE message. Every stream is handed the same event object, so
+        the message is kept by id for that very object (a ``reset`` made for one stream may
+        share an id with a real event; it is not the same object). A lost race between two
+        streams costs one more encoding, nothing else; no lock on the way."""
+        cached = self._encoded.get(event.id)
+        if cached is not None and cached[0] is event:
+            return cached[1]
+        data = json.dumps(event.data, separators=(",", ":"))
+        message = f"id: {event.id}\nevent: {event.type}\ndata: {data}\n\n".encode()
+        encoded = self._encoded
+        encoded[event.id] = (event, message)
+        while len(encoded) > self.ENCODED_EVENTS:
+            try:
+                encoded.pop(next(iter(encoded)), None)  # the oldest
+            except (StopIteration, RuntimeError):  # emptied or changed by another stream
+                break
+        return message
 
 
 class StaticFiles:

@@ -288,14 +288,16 @@ class Inbox:
             try:
                 self._loop()
             except Exception as exc:  # the watcher must outlive anything one pass can raise
-                self.restarts += 1
                 error = f"{type(exc).__name__}: {exc}"
+                repeated, self.last_error = error == self.last_error, error
+                # Counted after the error is recorded: health never shows a restart
+                # without its reason.
+                self.restarts += 1
                 self.state = "restarting"
-                if error != self.last_error:
+                if not repeated:
                     log.exception("inbox: the watcher failed; restarting it")
                 else:
                     log.error("inbox: the watcher failed again (%s); restarting it", error)
-                self.last_error = error
                 self._stopping.wait(min(0.2 * 2**self.restarts, 10.0))  # a loop that keeps failing
         self.state = "stopped"
 

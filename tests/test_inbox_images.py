@@ -360,7 +360,10 @@ def test_a_bad_job_sends_its_images_to_failed(start_inbox):
     env.drop("bad.yaml", "prompt: x\ninit_image: photo.png\nsteps: 500\n")
     note = env.wait_failed("bad.yaml")
     assert "steps must be from 1 to 150" in note
-    assert names(env.root / "failed") == ["bad.error.txt", "bad.yaml", "photo.png"]
+    # The note comes first, then the file, then its images (a crash in between still
+    # moves them): wait for the last move rather than read the folder half-way.
+    wanted = ["bad.error.txt", "bad.yaml", "photo.png"]
+    assert wait_for(lambda: names(env.root / "failed") == wanted, timeout=30)
 
 
 # -- crashes -------------------------------------------------------------------------------------

@@ -257,7 +257,7 @@ def cmd_db_copy(args: argparse.Namespace) -> int:
     """Copy the whole queue of an SQLite job database into the configured PostgreSQL one."""
     from . import config as config_mod
     from .pg_store import PostgresStore
-    from .stores import open_store
+    from .stores import is_postgres
 
     source = args.source
     if not source.startswith("sqlite:") or not source[len("sqlite:") :].strip():
@@ -267,20 +267,24 @@ def cmd_db_copy(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    # A command-line path: relative to where the command runs, as any other argument.
     path = Path(source[len("sqlite:") :].strip()).expanduser()
     try:
-        store = open_store(config_mod.load(args.config))
-    except ImagineerdError as exc:
-        print(f"imagineerd: error: {exc.message}", file=sys.stderr)
-        return 1
-    try:
-        if not isinstance(store, PostgresStore):
+        url = config_mod.load(args.config)["queue"]["database"]
+        if not is_postgres(url):
+            # Checked before anything is opened: opening the configured SQLite store would
+            # create or migrate a file, which may be the very source of the copy.
             print(
                 "imagineerd: error: queue.database must name the PostgreSQL database to copy "
                 "into (postgresql://...); it names an SQLite one",
                 file=sys.stderr,
             )
             return 1
+        store = PostgresStore(url)
+    except ImagineerdError as exc:
+        print(f"imagineerd: error: {exc.message}", file=sys.stderr)
+        return 1
+    try:
         counts = store.copy_from_sqlite(path)
     except ImagineerdError as exc:
         print(f"imagineerd: error: {exc.message}", file=sys.stderr)

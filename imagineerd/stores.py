@@ -50,18 +50,20 @@ def open_store(config: Any) -> Store:
     )
 
 
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (in the user part of a URL and in a
-    ``password=`` parameter), for messages and logs."""
+def redact(url: str, marker: str = "***") -> str:
+    """``url`` with any password replaced by ``marker`` (in the user part of a URL and in a
+    ``password=`` parameter), for messages, logs and ``GET /api/config``."""
     try:
         parts = urlsplit(url)
     except ValueError:
-        return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", url)
+        return re.sub(r"(?i)(password=)[^&\s]*", lambda m: m.group(1) + marker, url)
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, _, hostinfo = netloc.rpartition("@")
         if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
+            userinfo = userinfo.split(":", 1)[0] + ":" + marker
         netloc = f"{userinfo}@{hostinfo}"
-    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    query = re.sub(
+        r"(?i)(^|&)(password=)[^&]*", lambda m: m.group(1) + m.group(2) + marker, parts.query
+    )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

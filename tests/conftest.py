@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import yaml
@@ -285,3 +288,97 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
 @pytest.fixture
 def api(start_api: Callable[..., Api]) -> Api:
     return start_api()
+
+
+class Kill(BaseException):
+    """Stands in for kill -9: nothing after it runs (not an Exception, so no handler in the
+    inbox catches it; the thread just ends)."""
+
+
+class Killer:
+    """Counts every step of the inbox's thread that changes the disk or the store; kills it
+    just before step ``at`` (the crash tests try every ``at`` until one finishes)."""
+
+    STORE = ("create_claim", "create_claims", "update_claim", "submit_claim", "delete_claim")
+    OS = ("rename", "replace", "mkdir", "rmdir")
+
+    def __init__(self, at: int, patch: pytest.MonkeyPatch, store: Any) -> None:
+        self.at, self.steps, self.armed, self.killed = at, 0, True, False
+        for name in self.OS:
+            patch.setattr(os, name, self.wrap(getattr(os, name)))
+        for name in self.STORE:
+            patch.setattr(store, name, self.wrap(getattr(store, name)))
+
+    def wrap(self, real: Callable[..., Any]) -> Callable[..., Any]:
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if self.armed and threading.current_thread().name == "imagineerd-inbox":
+                self.steps += 1
+                if self.steps == self.at:
+                    self.armed, self.killed = False, True
+                    raise Kill
+            return real(*args, **kwargs)
+
+        return step
+
+
+# -- PostgreSQL faults ---------------------------------------------------------------------
+def with_address(url: str, host: str, port: int, password: str | None = None) -> str:
+    parts = urlsplit(url)
+    user = parts.username or ""
+    auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
+    return urlunsplit(parts._replace(netloc=f"{auth}{host}:{port}"))
+
+
+class Relay:
+    """A TCP relay to the PostgreSQL server that can be cut (every connection through it
+    closed, new ones dropped at once) and restored: a network outage, or a server restart,
+    without touching the server other tests use."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 5432)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.up = True
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            server = socket.create_connection(self.target)
+            with self.lock:
+                self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.up = False
+        with self.lock:
+            for s in self.sockets:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            self.sockets.clear()
+
+    def restore(self) -> None:
+        self.up = True
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()

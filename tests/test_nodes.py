@@ -24,7 +24,7 @@ import requests
 from imagineerd import outputs
 from imagineerd.jobs import CANCELLED, COMPLETED, RUNNING
 
-from .conftest import make_postgres_database, wait_for, write_config
+from .conftest import Relay, make_postgres_database, wait_for, with_address, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -301,71 +301,13 @@ def test_kill_9_of_a_node_mid_job_hands_its_job_to_another(tmp_path, tiny_model)
         survivor.stop()
 
 
-class Proxy:
-    """A TCP forwarder between a daemon and PostgreSQL that the test can cut and restore:
-    the database becomes unreachable for the daemon without touching the shared server."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.up = threading.Event()
-        self.up.set()
-        self.conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if not self.up.is_set():
-                client.close()
-                continue
-            try:
-                server = socket.create_connection(self.target)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self.conns += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        self.up.clear()
-        with self._lock:
-            for conn in self.conns:
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
-                conn.close()
-            self.conns.clear()
-
-    def restore(self) -> None:
-        self.up.set()
-
-
 def test_database_lost_while_running_answers_503_then_carries_on(tmp_path, start_api):
     """The connection to PostgreSQL is cut mid-job: the API answers 503 naming the
     database, the running job's result waits; once the database is back the job completes,
     new jobs are taken, and nothing is lost or doubled."""
-    from urllib.parse import urlsplit, urlunsplit
-
     with make_postgres_database() as url:
-        parts = urlsplit(url)
-        proxy = Proxy((parts.hostname or "127.0.0.1", parts.port or 5432))
-        via = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
+        proxy = Relay(url)
+        via = with_address(url, "127.0.0.1", proxy.port)
         api = start_api(queue={"database": via, "node_name": "solo", "lease_seconds": 3})
         first = api("POST", "/api/generate", json={"prompt": "before", "steps": 40}).json()["id"]
         wait_for(lambda: api("GET", f"/api/jobs/{first}").json()["status"] == RUNNING)

@@ -4,16 +4,14 @@ contract both stores keep is tested in test_store.py."""
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -26,7 +24,7 @@ from imagineerd.pg_store import NOW, PostgresStore
 from imagineerd.sqlite_store import SCHEMA_VERSION, SQLiteStore
 from imagineerd.stores import open_store, redact
 
-from .conftest import reset_postgres, wait_for, write_config
+from .conftest import Relay, reset_postgres, wait_for, with_address, write_config
 
 T = "2026-01-01T00:00:00.000000"
 DATA = Path(__file__).parent / "data"
@@ -48,68 +46,6 @@ def pg(pg_url: str) -> Iterator[PostgresStore]:
     store = PostgresStore(pg_url)
     yield store
     store.close()
-
-
-def with_address(url: str, host: str, port: int, password: str | None = None) -> str:
-    parts = urlsplit(url)
-    user = parts.username or ""
-    auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
-    return urlunsplit(parts._replace(netloc=f"{auth}{host}:{port}"))
-
-
-class Relay:
-    """A TCP relay to the PostgreSQL server that can be cut (every connection through it
-    closed, new ones dropped at once) and restored: a network outage, or a server restart,
-    without touching the server other tests use."""
-
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        self.target = (parts.hostname or "127.0.0.1", parts.port or 5432)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.up = True
-        self.sockets: list[socket.socket] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if not self.up:
-                client.close()
-                continue
-            server = socket.create_connection(self.target)
-            with self.lock:
-                self.sockets += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        self.up = False
-        with self.lock:
-            for s in self.sockets:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-            self.sockets.clear()
-
-    def restore(self) -> None:
-        self.up = True
-
-    def close(self) -> None:
-        self.cut()
-        self.listener.close()
 
 
 # -- opening ---------------------------------------------------------------------------------
@@ -470,6 +406,9 @@ def test_db_copy_refuses_what_it_cannot_copy(tmp_path, pg_url, capsys):
     sqlite_config = config_for(tmp_path / "other", "")
     assert cli.main(["db", "copy", "--from", "sqlite:x.db", "--config", sqlite_config]) == 1
     assert "must name the PostgreSQL database" in capsys.readouterr().err
+    # Refused before anything was opened: the configured SQLite file (which may be the
+    # source of the copy) is neither created nor migrated.
+    assert not (tmp_path / "other" / "state" / "imagineerd.db").exists()
     newer = tmp_path / "newer.db"
     SQLiteStore(newer).close()
     raw = sqlite3.connect(newer)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 from typing import Any
 
 import falcon
@@ -17,6 +16,7 @@ from ..errors import NotFound, ValidationError
 from ..gallery import THUMBNAIL_SIZES
 from ..jobs import SCHEDULERS
 from ..outputs import PNG_SIGNATURE
+from ..stores import redact
 from .coalesce import Coalesced
 from .security import SESSION_COOKIE, SESSION_MAX_AGE, BearerAuth
 
@@ -157,13 +157,8 @@ def redacted(config: dict[str, Any]) -> dict[str, Any]:
         hooks["job_secret"] = REDACTED
     for endpoint in hooks["endpoints"]:
         endpoint["secret"] = REDACTED
-    shown["queue"]["database"] = redact_password(shown["queue"]["database"])
+    shown["queue"]["database"] = redact(shown["queue"]["database"], REDACTED)
     return shown
-
-
-def redact_password(url: str) -> str:
-    """A database URL with its password (if any) shown as ``********``."""
-    return re.sub(r"^([a-z]+://[^:/@]*:)[^@]*@", rf"\g<1>{REDACTED}@", url)
 
 
 class ConfigResource:
@@ -196,7 +191,7 @@ class ConfigResource:
             server["auth_token"] = self.daemon.saved_config["server"]["auth_token"]
         queue = data.get("queue")
         saved_url = self.daemon.saved_config["queue"]["database"]
-        if isinstance(queue, dict) and queue.get("database") == redact_password(saved_url):
+        if isinstance(queue, dict) and queue.get("database") == redact(saved_url, REDACTED):
             queue["database"] = saved_url  # as GET showed it: unchanged
         hooks, saved = data.get("webhooks"), self.daemon.saved_config["webhooks"]
         if isinstance(hooks, dict):

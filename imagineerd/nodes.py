@@ -1,12 +1,15 @@
 """This daemon as one node of a queue: heartbeats, leases, interrupts from other nodes, and
 the jobs of nodes that died.
 
-Every node runs one :class:`NodeService` thread. Each tick it renews the leases of the jobs
-its workers hold (and learns which of them another node asked to interrupt); now and then
-it records a heartbeat with what ``/api/health`` shows of it; and on a shared queue it puts
-back the jobs whose lease ran out because their node stopped renewing (kill -9, power, a
-network cut). A node that loses the database keeps its GPU busy but cannot renew: once its
-leases run out another node runs those jobs, and the store refuses the late results
+Every node of a shared queue runs one :class:`NodeService` thread. Each tick it reads which
+of its jobs another node asked to interrupt; every third of a lease it renews the leases of
+the jobs its workers hold and records a heartbeat with what ``/api/health`` shows of it; and
+it puts back the jobs whose lease ran out because their node stopped renewing (kill -9, power,
+a network cut). A daemon alone on its SQLite file runs none: nobody else could take its
+jobs, and its start-up recovery puts back what a crash left running.
+
+A node that loses the database keeps its GPU busy but cannot renew: once its leases run out
+another node runs those jobs, and the store refuses the late results
 (:class:`~imagineerd.store.Fenced`).
 """
 
@@ -29,8 +32,7 @@ TICK_SECONDS = 0.5
 
 
 class NodeService(threading.Thread):
-    """Keeps this node's leases and heartbeat; on a ``shared`` store, also expires the
-    leases of dead nodes (on a store of one node a restart's :meth:`Store.recover` does).
+    """Keeps this node's leases and heartbeat, and expires the leases of dead nodes.
 
     ``info()`` is what the heartbeat records (version, devices, state); ``interrupt(id,
     reason)`` stops a job this node runs; ``expired(jobs)`` announces jobs put back or failed
@@ -43,7 +45,6 @@ class NodeService(threading.Thread):
         *,
         node: str,
         lease_seconds: float,
-        shared: bool,
         info: Callable[[], dict[str, Any]],
         interrupt: Callable[[int, str], None],
         expire: Callable[[], list[Job]],
@@ -53,7 +54,6 @@ class NodeService(threading.Thread):
         self.store = store
         self.node = node
         self.lease_seconds = lease_seconds
-        self.shared = shared
         self._info = info
         self._interrupt = interrupt
         self._expire = expire
@@ -61,8 +61,8 @@ class NodeService(threading.Thread):
         self._halt = threading.Event()
         #: The nodes as last read (``Store.nodes()``), for health and ETAs.
         self.nodes: list[dict[str, Any]] = []
+        #: Whether the last tick reached the database (its outage and return are logged once).
         self.healthy = True
-        self.last_error: str | None = None
 
     def stop(self, timeout: float = 5.0) -> None:
         self._halt.set()
@@ -70,38 +70,34 @@ class NodeService(threading.Thread):
             self.join(timeout)
 
     def run(self) -> None:
-        # Renew well inside the lease: a third of it leaves two chances to a slow database.
-        renew_every = max(min(self.lease_seconds / 3, 10.0), TICK_SECONDS)
-        next_renew = next_beat = next_expiry = 0.0
+        # Heartbeats well inside the lease: a third of it leaves two chances to a slow database.
+        beat_every = max(min(self.lease_seconds / 3, 10.0), TICK_SECONDS)
+        next_beat = next_expiry = 0.0
         while not self._halt.is_set():
             now = time.monotonic()
             try:
-                # Interrupts travel through the store only on a shared queue; alone, a node
-                # sees its own at once (Daemon.interrupt), so it renews less often.
-                if self.shared or now >= next_renew:
-                    for job_id, reason in self.store.renew_leases(
-                        self.node, lease_seconds=self.lease_seconds
-                    ).items():
-                        self._interrupt(job_id, reason)
-                    next_renew = now + renew_every
+                # Every tick, a read: interrupts asked on other nodes arrive within a second.
+                for job_id, reason in self.store.interrupts(self.node).items():
+                    self._interrupt(job_id, reason)
                 if now >= next_beat:
+                    self.store.renew_leases(self.node, lease_seconds=self.lease_seconds)
                     self.beat()
-                    next_beat = now + renew_every
-                if self.shared and now >= next_expiry:
+                    next_beat = now + beat_every
+                if now >= next_expiry:
                     jobs = self._expire()
                     if jobs:
                         self._expired(jobs)
                     next_expiry = now + max(self.lease_seconds / 4, 1.0)
                 if not self.healthy:
                     log.warning("the job database is reachable again")
-                self.healthy, self.last_error = True, None
+                self.healthy = True
             except ImagineerdError as exc:
                 if self.healthy:
                     log.warning("node %s: %s", self.node, exc.message)
-                self.healthy, self.last_error = False, exc.message
-            except Exception as exc:  # the heartbeat must outlive anything
+                self.healthy = False
+            except Exception:  # the heartbeat must outlive anything
                 log.exception("node %s: heartbeat failed", self.node)
-                self.healthy, self.last_error = False, str(exc)
+                self.healthy = False
             self._halt.wait(TICK_SECONDS)
 
     def beat(self, state: str | None = None) -> None:

@@ -616,15 +616,24 @@ class PostgresStore:
         return row is not None
 
     # -- leases and nodes ------------------------------------------------------------------
-    def renew_leases(self, node: str, *, lease_seconds: float) -> dict[int, str]:
-        rows = self._statement(
+    def renew_leases(self, node: str, *, lease_seconds: float) -> None:
+        self._statement(
             lambda c: c.execute(
                 f"UPDATE jobs SET lease_until = {NOW} + %s"
-                f" WHERE status = '{RUNNING}' AND node = %s RETURNING id, interrupt",
+                f" WHERE status = '{RUNNING}' AND node = %s",
                 (float(lease_seconds), node),
+            )
+        )
+
+    def interrupts(self, node: str) -> dict[int, str]:
+        rows = self._statement(
+            lambda c: c.execute(
+                f"SELECT id, interrupt FROM jobs WHERE status = '{RUNNING}' AND node = %s"
+                " AND interrupt IS NOT NULL ORDER BY seq",
+                (node,),
             ).fetchall()
         )
-        return {row["id"]: row["interrupt"] for row in rows if row["interrupt"] is not None}
+        return {row["id"]: row["interrupt"] for row in rows}
 
     def request_interrupt(self, job_id: int, reason: str) -> bool:
         row = self._statement(
@@ -693,14 +702,21 @@ class PostgresStore:
     # -- input images every node can read (not part of the Store contract: only a store
     # that several machines share needs them; see imagineerd.inputs) ------------------------
     def put_input(self, digest: str, data: bytes) -> None:
-        """Keep an input image's bytes for every node (once per digest)."""
-        self._statement(
-            lambda c: c.execute(
-                "INSERT INTO inputs (digest, data) VALUES (%s, %s)"
-                " ON CONFLICT (digest) DO UPDATE SET created_at = EXCLUDED.created_at",
-                (digest, data),
-            )
-        )
+        """Keep an input image's bytes for every node (once per digest: an image sent again,
+        the usual case for a re-run, only renews its row and crosses the network once)."""
+
+        def work(c: psycopg.Connection) -> None:
+            renewed = c.execute(
+                f"UPDATE inputs SET created_at = {NOW} WHERE digest = %s", (digest,)
+            ).rowcount
+            if not renewed:
+                c.execute(
+                    "INSERT INTO inputs (digest, data) VALUES (%s, %s)"
+                    " ON CONFLICT (digest) DO NOTHING",
+                    (digest, data),
+                )
+
+        self._statement(work)
 
     def get_input(self, digest: str) -> bytes | None:
         row = self._statement(

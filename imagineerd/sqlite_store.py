@@ -342,17 +342,19 @@ class SQLiteStore(SQLiteDatabase):
         return row is not None
 
     # -- leases and nodes ----------------------------------------------------------------
-    def renew_leases(self, node: str, *, lease_seconds: float) -> dict[int, str]:
+    def renew_leases(self, node: str, *, lease_seconds: float) -> None:
         with self._write() as db:
             db.execute(
                 f"UPDATE jobs SET lease_until = ? WHERE status = '{RUNNING}' AND node = ?",
                 (self._now() + lease_seconds, node),
             )
-            rows = db.execute(
-                f"SELECT id, interrupt FROM jobs WHERE status = '{RUNNING}' AND node = ?"
-                " AND interrupt IS NOT NULL ORDER BY seq",
-                (node,),
-            ).fetchall()
+
+    def interrupts(self, node: str) -> dict[int, str]:
+        rows = self._db().execute(
+            f"SELECT id, interrupt FROM jobs WHERE status = '{RUNNING}' AND node = ?"
+            " AND interrupt IS NOT NULL ORDER BY seq",
+            (node,),
+        )
         return {row["id"]: row["interrupt"] for row in rows}
 
     def request_interrupt(self, job_id: int, reason: str) -> bool:

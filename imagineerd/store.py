@@ -180,13 +180,17 @@ class Store(Protocol):
         ...
 
     # -- leases and nodes ----------------------------------------------------------------
-    def renew_leases(self, node: str, *, lease_seconds: float) -> dict[int, str]:
-        """Extend the lease of every job ``node`` runs to ``lease_seconds`` from now; returns
-        ``{job id: reason}`` for those of them another node asked to interrupt."""
+    def renew_leases(self, node: str, *, lease_seconds: float) -> None:
+        """Extend the lease of every job ``node`` runs to ``lease_seconds`` from now."""
+        ...
+
+    def interrupts(self, node: str) -> dict[int, str]:
+        """``{job id: reason}`` for the running jobs of ``node`` another node asked to
+        interrupt. A read only: a node asks twice a second, and renews far less often."""
         ...
 
     def request_interrupt(self, job_id: int, reason: str) -> bool:
-        """Ask the node running the job to stop it (seen at its next :meth:`renew_leases`);
+        """Ask the node running the job to stop it (seen at its next :meth:`interrupts`);
         ``False`` if the job is not running. The first reason stands."""
         ...
 

@@ -391,7 +391,8 @@ def test_a_claim_of_no_node_has_no_lease_and_any_start_up_recovers_it(open_store
     assert claimed.node is None and claimed.token and store.holds(job.id, claimed.token)
     assert [j.id for j in store.running(node="gpu-1")] == [job.id]  # every node's to recover
     assert other.expire_leases(max_attempts=3, completed_at=T) == []  # no lease to run out
-    assert other.renew_leases("", lease_seconds=60) == {}
+    other.renew_leases("", lease_seconds=60)
+    assert other.interrupts("") == {}
     (back,) = other.recover(max_attempts=3, completed_at=T, node="gpu-1")
     assert (back.id, back.status) == (job.id, QUEUED)
 
@@ -401,14 +402,19 @@ def test_renewed_leases_hold_and_run_out_ones_go_back_to_the_head(open_store):
     a, b, c = (store.add(spec(p), submitted_at=T) for p in "abc")
     lost = store.claim_next(started_at=T, node="dead", lease_seconds=-1)  # ran out already
     kept = store.claim_next(started_at=T, node="alive", lease_seconds=-1)
-    assert store.renew_leases("alive", lease_seconds=60) == {}  # just in time
+    store.renew_leases("alive", lease_seconds=60)  # just in time
     (expired,) = other_node.expire_leases(max_attempts=3, completed_at=T)
     assert (expired.id, expired.status, expired.attempts) == (lost.id, QUEUED, 1)
     assert expired.token is None and not other_node.holds(a.id, lost.token)
     assert [j.id for j in store.queued()] == [a.id, c.id]  # at the head, in order
     assert store.get(kept.id).status == RUNNING and store.holds(kept.id, kept.token)
     assert other_node.expire_leases(max_attempts=3, completed_at=T) == []
-    assert kept.id == b.id and store.renew_leases("nobody", lease_seconds=60) == {}
+    store.renew_leases("nobody", lease_seconds=60)  # renews no job of another node
+    assert kept.id == b.id and store.holds(kept.id, kept.token)
+    # A claim's own lease, never renewed, holds for its length too.
+    fresh = store.claim_next(started_at=T, node="new", lease_seconds=60)
+    assert fresh.id == a.id and other_node.expire_leases(max_attempts=3, completed_at=T) == []
+    assert store.get(fresh.id).status == RUNNING
 
 
 def test_a_late_result_from_a_node_whose_lease_ran_out_is_fenced(open_store):
@@ -447,21 +453,23 @@ def test_a_lease_that_keeps_running_out_fails_the_job_with_its_deliveries(store:
     assert store.claim_next(started_at=T).spec.prompt == "next"
 
 
-def test_an_interrupt_asked_through_one_store_reaches_the_node_at_its_renewal(open_store):
+def test_an_interrupt_asked_through_one_store_reaches_the_node_that_runs_it(open_store):
     node, store = open_store(), open_store()  # the node, and the API of another
     job = node.add(spec("long"), submitted_at=T)
     waiting = node.add(spec("waiting"), submitted_at=T)
     node.claim_next(started_at=T, node="gpu", lease_seconds=60)
-    assert node.renew_leases("gpu", lease_seconds=60) == {}
+    assert node.interrupts("gpu") == {}
     assert store.request_interrupt(job.id, "cancelled by the user")
     assert store.request_interrupt(job.id, "another reason")  # still running: accepted
-    assert node.renew_leases("gpu", lease_seconds=60) == {job.id: "cancelled by the user"}
-    assert node.renew_leases("other", lease_seconds=60) == {}
+    assert node.interrupts("gpu") == {job.id: "cancelled by the user"}
+    node.renew_leases("gpu", lease_seconds=60)  # renewing keeps the request
+    assert node.interrupts("gpu") == {job.id: "cancelled by the user"}
+    assert node.interrupts("other") == {}
     assert not store.request_interrupt(waiting.id, "x")  # not running: nothing to stop
     assert not store.request_interrupt(10**6, "x")
     node.requeue([job.id], count_attempt=False)  # a put back job forgets the request
     node.claim_next(started_at=T, node="gpu", lease_seconds=60)
-    assert node.renew_leases("gpu", lease_seconds=60) == {}
+    assert node.interrupts("gpu") == {}
 
 
 def test_nodes_are_known_by_their_heartbeats_on_the_stores_clock(open_store):
@@ -678,6 +686,7 @@ def test_hot_queries_use_indexes_not_scans_or_sorts(sqlite_store: SQLiteStore):
     sqlite_store.running(node="n")
     sqlite_store.holds(job.id, "t")
     sqlite_store.renew_leases("n", lease_seconds=30)
+    sqlite_store.interrupts("n")
     sqlite_store.expire_leases(max_attempts=3, completed_at=T)
     sqlite_store.recover(max_attempts=3, completed_at=T, node="n")
     sqlite_store._db().set_trace_callback(None)

@@ -25,6 +25,7 @@ from .config import Config
 from .errors import Conflict, Gone, NotFound, Unavailable
 from .events import Event, EventBus
 from .gallery import Gallery
+from .group_commit import GroupCommit
 from .inputs import InputStore
 from .jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, Job, iso
 from .metrics import Metrics
@@ -125,11 +126,17 @@ class Daemon:
             self.store,
             node=self.node,
             lease_seconds=self.lease_seconds,
-            shared=self.shared,
             info=self._node_info,
             interrupt=self._interrupt_here,
             expire=self._expire_leases,
             expired=self._announce_recovered,
+        )
+        #: New jobs submitted at the same moment share one transaction (one fsync); a
+        #: round's jobs share one ``submitted_at``, read when the round is written.
+        self._adder: GroupCommit[jobs.JobSpec, Job] = GroupCommit(
+            lambda key, specs: self.store.add_many(
+                specs, submitted_at=self.now_iso(), source=key[0], source_name=key[1]
+            )
         )
         self.metrics = Metrics(self)  # GET /metrics; read on scrape and from job hooks
 
@@ -139,7 +146,7 @@ class Daemon:
 
     def start(self, *, workers: bool = True) -> None:
         """Recover from an unclean stop, then start one worker per device."""
-        if isinstance(self.events, SharedEventBus):
+        if self.shared:
             self.events.start()
             self._apply_shared_generation()
         self.recover()
@@ -263,7 +270,7 @@ class Daemon:
                 self.node_service.beat(STOPPED)
             except Exception as exc:  # the database may be gone: the lease says the rest
                 log.warning("could not record that node %s stopped: %s", self.node, exc)
-        if isinstance(self.events, SharedEventBus):
+        if self.shared:
             self.events.stop()
         self.store.close()
 
@@ -319,9 +326,7 @@ class Daemon:
         takes them as one batch where they are compatible: copies of one request. Submits
         arriving together share that transaction (``group_commit``): it has committed, so
         the jobs are durable, before this returns."""
-        from .group_commit import job_adder
-
-        queued = job_adder(self).run((source, source_name), specs)
+        queued = self._adder.run((source, source_name), specs)
         self.inputs.release(ref for spec in specs for ref in (spec.init_image, spec.mask))
         for job in queued:
             self._announce_submitted(job)
@@ -441,19 +446,20 @@ class Daemon:
         }
 
     def nodes(self) -> list[dict[str, Any]]:
-        """Every node of the queue as ``/api/health`` lists it, this one included."""
-        if not self.shared:
-            info = self._node_info()
-            return [
+        """Every node of the queue as ``/api/health`` lists it, this one included (alone on
+        its SQLite file, a node is the whole list, as of now)."""
+        records = (
+            self.node_service.nodes
+            if self.shared
+            else [
                 {
                     "name": self.node,
-                    "state": info["state"],
-                    "version": __version__,
-                    "devices": info["devices"],
-                    "last_heartbeat": self.now_iso(),
-                    "seconds_since_heartbeat": 0.0,
+                    "info": self._node_info(),
+                    "heartbeat_at": time.time(),
+                    "age": 0.0,
                 }
             ]
+        )
         return [
             {
                 "name": n["name"],
@@ -467,7 +473,7 @@ class Daemon:
                 ),
                 "seconds_since_heartbeat": round(n["age"], 1),
             }
-            for n in self.node_service.nodes
+            for n in records
         ]
 
     def _node_info(self) -> dict[str, Any]:
@@ -480,7 +486,6 @@ class Daemon:
                 {"device": w["device"], "state": w["state"], "max_batch": w["max_batch"]}
                 for w in workers
             ],
-            "database": "reachable" if self.node_service.healthy else "unreachable",
         }
 
     @property
@@ -521,6 +526,8 @@ class Daemon:
             self.views.progress[data["id"]] = (data["step"], data["total"])
         elif event.type.startswith("job.") and data.get("status") not in (QUEUED, RUNNING):
             self.views.progress.pop(data.get("id"), None)
+            if data.get("status") == COMPLETED:
+                self.views.forget_durations()
         elif event.type == "config.changed":
             self._apply_shared_generation()
 
@@ -589,20 +596,26 @@ class Daemon:
         output_path: str | None = None,
         error: str | None = None,
     ) -> Job:
+        return self._until_available(
+            f"record the end of job {job.id}",
+            lambda: self._finish(job, status, duration_seconds, output_path, error),
+        )
+
+    def _until_available(self, what: str, work: Callable[[], Any]) -> Any:
+        """``work()``, retried once a second for up to ten minutes while the job database
+        is unavailable (locked by another program past its busy timeout, or a shared one
+        unreachable): the work is done on the GPU already, so wait rather than lose it or
+        leave its job "running" until a restart. A stopping daemon gives up sooner."""
         for attempt in range(600):
             try:
-                return self._finish(job, status, duration_seconds, output_path, error)
+                return work()
             except Unavailable:
-                # The database is locked by another program past its busy timeout, or (a
-                # shared one) unreachable: the job is done, so keep trying rather than leave
-                # it "running" until a restart.
                 if self.stopping.is_set() and attempt > 10:
                     raise
-                log.warning(
-                    "job %s: the job database is unavailable; retrying to record it", job.id
-                )
+                if attempt == 0:
+                    log.warning("the job database is unavailable; retrying to %s", what)
                 time.sleep(1.0)
-        raise Unavailable(f"could not record the end of job {job.id}: the database stays locked")
+        raise Unavailable(f"could not {what}: the job database stays unavailable")
 
     def _finish(
         self,
@@ -654,14 +667,11 @@ class Daemon:
     def _holds(self, job: Job) -> bool:
         """Whether this node still holds ``job`` (asked before its image is published). A
         database that is away is waited for, as for finishing a job: the image is done."""
-        for attempt in range(600):
-            try:
-                return job.token is None or self.store.holds(job.id, job.token)
-            except Unavailable:
-                if self.stopping.is_set() and attempt > 10:
-                    raise
-                time.sleep(1.0)
-        raise Unavailable(f"could not check the lease of job {job.id}: the database stays away")
+        if job.token is None:
+            return True
+        return self._until_available(
+            f"check the lease of job {job.id}", lambda: self.store.holds(job.id, job.token)
+        )
 
     def _discard_output(self, output_path: str) -> None:
         try:
@@ -673,6 +683,8 @@ class Daemon:
         """The one way a finished job is made known: an event, the plugin hook, and the
         webhooks (their deliveries were written with the job's end)."""
         self.webhooks.wake()
+        if job.status == COMPLETED:
+            self.views.forget_durations()
         if job.spec.init_image:
             self.collect_inputs()
         view = self.job_view(job)

@@ -404,10 +404,6 @@ class Inbox:
     #: Files taken together at most: their claims are recorded in one transaction.
     ROUND = 256
 
-    def take(self, path: Path) -> None:
-        """Claim one complete file and turn it into jobs (or a failure note)."""
-        self.take_all([path])
-
     def take_all(self, paths: list[Path]) -> None:
         """Claim complete files and turn each into jobs (or a failure note). A burst is
         taken as one: the claims of all its files are recorded in one transaction (before

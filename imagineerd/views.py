@@ -63,7 +63,8 @@ class JobViews:
     plain dict: the worker writes it every step and nothing there may slow a step);
     ``capacity()`` is ``(workers, images per batch)``, how fast the queue drains."""
 
-    #: How long the durations behind ETAs are reused when no job finished here meanwhile.
+    #: How long the durations behind ETAs are reused (a completed job forgets them at once:
+    #: :meth:`forget_durations`).
     DURATIONS_SECONDS = 1.0
     #: Job dicts kept for the list: its 1,000 queued jobs and a page or two of history.
     DICT_CACHE_SIZE = 2048
@@ -97,6 +98,10 @@ class JobViews:
             view["progress"] = progress_dict(step, total)
         elif job.progress_total:
             view["progress"] = progress_dict(job.progress_step, job.progress_total)
+
+    def forget_durations(self) -> None:
+        """A job completed (here or on another node): ETAs read the durations anew."""
+        self._durations.clear()
 
     def recent_durations(self, spec: JobSpec) -> list[float]:
         """``store.recent_durations(spec)``, reused for up to :attr:`DURATIONS_SECONDS`.

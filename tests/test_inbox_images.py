@@ -24,7 +24,7 @@ from imagineerd import inbox_claims as inbox_mod
 from imagineerd.daemon import Daemon
 from imagineerd.inbox import Inbox
 
-from .conftest import wait_for, write_config
+from .conftest import Killer, wait_for, write_config
 from .test_inbox import FAST, Env
 from .test_inbox import start_inbox as _start_inbox
 from .test_inbox_hostile import unblock_fifo
@@ -367,37 +367,6 @@ def test_a_bad_job_sends_its_images_to_failed(start_inbox):
 
 
 # -- crashes -------------------------------------------------------------------------------------
-class Kill(BaseException):
-    """Stands in for kill -9: nothing after it runs (not an Exception, so no handler in the
-    inbox catches it; the thread just ends)."""
-
-
-class Killer:
-    """Counts every step that changes the disk or the store, in the inbox's thread; kills it
-    just before step ``at``."""
-
-    STORE = ("create_claim", "update_claim", "submit_claim", "delete_claim")
-    OS = ("rename", "replace", "mkdir", "rmdir")
-
-    def __init__(self, at: int, monkeypatch, store) -> None:
-        self.at, self.steps, self.armed, self.killed = at, 0, True, False
-        for name in self.OS:
-            monkeypatch.setattr(os, name, self.wrap(getattr(os, name)))
-        for name in self.STORE:
-            monkeypatch.setattr(store, name, self.wrap(getattr(store, name)))
-
-    def wrap(self, real):
-        def step(*args, **kwargs):
-            if self.armed and threading.current_thread().name == "imagineerd-inbox":
-                self.steps += 1
-                if self.steps == self.at:
-                    self.armed, self.killed = False, True
-                    raise Kill
-            return real(*args, **kwargs)
-
-        return step
-
-
 def run_until_killed(config, at: int) -> bool:
     """Start a daemon and its inbox on ``config`` and let the inbox take what is there,
     killed before its step ``at``; whether it was (else it finished)."""

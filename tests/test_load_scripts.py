@@ -47,6 +47,8 @@ def test_http_load_can_offer_a_fixed_rate(tmp_path):
     )
     assert report["errors"] == 0 and report["offered_per_second"] == 20
     assert report["requests"] > 0 and report["healthy_after"] == "ok"
+    # Paced, not a closed loop (which makes hundreds of requests in 3 s): about 20/s.
+    assert report["requests"] <= 3 * 20 * 3
 
 
 def test_inbox_burst_takes_every_file_once(tmp_path):

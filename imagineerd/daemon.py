@@ -36,7 +36,7 @@ from .plugins import get_plugin_manager
 from .safefile import read_regular_file
 from .saver import ImageSaver
 from .shared_events import SharedEventBus
-from .store import Fenced, Store
+from .store import ClaimSubmission, Fenced, Store
 from .stores import open_store
 from .views import JobViews, progress_dict
 from .webhooks import Webhooks
@@ -328,15 +328,14 @@ class Daemon:
         the jobs are durable, before this returns."""
         queued = self._adder.run((source, source_name), specs)
         self.inputs.release(ref for spec in specs for ref in (spec.init_image, spec.mask))
-        for job in queued:
-            self._announce_submitted(job)
+        self._announce_submitted(queued)
         self.wake()
         return queued
 
-    def _announce_submitted(self, job: Job) -> None:
-        view = self.job_view(job)
-        self.events.publish("job.submitted", view)
-        self._hook("imagineerd_job_submitted", job=view)
+    def _announce_submitted(self, queued: list[Job]) -> None:
+        for view in self.views.views(queued):
+            self.events.publish("job.submitted", view)
+            self._hook("imagineerd_job_submitted", job=view)
 
     def job(self, job_id: int) -> Job:
         job = self.store.get(job_id)
@@ -550,12 +549,16 @@ class Daemon:
     # -- inbox: a claimed file's jobs, queued at once (see store.py) -------------------
     def submit_claim(self, claim_id: int, specs: list[jobs.JobSpec], source_name: str) -> list[Job]:
         """Queue all jobs of one inbox file at once (all or none, never twice)."""
-        queued = self.store.submit_claim(
-            claim_id, specs, submitted_at=self.now_iso(), source="inbox", source_name=source_name
+        return self.submit_claims([ClaimSubmission(claim_id, specs, source_name)])[0]
+
+    def submit_claims(self, items: list[ClaimSubmission]) -> list[list[Job]]:
+        """Queue the jobs of many inbox files in one transaction, each file's all or none
+        and never twice (see ``Store.submit_claims``); each file's jobs, in order."""
+        queued = self.store.submit_claims(items, submitted_at=self.now_iso(), source="inbox")
+        self.inputs.release(
+            ref for item in items for spec in item.specs for ref in (spec.init_image, spec.mask)
         )
-        self.inputs.release(ref for spec in specs for ref in (spec.init_image, spec.mask))
-        for job in queued:
-            self._announce_submitted(job)
+        self._announce_submitted([job for file_jobs in queued for job in file_jobs])
         self.wake()
         return queued
 

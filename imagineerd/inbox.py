@@ -309,6 +309,8 @@ class Inbox:
             self._wake.clear()
             self._check_observer()
             if time.monotonic() >= next_rescan:
+                if self._claimed.stranded:  # the store failed a burst: finish its claims
+                    self.recover()
                 self.rescan()
                 next_rescan = time.monotonic() + self.settings["rescan_seconds"]
             self._report_orphans()
@@ -407,9 +409,10 @@ class Inbox:
     def take_all(self, paths: list[Path]) -> None:
         """Claim complete files and turn each into jobs (or a failure note). A burst is
         taken as one: the claims of all its files are recorded in one transaction (before
-        any file is renamed, as for one file), then the files are renamed, processed in
-        turn, and their receipts written together. A crash anywhere leaves each file in a
-        state start-up finishes, as with one file at a time. No file can stop the others."""
+        any file is renamed, as for one file), then the files are renamed, their jobs
+        queued in one transaction, and their receipts written together. A crash anywhere
+        leaves each file in a state start-up finishes, as with one file at a time. No file
+        can stop the others."""
         taking: list[tuple[Path, str, Path]] = []
         for path in paths:
             try:
@@ -437,14 +440,10 @@ class Inbox:
                     claimed_ok.append((claim_id, rel, claimed))
             except Exception:
                 log.exception("inbox: could not process %r", rel)
+        if self._stopping.is_set():
+            return  # claimed, not processed: the next start finishes them
         later: list[int] = []
-        for claim_id, rel, claimed in claimed_ok:
-            if self._stopping.is_set():
-                break  # claimed, not processed: the next start finishes it
-            try:
-                self._claimed.process(claim_id, rel, claimed, later=later)
-            except Exception:
-                log.exception("inbox: could not process %r", rel)
+        self._claimed.process_all(claimed_ok, later=later)
         try:
             self._claimed.finish_receipts(later)
         except Exception:  # left "submitted": the next start writes them

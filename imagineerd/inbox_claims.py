@@ -55,7 +55,7 @@ from .inbox_files import (
 )
 from .jobs import JobSpec
 from .safefile import ensure_directory, kind_of
-from .store import CLAIMING, DONE, FAILED_CLAIM, SUBMITTED
+from .store import CLAIMING, DONE, FAILED_CLAIM, SUBMITTED, ClaimSubmission
 
 # The inbox's one logger: what happens to a claim is logged as the inbox's, as it always was.
 log = logging.getLogger("imagineerd.inbox")
@@ -101,36 +101,77 @@ class ClaimedFiles:
         self._planned: dict[int, str] = {}
         # Files queued, files failed: the inbox shows them in its health (``Inbox.status``).
         self.taken = self.failed = 0
+        # Files left claimed because the store could not queue their jobs: the watcher
+        # runs :meth:`recover` to finish them once the store answers again.
+        self.stranded = False
 
     def went_with(self, folder: Path, name: str) -> str | None:
         """The prompt file an image ``name`` in ``folder`` was lately taken with, if any."""
         return self._taken_with.get((folder, name.casefold()))
 
-    # -- processing a claimed file -------------------------------------------------------
+    # -- processing claimed files --------------------------------------------------------
     def process(
         self, claim_id: int, rel: str, claimed: Path, *, later: list[int] | None = None
     ) -> None:
-        """Turn the file claimed as ``claimed`` (dropped as ``rel``) into jobs, or a failure
-        note; either way it leaves ``.claimed/``. With ``later``, the receipt of a file
-        whose jobs were queued is left to :meth:`finish_receipts` (its claim id is added to
-        ``later``): a burst of files shares the fsync of ``done/``."""
+        """:meth:`process_all` for one file."""
+        self.process_all([(claim_id, rel, claimed)], later=later)
+
+    def process_all(
+        self, items: list[tuple[int, str, Path]], *, later: list[int] | None = None
+    ) -> None:
+        """Turn each file claimed as ``claimed`` (dropped as ``rel``) into jobs, or a failure
+        note; either way it leaves ``.claimed/``. The jobs of every file that parses are
+        queued in one transaction, which also records where each file and its receipt go;
+        then the files move to ``done/``. With ``later``, the receipt of a file whose jobs
+        were queued is left to :meth:`finish_receipts` (its claim id is added to ``later``):
+        a burst of files shares the fsync of ``done/``. A file that fails does so alone;
+        if the store cannot queue the jobs, the files stay claimed and :attr:`stranded` is
+        set (:meth:`recover` finishes them)."""
+        planned: list[tuple[ClaimSubmission, str, Path, Path, Path]] = []
+        taken: set[str] = set(self._planned.values())  # names this burst has chosen already
+        for claim_id, rel, claimed in items:
+            try:
+                if (plan := self._parse_and_plan(claim_id, rel, claimed, taken)) is not None:
+                    planned.append(plan)
+            except Exception:
+                log.exception("inbox: could not process %r", rel)
+        if not planned:
+            return
+        try:
+            queued = self.daemon.submit_claims([plan[0] for plan in planned])
+        except Exception:  # the store is locked or unreachable: each file stays claimed
+            self.stranded = True
+            log.exception("inbox: could not queue the jobs of %d file(s)", len(planned))
+            return
+        for (item, rel, claimed, target, note), jobs in zip(planned, queued, strict=True):
+            # Counted before the receipt appears, so health never lags behind it.
+            self.taken += 1
+            log.info("inbox: %r -> %d job(s) %s", rel, len(jobs), [j.id for j in jobs])
+            try:
+                self._move_to_done(item.claim_id, claimed, target, note, later=later)
+            except Exception:  # its jobs are queued: start-up moves it on
+                log.exception("inbox: could not move %r to done/", rel)
+
+    def _parse_and_plan(
+        self, claim_id: int, rel: str, claimed: Path, taken: set[str]
+    ) -> tuple[ClaimSubmission, str, Path, Path, Path] | None:
+        """Parse a claimed file and plan where it, its receipt and its images go in
+        ``done/`` (names in ``taken`` avoided, and added); None if it failed instead."""
         try:
             specs, record = self.parse_claimed(claim_id, claimed, rel)
         except ValidationError as exc:
             self._fail(claim_id, rel, claimed, exc.message)
-            return
+            return None
         except Exception as exc:  # a parser plugin's bug, a read error: still only this file
             log.error("inbox: unexpected error reading %r", rel, exc_info=True)
             self._fail(claim_id, rel, claimed, unexpected_problem(exc))
-            return
-        if record is not None:
-            # What the receipt says of each job's images, kept before the jobs are queued:
-            # a restart after that finishes the claim from the store alone.
-            self.claims.update_claim(claim_id, CLAIMING, final_path=encode_record(record))
-        queued = self.daemon.submit_claim(claim_id, specs, rel)
-        self.taken += 1  # counted before the receipt appears, so health never lags behind it
-        log.info("inbox: %r -> %d job(s) %s", rel, len(queued), [j.id for j in queued])
-        self._finish(claim_id, rel, claimed, later=later)
+            return None
+        target, note = unique_pair(self.done_dir, Path(rel).name, RECEIPT_SUFFIX, taken=taken)
+        # What the receipt says of each job's images is part of the record, so a restart
+        # after the jobs are queued finishes the claim from the store alone.
+        final_path = self._plan_record(claim_id, record or {}, target, note, taken)
+        item = ClaimSubmission(claim_id, specs, rel, final_path=final_path, note_path=str(note))
+        return item, rel, claimed, target, note
 
     def parse_claimed(
         self, claim_id: int, claimed: Path, rel: str
@@ -230,12 +271,20 @@ class ClaimedFiles:
     def _finish(
         self, claim_id: int, rel: str, claimed: Path, *, later: list[int] | None = None
     ) -> None:
+        """Move a submitted claim's file to ``done/`` (start-up, after a crash)."""
         # Receipts planned but not written yet (``later``) are names taken all the same.
         target, note = unique_pair(
             self.done_dir, Path(rel).name, RECEIPT_SUFFIX, taken=self._planned.values()
         )
         # Where it goes is recorded first, so a crash after the rename is finished right.
         self._plan(claim_id, SUBMITTED, target, note)
+        self._move_to_done(claim_id, claimed, target, note, later=later)
+
+    def _move_to_done(
+        self, claim_id: int, claimed: Path, target: Path, note: Path, *, later: list[int] | None
+    ) -> None:
+        """Rename a submitted claim's file (and images) to where its claim records, then
+        write its receipt, or leave that to ``later``."""
         os.rename(claimed, target)
         self._move_inputs(claim_id, self.done_dir)
         if later is not None:  # the claim stays "submitted" until its receipt is written
@@ -278,26 +327,30 @@ class ClaimedFiles:
                 log.error("inbox: cannot write the receipt %r: %s", str(path), error)
             else:
                 done.append(claim_id)
-        for claim_id in done:
-            try:
-                self.claims.update_claim(claim_id, DONE)
-            except Exception:  # left "submitted": the next start marks it done
-                log.exception("inbox: cannot mark claim %s done", claim_id)
+        try:
+            self.claims.update_claims(done, DONE)
+        except Exception:  # left "submitted": the next start marks them done
+            log.exception("inbox: cannot mark %d claim(s) done", len(done))
 
     def _plan(self, claim_id: int, state: str, target: Path, note: Path) -> None:
         """Record where the prompt file, its note and each of its images will go."""
-        claim = self.claims.get_claim(claim_id) or {}
-        record = decode_record(claim)
-        record["path"] = str(target)
-        taken = {str(target), str(note)}
+        record = decode_record(self.claims.get_claim(claim_id) or {})
+        final_path = self._plan_record(claim_id, record, target, note, set())
+        self.claims.update_claim(claim_id, state, final_path=final_path, note_path=str(note))
+
+    def _plan_record(
+        self, claim_id: int, record: dict[str, Any], target: Path, note: Path, taken: set[str]
+    ) -> str:
+        """``record`` with where the prompt file and each of its images will go, encoded
+        for the claim; every name chosen is added to ``taken``."""
+        record = {**record, "path": str(target)}
+        taken |= {str(target), str(note)}
         inputs = {}
         for name in _entries(self.inputs_dir(claim_id)):
             inputs[name] = str(unique_name(target.parent, name, taken))
             taken.add(inputs[name])
         record["inputs"] = inputs
-        self.claims.update_claim(
-            claim_id, state, final_path=encode_record(record), note_path=str(note)
-        )
+        return encode_record(record)
 
     def _move_inputs(self, claim_id: int, folder: Path) -> None:
         """Move what is left in the claim's images folder to where the record says (a name
@@ -328,13 +381,15 @@ class ClaimedFiles:
 
     # -- recovery and receipts -----------------------------------------------------------
     def recover(self) -> None:
-        """Finish claims left half-way by a stop; each on its own, so none can stop start-up."""
+        """Finish claims left half-way by a stop (or by a store that stopped answering);
+        each on its own, so none can stop start-up."""
         try:
             # Only ours: another node sharing the inbox finishes its own claims.
             claims = self.claims.open_claims(node=self.daemon.node)
         except Exception:
             log.exception("inbox: cannot read the claims left by the last run")
             return
+        self.stranded = False  # each open claim is finished below, or failed on its own
         for claim in claims:
             try:
                 self._recover_claim(claim)

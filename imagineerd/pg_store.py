@@ -50,9 +50,11 @@ from .store import (
     SCHEMA_VERSION,
     STOPPED,
     SUBMITTED,
+    ClaimSubmission,
     Delivery,
     Fenced,
     lost_error,
+    positions_from,
 )
 
 log = logging.getLogger(__name__)
@@ -901,6 +903,33 @@ class PostgresStore:
         )
         return row["n"] + 1
 
+    def queue_positions(self, jobs: Sequence[Job]) -> list[int]:
+        def queued_between(ids: list[int]) -> tuple[int, list[int]]:
+            def work(c: psycopg.Connection) -> tuple[int, list[int]]:
+                # One snapshot for the three reads, as the overview's.
+                c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                low, high = (
+                    c.execute(
+                        "SELECT MIN(seq) AS low, MAX(seq) AS high FROM jobs WHERE id = ANY(%s)",
+                        (ids,),
+                    )
+                    .fetchone()
+                    .values()
+                )
+                ahead = c.execute(
+                    "SELECT COUNT(*) AS n FROM jobs WHERE status = %s AND seq < %s",
+                    (QUEUED, low),
+                ).fetchone()["n"]
+                rows = c.execute(
+                    "SELECT id FROM jobs WHERE status = %s AND seq BETWEEN %s AND %s ORDER BY seq",
+                    (QUEUED, low, high),
+                )
+                return ahead, [row["id"] for row in rows]
+
+            return self._run(work)
+
+        return positions_from(jobs, queued_between)
+
     def counts(self) -> dict[str, int]:
         rows = self._statement(
             lambda c: c.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
@@ -964,15 +993,39 @@ class PostgresStore:
         source: str,
         source_name: str,
     ) -> list[Job]:
-        def work(c: psycopg.Connection) -> list[Job]:
-            row = c.execute(
-                "SELECT state FROM claims WHERE id = %s FOR UPDATE", (claim_id,)
-            ).fetchone()
-            if row is not None and row["state"] == CLAIMING:
-                if specs:
-                    _insert(c, specs, submitted_at, source, source_name, claim_id)
-                c.execute("UPDATE claims SET state = %s WHERE id = %s", (SUBMITTED, claim_id))
-            return _claim_jobs(c, claim_id)
+        item = ClaimSubmission(claim_id, specs, source_name)
+        return self.submit_claims([item], submitted_at=submitted_at, source=source)[0]
+
+    def submit_claims(
+        self, items: Sequence[ClaimSubmission], *, submitted_at: str, source: str
+    ) -> list[list[Job]]:
+        ids = [item.claim_id for item in items]
+
+        def work(c: psycopg.Connection) -> list[list[Job]]:
+            # Locked in id order: two transactions locking several claims never wait on each
+            # other in a circle.
+            rows = c.execute(
+                "SELECT id, state FROM claims WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (ids,)
+            ).fetchall()
+            open_ids = {row["id"] for row in rows if row["state"] == CLAIMING}
+            for item in items:
+                if item.claim_id not in open_ids:
+                    continue  # submitted before: its jobs and paths stay as they are
+                open_ids.discard(item.claim_id)
+                if item.specs:
+                    _insert(c, item.specs, submitted_at, source, item.source_name, item.claim_id)
+                c.execute(
+                    "UPDATE claims SET state = %s, final_path = COALESCE(%s, final_path),"
+                    " note_path = COALESCE(%s, note_path) WHERE id = %s",
+                    (SUBMITTED, item.final_path, item.note_path, item.claim_id),
+                )
+            found: dict[int, list[Job]] = {claim_id: [] for claim_id in ids}
+            jobs = c.execute(
+                "SELECT * FROM jobs WHERE claim_id = ANY(%s) ORDER BY id", (ids,)
+            ).fetchall()
+            for row in jobs:
+                found[row["claim_id"]].append(_job(row))
+            return [found[claim_id] for claim_id in ids]
 
         return self._run(work)
 
@@ -989,6 +1042,13 @@ class PostgresStore:
                 "UPDATE claims SET state = %s, final_path = COALESCE(%s, final_path),"
                 " note_path = COALESCE(%s, note_path) WHERE id = %s",
                 (state, final_path, note_path, claim_id),
+            )
+        )
+
+    def update_claims(self, claim_ids: Sequence[int], state: str) -> None:
+        self._statement(
+            lambda c: c.execute(
+                "UPDATE claims SET state = %s WHERE id = ANY(%s)", (state, list(claim_ids))
             )
         )
 

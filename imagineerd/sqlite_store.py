@@ -29,10 +29,12 @@ from .store import (
     SCHEMA_VERSION,
     STOPPED,
     SUBMITTED,
+    ClaimSubmission,
     Delivery,
     Fenced,
     lost_error,
     new_token,
+    positions_from,
 )
 
 _SCHEMA = """
@@ -549,15 +551,39 @@ class SQLiteStore(SQLiteDatabase):
         source: str,
         source_name: str,
     ) -> list[Job]:
+        item = ClaimSubmission(claim_id, specs, source_name)
+        return self.submit_claims([item], submitted_at=submitted_at, source=source)[0]
+
+    def submit_claims(
+        self, items: Sequence[ClaimSubmission], *, submitted_at: str, source: str
+    ) -> list[list[Job]]:
         with self._write() as db:
-            state = db.execute("SELECT state FROM claims WHERE id = ?", (claim_id,)).fetchone()[
-                "state"
-            ]
-            if state == CLAIMING:
-                for spec in specs:
-                    self._insert(db, spec, submitted_at, source, source_name, claim_id)
-                db.execute("UPDATE claims SET state = ? WHERE id = ?", (SUBMITTED, claim_id))
-        return self.claim_jobs(claim_id)
+            for item in items:
+                claim = db.execute(
+                    "SELECT state FROM claims WHERE id = ?", (item.claim_id,)
+                ).fetchone()
+                if claim is None or claim["state"] != CLAIMING:
+                    continue  # submitted before: its jobs and paths stay as they are
+                for spec in item.specs:
+                    self._insert(db, spec, submitted_at, source, item.source_name, item.claim_id)
+                db.execute(
+                    "UPDATE claims SET state = ?, final_path = COALESCE(?, final_path),"
+                    " note_path = COALESCE(?, note_path) WHERE id = ?",
+                    (SUBMITTED, item.final_path, item.note_path, item.claim_id),
+                )
+        return self._jobs_of_claims([item.claim_id for item in items])
+
+    def _jobs_of_claims(self, claim_ids: list[int]) -> list[list[Job]]:
+        """Each claim's jobs, in id order, read in a few queries rather than one a claim."""
+        found: dict[int, list[Job]] = {claim_id: [] for claim_id in claim_ids}
+        for start in range(0, len(claim_ids), 500):
+            chunk = claim_ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for job in self._many(
+                f"SELECT * FROM jobs WHERE claim_id IN ({marks}) ORDER BY id", chunk
+            ):
+                found[job.claim_id].append(job)
+        return [found[claim_id] for claim_id in claim_ids]
 
     def update_claim(
         self,
@@ -572,6 +598,12 @@ class SQLiteStore(SQLiteDatabase):
                 "UPDATE claims SET state = ?, final_path = COALESCE(?, final_path),"
                 " note_path = COALESCE(?, note_path) WHERE id = ?",
                 (state, final_path, note_path, claim_id),
+            )
+
+    def update_claims(self, claim_ids: Sequence[int], state: str) -> None:
+        with self._write() as db:
+            db.executemany(
+                "UPDATE claims SET state = ? WHERE id = ?", [(state, i) for i in claim_ids]
             )
 
     def delete_claim(self, claim_id: int) -> None:
@@ -661,6 +693,24 @@ class SQLiteStore(SQLiteDatabase):
             .fetchone()
         )
         return row[0] + 1
+
+    def queue_positions(self, jobs: Sequence[Job]) -> list[int]:
+        return positions_from(jobs, self._queued_between)
+
+    def _queued_between(self, ids: list[int]) -> tuple[int, list[int]]:
+        db = self._db()
+        marks = ", ".join("?" * len(ids))
+        low, high = db.execute(
+            f"SELECT MIN(seq), MAX(seq) FROM jobs WHERE id IN ({marks})", ids
+        ).fetchone()
+        ahead = db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?", (QUEUED, low)
+        ).fetchone()[0]
+        rows = db.execute(
+            "SELECT id FROM jobs WHERE status = ? AND seq BETWEEN ? AND ? ORDER BY seq",
+            (QUEUED, low, high),
+        )
+        return ahead, [row[0] for row in rows]
 
     def counts(self) -> dict[str, int]:
         rows = self._db().execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")

@@ -25,7 +25,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from .jobs import Job, JobSpec
+from .jobs import QUEUED, RUNNING, Job, JobSpec
 
 #: Claim states of an inbox file, in order: recorded before the rename (``claiming``), its
 #: jobs queued (``submitted``), moved to ``done/`` with its receipt (``done``), or moved to
@@ -69,6 +69,38 @@ def lost_error(why: str, attempts: int, max_attempts: int) -> str:
         f"{why}, {attempts} times; giving up so the queue can go on "
         f"(queue.max_attempts is {max_attempts})"
     )
+
+
+def positions_from(
+    jobs: Sequence[Job], queued_between: Callable[[list[int]], tuple[int, list[int]]]
+) -> list[int]:
+    """:meth:`Store.queue_positions` from one look at the queue around the queued ones:
+    ``queued_between(ids)`` is how many queued jobs are ahead of the first of them, and the
+    ids of the queued jobs from the first of them to the last, in queue order."""
+    queued = [job.id for job in jobs if job.status == QUEUED]
+    ahead, order = queued_between(queued) if queued else (0, [])
+    places = {job_id: ahead + i + 1 for i, job_id in enumerate(order)}
+    return [
+        # One that left the queue meanwhile was at its head.
+        places.get(job.id, ahead + 1)
+        if job.status == QUEUED
+        else 0
+        if job.status == RUNNING
+        else -1
+        for job in jobs
+    ]
+
+
+@dataclass(frozen=True)
+class ClaimSubmission:
+    """One claimed inbox file's jobs, for :meth:`Store.submit_claims`, and where the file and
+    its receipt will go (recorded with the jobs, so a crash after the commit knows)."""
+
+    claim_id: int
+    specs: list[JobSpec]
+    source_name: str
+    final_path: str | None = None
+    note_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -309,6 +341,11 @@ class Store(Protocol):
         """1-based place of a queued job, 0 for a running one, -1 for a finished one."""
         ...
 
+    def queue_positions(self, jobs: Sequence[Job]) -> list[int]:
+        """:meth:`queue_position` of each job, read in two queries however many they are
+        (the jobs of a burst, just queued together)."""
+        ...
+
     def counts(self) -> dict[str, int]:
         """Number of jobs in each status (every status present)."""
         ...
@@ -349,6 +386,15 @@ class Store(Protocol):
         Idempotent: a claim already submitted returns its jobs and inserts nothing."""
         ...
 
+    def submit_claims(
+        self, items: Sequence[ClaimSubmission], *, submitted_at: str, source: str
+    ) -> list[list[Job]]:
+        """:meth:`submit_claim` for many claims in one transaction (a burst of files costs
+        one commit), each also recording where its file and receipt go (``final_path``,
+        ``note_path``, when given) as it becomes ``submitted``. Returns each claim's jobs,
+        in the order given; a claim already submitted keeps its jobs and its paths."""
+        ...
+
     def update_claim(
         self,
         claim_id: int,
@@ -358,6 +404,10 @@ class Store(Protocol):
         note_path: str | None = None,
     ) -> None:
         """Set a claim's state (and where the file and its note went)."""
+        ...
+
+    def update_claims(self, claim_ids: Sequence[int], state: str) -> None:
+        """Set the state of many claims in one transaction (a burst's receipts written)."""
         ...
 
     def delete_claim(self, claim_id: int) -> None:

@@ -92,6 +92,25 @@ class JobViews:
         self._add_progress(job, view)
         return view
 
+    def views(self, jobs: list[Job]) -> list[dict[str, Any]]:
+        """:meth:`view` of many jobs (a burst just queued) from one look at the queue and
+        at what runs, where one view a job would read the queue up to each of them."""
+        if len(jobs) < 2:
+            return [self.view(job) for job in jobs]
+        positions = self.store.queue_positions(jobs)
+        running = self.store.running()
+        views = []
+        for job, position in zip(jobs, positions, strict=True):
+            view = job.to_dict()
+            if job.status in (QUEUED, RUNNING):
+                view["queue_position"] = position
+                view["estimated_time_remaining"] = self.estimate_remaining(
+                    job, position, running
+                )
+            self._add_progress(job, view)
+            views.append(view)
+        return views
+
     def _add_progress(self, job: Job, view: dict[str, Any]) -> None:
         if job.status == RUNNING:
             step, total = self.progress.get(job.id, (0, job.spec.steps))
@@ -116,17 +135,21 @@ class JobViews:
             self._durations[key] = (now, durations)
         return durations
 
-    def estimate_remaining(self, job: Job, position: int) -> float | None:
+    def estimate_remaining(
+        self, job: Job, position: int, running: list[Job] | None = None
+    ) -> float | None:
         """Seconds until ``job`` completes, from the mean duration of recent similar jobs (a
         job's duration is its batch's): what is left of the running batch that ends first,
-        plus the batches needed for the jobs up to this one, shared among the workers."""
+        plus the batches needed for the jobs up to this one, shared among the workers.
+        ``running``: the running jobs, if read already."""
         durations = self.recent_durations(job.spec)
         if not durations:
             return None
         mean = statistics.fmean(durations)
         if job.status == RUNNING:
             return round(mean * self._fraction_left(job), 1)
-        running = self.store.running()
+        if running is None:
+            running = self.store.running()
         current = min((self._fraction_left(r) for r in running), default=0.0)
         workers, per_batch = self._capacity()
         batches = math.ceil(position / per_batch) / max(workers, 1)

@@ -299,7 +299,15 @@ class Killer:
     """Counts every step of the inbox's thread that changes the disk or the store; kills it
     just before step ``at`` (the crash tests try every ``at`` until one finishes)."""
 
-    STORE = ("create_claim", "create_claims", "update_claim", "submit_claim", "delete_claim")
+    STORE = (
+        "create_claim",
+        "create_claims",
+        "update_claim",
+        "update_claims",
+        "submit_claim",
+        "submit_claims",
+        "delete_claim",
+    )
     OS = ("rename", "replace", "mkdir", "rmdir")
 
     def __init__(self, at: int, patch: pytest.MonkeyPatch, store: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -118,6 +119,45 @@ def test_a_receipt_planned_but_not_yet_written_is_never_overwritten(make_config)
     finally:
         env.inbox.stop()
         env.daemon.stop()
+
+
+def test_a_burst_the_store_cannot_queue_is_finished_without_a_restart(make_config, monkeypatch):
+    """The store fails the one transaction that queues a burst (locked, say): the files stay
+    claimed, nothing is queued, and the watcher finishes them at its next rescan, each once."""
+    files = {f"stuck-{i}.txt": f"stuck prompt {i}\n" for i in range(6)}
+    config = make_config(inbox=FAST)
+    root = config.path_for("inbox")
+    root.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (root / name).write_text(text)
+    daemon = Daemon(config)
+    daemon.start(workers=False)
+    real = daemon.store.submit_claims
+    failed: list[int] = []
+
+    def fails_once(items, **kwargs):
+        if not failed:
+            failed.append(len(items))
+            raise sqlite3.OperationalError("database is locked")
+        return real(items, **kwargs)
+
+    monkeypatch.setattr(daemon.store, "submit_claims", fails_once)
+    box = Inbox(daemon, config)
+    box.start()
+    try:
+        wait_for(lambda: failed, 10)
+        assert failed == [6]  # the whole burst in one transaction, which failed
+        assert daemon.store.counts()["queued"] == 0
+        assert len(list((root / ".claimed").iterdir())) == 6  # claimed, not lost
+        done = root / "done"
+        wait_for(lambda: len(receipts(done)) == 6, 30)  # the next rescan finished them
+        wait_for(lambda: daemon.store.open_claims() == [], 10)
+        prompts = sorted(job.spec.prompt for job in daemon.store.queued())
+        assert prompts == sorted(text.strip() for text in files.values())  # each exactly once
+        assert box.status()["restarts"] == 0 and not list((root / "failed").iterdir())
+    finally:
+        box.stop()
+        daemon.stop()
 
 
 # -- a kill at any step of a burst -----------------------------------------------------------

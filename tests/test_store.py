@@ -21,6 +21,7 @@ from imagineerd.store import (
     GAVE_UP,
     PENDING,
     SUBMITTED,
+    ClaimSubmission,
     Fenced,
     Store,
 )
@@ -115,6 +116,19 @@ def test_fifo_order_and_positions(store: Store):
     assert [store.queue_position(store.get(j.id)) for j in jobs[1:]] == [1, 2, 3, 4]
     assert [j.id for j in store.queued()] == [j.id for j in jobs[1:]]
     assert store.queued(2)[-1].id == jobs[2].id
+
+
+def test_positions_of_many_jobs_at_once_are_each_ones_position(store: Store):
+    jobs = [store.add(spec(f"p{i}"), submitted_at=T) for i in range(8)]
+    running = store.claim_next(started_at=T)
+    cancelled = store.cancel_queued(jobs[3].id, completed_at=T)
+    others = store.add_many([spec("x"), spec("y")], submitted_at=T)
+    now = [store.get(j.id) for j in (*jobs, *others)]
+    mixed = [now[5], running, now[9], cancelled, now[1], now[2]]  # any order, any status
+    assert store.queue_positions(mixed) == [store.queue_position(j) for j in mixed]
+    assert store.queue_positions(mixed) == [4, 0, 8, -1, 1, 2]
+    assert store.queue_positions(now[8:]) == [7, 8]  # a burst just queued, at the tail
+    assert store.queue_positions([]) == []
 
 
 def test_transitions_are_guarded_by_status(store: Store):
@@ -558,6 +572,42 @@ def test_a_burst_of_inbox_files_is_claimed_in_one_call(store: Store):
     assert [store.get_claim(i)["claimed"] for i in (ids[0], ids[2])] == ["/c/2-a.txt", "/c/2-c.txt"]
     assert store.create_claims([("d.txt", "/c/d"), ("d.txt", "/c/d2")], created_at=T)[1] is None
     assert store.create_claims([], created_at=T) == []
+
+
+def test_a_burst_of_inbox_files_is_queued_in_one_call_each_file_once(store: Store):
+    a, b, c = store.create_claims(
+        [("a.txt", "/c/a"), ("b.txt", "/c/b"), ("c.txt", "/c/c")], created_at=T
+    )
+    store.submit_claim(
+        b, [spec("b, queued before")], submitted_at=T, source="inbox", source_name="b.txt"
+    )
+    items = [
+        ClaimSubmission(a, [spec("a1"), spec("a2")], "a.txt", "/done/a.txt", "/done/a.result"),
+        ClaimSubmission(b, [spec("b again")], "b.txt", "/done/b.txt", "/done/b.result"),
+        ClaimSubmission(c, [], "c.txt", "/done/c.txt", "/done/c.result"),
+    ]
+    queued = store.submit_claims(items, submitted_at=T, source="inbox")
+    # Each claim's jobs in the order given: b's from before, none twice, c has none.
+    assert [[j.spec.prompt for j in jobs] for jobs in queued] == [
+        ["a1", "a2"],
+        ["b, queued before"],
+        [],
+    ]
+    assert [j.source_name for j in queued[0]] == ["a.txt", "a.txt"]
+    assert {store.get_claim(i)["state"] for i in (a, b, c)} == {SUBMITTED}
+    # Where each file goes is recorded with its jobs; a claim submitted before keeps its own.
+    assert (store.get_claim(a)["final_path"], store.get_claim(a)["note_path"]) == (
+        "/done/a.txt",
+        "/done/a.result",
+    )
+    assert store.get_claim(b)["final_path"] is None
+    again = store.submit_claims(items, submitted_at=T, source="inbox")
+    assert [[j.id for j in jobs] for jobs in again] == [[j.id for j in jobs] for jobs in queued]
+    assert store.submit_claims([], submitted_at=T, source="inbox") == []
+    store.update_claims([a, c], DONE)
+    assert [store.get_claim(i)["state"] for i in (a, b, c)] == [DONE, SUBMITTED, DONE]
+    store.update_claims([], DONE)
+    assert [cl["id"] for cl in store.open_claims()] == [b]
 
 
 def test_open_claims_of_a_node_are_its_own_and_those_of_no_node(store: Store):

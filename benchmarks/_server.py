@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -30,6 +33,21 @@ def tiny_model(cache: Path) -> Path:
     if not (model / "model_index.json").exists():
         make_test_model(model)
     return model
+
+
+@contextlib.contextmanager
+def throwaway_postgres(server: str) -> Iterator[str]:
+    """The URL of a new, empty database on the PostgreSQL ``server``, dropped afterwards."""
+    import psycopg
+
+    name = f"imagineerd_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield server.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class Server:

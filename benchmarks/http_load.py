@@ -2,6 +2,7 @@
 
     python benchmarks/http_load.py --clients 50 --seconds 30 --history 100000
     python benchmarks/http_load.py --clients 50 --seconds 30 --history 100000 --rate 4
+    python benchmarks/http_load.py ... --postgres postgresql://postgres@127.0.0.1:5432/postgres
 
 N client threads for a fixed time mix: submit (10%), job status (40%), job list (20%),
 outputs list (20%) and opening the event stream (10%, read its first bytes, close). The
@@ -14,11 +15,15 @@ mostly the time requests wait for each other (with N clients, mean latency = N /
 answered). With --rate each client sends requests at random moments, --rate per second on
 average (Poisson), whatever the answers take, and latency is counted from the moment each
 request was due: the latency of the server at that offered load.
+
+With --postgres the server keeps its queue in a throw-away PostgreSQL database created
+(and dropped) on that server, instead of its own SQLite file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sqlite3
@@ -32,32 +37,45 @@ import numpy as np
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server import Server, tiny_model  # noqa: E402
+from _server import Server, throwaway_postgres, tiny_model  # noqa: E402
 
 MIX = [("submit", 10), ("status", 40), ("list", 20), ("outputs", 20), ("events", 10)]
 
 
-def fill_history(db_path: Path, count: int) -> None:
-    spec = json.dumps(
-        {
-            "prompt": "history",
-            "negative_prompt": "",
-            "seed": 1,
-            "steps": 1,
-            "width": 64,
-            "height": 64,
-            "guidance_scale": 7.5,
-            "scheduler": "euler",
-        }
-    )
-    db = sqlite3.connect(db_path)
+HISTORY_SPEC = json.dumps(
+    {
+        "prompt": "history",
+        "negative_prompt": "",
+        "seed": 1,
+        "steps": 1,
+        "width": 64,
+        "height": 64,
+        "guidance_scale": 7.5,
+        "scheduler": "euler",
+    }
+)
+HISTORY_SQL = (
+    "INSERT INTO jobs (seq, status, spec, submitted_at, completed_at, duration_seconds)"
+    " VALUES ({0}, 'completed', {0}, '2026-01-01T00:00:00.000000',"
+    " '2026-01-01T00:00:01.000000', 1.0)"
+)
+
+
+def fill_history(database: str | Path, count: int) -> None:
+    """``count`` finished jobs, written straight into the store (an SQLite file, or a
+    PostgreSQL URL) while no server runs."""
+    rows = [(i, HISTORY_SPEC) for i in range(1, count + 1)]
+    if isinstance(database, str):
+        import psycopg
+
+        with psycopg.connect(database) as db, db.cursor() as cur:
+            cur.executemany(HISTORY_SQL.format("%s"), rows)
+            # Later jobs come after these in the queue's order.
+            cur.execute("SELECT setval('jobs_queue_seq', %s)", (count + 1,))
+        return
+    db = sqlite3.connect(database)
     with db:
-        db.executemany(
-            "INSERT INTO jobs (seq, status, spec, submitted_at, completed_at, duration_seconds)"
-            " VALUES (?, 'completed', ?, '2026-01-01T00:00:00.000000',"
-            " '2026-01-01T00:00:01.000000', 1.0)",
-            ((i, spec) for i in range(1, count + 1)),
-        )
+        db.executemany(HISTORY_SQL.format("?"), rows)
     db.close()
 
 
@@ -120,15 +138,22 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="requests per second per client, at random moments (default: closed loop)",
     )
+    parser.add_argument(
+        "--postgres",
+        default="",
+        help="a PostgreSQL server where a throw-away queue database is made (default: SQLite)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="imagineerd-load-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="imagineerd-load-"))
         work = Path(tmp)
-        server = Server(work, tiny_model(work))
+        database = stack.enter_context(throwaway_postgres(args.postgres)) if args.postgres else ""
+        server = Server(work, tiny_model(work), queue={"database": database})
         (work / "state").mkdir()
         server.start()
         server.stop()  # creates the database; fill it while nothing runs
-        fill_history(work / "state" / "imagineerd.db", args.history)
+        fill_history(database or work / "state" / "imagineerd.db", args.history)
         server.start()
         try:
             probe = [time.perf_counter()]
@@ -173,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     all_times = [d for _, d in results]
     report = {
+        "store": "postgres" if args.postgres else "sqlite",
         "clients": args.clients,
         "offered_per_second": args.clients * args.rate if args.rate else None,
         "seconds": elapsed,

@@ -1,15 +1,18 @@
 """A burst of prompt files dropped into the inbox of a real server.
 
     python benchmarks/inbox_burst.py --files 1000
+    python benchmarks/inbox_burst.py --files 1000 --postgres postgresql://postgres@127.0.0.1:5432/postgres
 
 Every file (one prompt each, written under a hidden name and renamed into place, as a
 network copy does) must give exactly one job. Reports the time from drop to queued
 (p50/p99), to the last file's jobs queued, and to all files taken (every receipt written).
+With --postgres the queue is a throw-away PostgreSQL database on that server.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -21,22 +24,29 @@ import numpy as np
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server import Server, tiny_model  # noqa: E402
+from _server import Server, throwaway_postgres, tiny_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=1000)
+    parser.add_argument(
+        "--postgres",
+        default="",
+        help="a PostgreSQL server where a throw-away queue database is made (default: SQLite)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="imagineerd-burst-") as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="imagineerd-burst-")))
+        database = stack.enter_context(throwaway_postgres(args.postgres)) if args.postgres else ""
         inbox = work / "inbox"
         inbox.mkdir()
         server = Server(
             work,
             tiny_model(work),
             inbox={"enabled": True, "settle_seconds": 0.5, "rescan_seconds": 5},
+            queue={"database": database},
         )
         server.start()
         dropped: dict[str, float] = {}
@@ -90,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     exactly_once = sorted(by_file) == sorted(dropped) and all(len(v) == 1 for v in by_file.values())
     report = {
+        "store": "postgres" if args.postgres else "sqlite",
         "files": args.files,
         "jobs": len(jobs),
         "exactly_once": exactly_once,

@@ -14,14 +14,12 @@ throw-away one created (and dropped) on the given server.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,21 +30,10 @@ from imagineerd.jobs import COMPLETED, validate  # noqa: E402
 from imagineerd.sqlite_store import SQLiteStore  # noqa: E402
 from imagineerd.store import Store  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _server import throwaway_postgres  # noqa: E402
+
 T = "2026-01-01T00:00:00.000000"
-
-
-@contextlib.contextmanager
-def throwaway_postgres(server: str) -> Iterator[str]:
-    import psycopg
-
-    name = f"imagineerd_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield server.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with psycopg.connect(server, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def run(open_store: Callable[[], Store], jobs: int, claimers: int, batch: int) -> dict:

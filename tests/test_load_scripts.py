@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from .conftest import POSTGRES_SERVER, _postgres_admin
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -54,6 +58,33 @@ def test_http_load_can_offer_a_fixed_rate(tmp_path):
 def test_inbox_burst_takes_every_file_once(tmp_path):
     report = run("inbox_burst", tmp_path, "--files", "40")
     assert report["exactly_once"] and report["jobs"] == 40
+
+
+@pytest.fixture
+def postgres_server() -> str:
+    """The PostgreSQL server the scripts make their throw-away databases on (skipped
+    without one, except in CI)."""
+    _postgres_admin().close()
+    return POSTGRES_SERVER
+
+
+@pytest.mark.postgres
+def test_http_load_runs_on_postgres_too(tmp_path, postgres_server):
+    report = run(
+        "http_load",
+        tmp_path,
+        *("--clients", "6", "--seconds", "3", "--history", "3000"),
+        *("--postgres", postgres_server),
+    )
+    assert report["store"] == "postgres" and report["errors"] == 0
+    assert report["healthy_after"] == "ok" and report["clean_exit"]
+    assert all(kind["requests"] > 0 for kind in report["per_kind"].values())
+
+
+@pytest.mark.postgres
+def test_inbox_burst_takes_every_file_once_on_postgres_too(tmp_path, postgres_server):
+    report = run("inbox_burst", tmp_path, "--files", "40", "--postgres", postgres_server)
+    assert report["store"] == "postgres" and report["exactly_once"] and report["jobs"] == 40
 
 
 def test_soak_completes_every_job(tmp_path):

@@ -104,9 +104,7 @@ class JobViews:
             view = job.to_dict()
             if job.status in (QUEUED, RUNNING):
                 view["queue_position"] = position
-                view["estimated_time_remaining"] = self.estimate_remaining(
-                    job, position, running
-                )
+                view["estimated_time_remaining"] = self.estimate_remaining(job, position, running)
             self._add_progress(job, view)
             views.append(view)
         return views

@@ -31,6 +31,7 @@ SLOW_MODULES = {
     "test_crash",
     "test_smb",
     "test_ui",
+    "test_ui_flows",
     "test_security_browser",
     "test_http_fuzz",
     "test_load_scripts",

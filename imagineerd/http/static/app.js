@@ -24,7 +24,37 @@ const state = {
   input: null,
   sizeBeforeInput: null,  // the size fields before an input set them, for ×
   brush: "paint",         // or "erase"
+  // Results: the jobs submitted from this page, by id (newest first in mineOrder).
+  mine: new Map(),
+  mineOrder: [],
+  batch: null,            // {ids, note, bad}: the last submission, which the status line follows
+  // The form fields the user set: only these are sent; the rest take the server's defaults,
+  // which may change while the page is open (config.changed).
+  touched: new Set(),
+  offline: false,         // the event stream dropped and has not come back yet
+  before: null,           // id -> {status, started_at} of unfinished jobs when it dropped
+  viewerItems: [],        // what ← and → step through in the viewer
+  viewerIndex: -1,
+  doneUnseen: false,      // a job of ours finished while the tab was in the background
 };
+
+// What this browser keeps (never the token): the draft prompts and the recent prompts.
+const DRAFT_KEY = "imagineerd.draft";
+const HISTORY_KEY = "imagineerd.prompts";
+const HISTORY_MAX = 100;
+
+function loadStored(key, fallback) {
+  try {
+    const value = JSON.parse(localStorage.getItem(key));
+    return value ?? fallback;
+  } catch {
+    return fallback;  // storage disabled, or not ours
+  }
+}
+
+function store(key, value) {
+  try { localStorage.setItem(key, JSON.stringify(value)); } catch { /* storage disabled or full */ }
+}
 
 // ---------------------------------------------------------------------------------- API
 class ApiError extends Error {
@@ -42,9 +72,14 @@ async function api(method, path, body) {
     // Every state change says it is JSON, body or not: the server refuses other types,
     // which is what keeps other sites' pages from posting forms to it.
     const headers = method === "GET" ? {} : { "Content-Type": "application/json" };
-    const response = await fetch(path, {
-      method, headers, body: body === undefined ? undefined : JSON.stringify(body),
-    });
+    let response;
+    try {
+      response = await fetch(path, {
+        method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+      });
+    } catch {
+      throw new ApiError(0, { error: "The server could not be reached." });
+    }
     if (response.status === 401 && path !== "/api/session") {
       await askToken("");
       continue;
@@ -53,6 +88,19 @@ async function api(method, path, body) {
     if (!response.ok) throw new ApiError(response.status, data);
     return data;
   }
+}
+
+// Esc (or anything else that closes it) must not leave the page behind a missing token:
+// every request waits on the dialog, so the form would look usable and do nothing.
+function setupTokenDialog() {
+  const dialog = $("#token-dialog");
+  dialog.addEventListener("cancel", (event) => event.preventDefault());
+  dialog.addEventListener("close", () => {
+    if (tokenPrompt) {
+      dialog.showModal();
+      $("#token-input").focus();
+    }
+  });
 }
 
 function askToken(message) {
@@ -74,13 +122,12 @@ function askToken(message) {
       }
       $("#token-input").value = "";
       $("#logout").hidden = false;
-      dialog.close();
       tokenPrompt = null;
+      dialog.close();
       connectEvents();
       resolve();
     };
   });
-  dialog.addEventListener("cancel", (event) => event.preventDefault(), { once: true });
   if (!dialog.open) dialog.showModal();
   $("#token-input").focus();
   return tokenPrompt;
@@ -160,6 +207,7 @@ function showErrors(form, error, prefix = "") {
 function clearErrors(form) {
   for (const slot of form.querySelectorAll("[data-error-for]")) slot.textContent = "";
   for (const field of form.querySelectorAll(".field.invalid")) field.classList.remove("invalid");
+  for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
 }
 
 function formatSeconds(seconds) {
@@ -267,6 +315,7 @@ function renderModels() {
   }
   select.value = others.some((c) => c.name === chosen) ? chosen : "";
   renderModelExtras();
+  renderSizePresets();
 }
 
 function renderModelExtras() {
@@ -433,34 +482,79 @@ function fillSelects(options) {
   for (const select of [$("#scheduler"), $("#set-scheduler")]) {
     select.replaceChildren(...options.schedulers.map((s) => el("option", { value: s.id }, s.label)));
   }
-  $("#size-preset").append(...options.sizes.map(
-    (s, i) => el("option", { value: String(i) }, `${s.label}`)));
+  renderSizePresets();
 }
 
-function applyDefaults(generation) {
+// The sizes each architecture was trained at (SD1.5 around 512, SD2 around 768, SDXL around
+// 1024 in the aspect buckets of its paper): far from them, subjects repeat or get cropped.
+// A model of unknown architecture gets the server's list.
+const SIZE_PRESETS = {
+  sd15: [[512, 512], [512, 768], [768, 512], [512, 640], [640, 512], [768, 768]],
+  sd2: [[768, 768], [576, 768], [768, 576], [640, 896], [896, 640], [512, 512]],
+  sdxl: [[1024, 1024], [896, 1152], [1152, 896], [832, 1216], [1216, 832], [768, 1344], [1344, 768]],
+};
+
+function sizeLabel(width, height) {
+  const shape = width === height ? "Square" : width > height ? "Landscape" : "Portrait";
+  return `${shape} ${width}×${height}`;
+}
+
+function currentArch() {
+  return state.models ? checkpointArch($("#model").value) : "unknown";
+}
+
+function renderSizePresets() {
+  if (!state.options) return;
+  const arch = currentArch();
+  const own = SIZE_PRESETS[arch];
+  state.presets = own
+    ? own.map(([width, height]) => ({ label: sizeLabel(width, height), width, height }))
+    : state.options.sizes;
+  const options = state.presets.map((s, i) => el("option", { value: String(i) }, s.label));
+  $("#size-preset").replaceChildren(el("option", { value: "" }, "Custom"),
+    ...(own ? [el("optgroup", { label: `For ${ARCH_NAMES[arch]}` }, ...options)] : options));
+  syncSizePreset();
+}
+
+// The fields whose value the server's generation defaults give. They are sent only once the
+// user set them, so a default changed meanwhile (Settings, another client) still applies.
+const DEFAULT_FIELDS = ["steps", "width", "height", "guidance_scale", "scheduler", "negative_prompt", "clip_skip"];
+
+function touch(...names) {
+  for (const name of names) state.touched.add(name);
+}
+
+function applyDefaults(generation, { force = false } = {}) {
   const form = $("#create-form");
-  for (const name of ["steps", "width", "height", "guidance_scale", "scheduler", "negative_prompt", "clip_skip"]) {
-    if (generation[name] !== undefined) form.elements[name].value = generation[name];
+  if (force) state.touched.clear();
+  for (const name of DEFAULT_FIELDS) {
+    if (generation[name] !== undefined && !state.touched.has(name)) form.elements[name].value = generation[name];
   }
   syncSizePreset();
 }
 
 function syncSizePreset() {
   const width = Number($("#width").value), height = Number($("#height").value);
-  const index = state.options.sizes.findIndex((s) => s.width === width && s.height === height);
+  const index = (state.presets || []).findIndex((s) => s.width === width && s.height === height);
   $("#size-preset").value = index >= 0 ? String(index) : "";
   renderHiresSize();
 }
 
+function numberValue(input) {
+  const raw = input.value.trim();
+  return isNaN(Number(raw)) ? raw : Number(raw);
+}
+
 function readForm(form) {
-  const data = {};
-  for (const name of ["prompt", "negative_prompt", "scheduler"]) data[name] = form.elements[name].value;
-  for (const name of ["seed", "steps", "width", "height", "guidance_scale", "clip_skip"]) {
-    const raw = form.elements[name].value.trim();
-    // An empty number means "server default" (or a random seed); a non-number is sent as
-    // text so the server's message names the field.
-    if (raw !== "") data[name] = isNaN(Number(raw)) ? raw : Number(raw);
+  const data = { prompt: form.elements.prompt.value };
+  for (const name of DEFAULT_FIELDS) {
+    if (!state.touched.has(name)) continue;  // the server's default applies
+    const input = form.elements[name];
+    if (name === "negative_prompt" || name === "scheduler") data[name] = input.value;
+    // An emptied number is the server's default too.
+    else if (input.value.trim() !== "") data[name] = numberValue(input);
   }
+  if (form.elements.seed.value.trim() !== "") data.seed = numberValue(form.elements.seed);
   // The defaults are left out, so the server's (model.name, no LoRA, the model's VAE) apply.
   if (form.elements.model.value) data.model = form.elements.model.value;
   const loras = readLoras();
@@ -470,18 +564,232 @@ function readForm(form) {
   return data;
 }
 
+// ---------------------------------------------------------------------------- validation
+// Every field is checked at once against the server's bounds (GET /api/options) before
+// anything is sent, so all that is wrong shows together; the server checks again.
+const FIELD_NAMES = {
+  seed: "Seed", steps: "Steps", width: "Width", height: "Height", guidance_scale: "Guidance",
+  clip_skip: "Clip skip", mask_blur: "Mask blur", copies: "Copies",
+};
+
+function rangeText(low, high) {
+  return low < 0 ? `from ${low} to ${high}` : `${low}–${high}`;
+}
+
+// An optional number field: {value}, {} when empty, or {error} in plain words.
+function checkNumber(input, label, limit = {}, { integer = false } = {}) {
+  const raw = input.value.trim();
+  const bounds = limit.min !== undefined && limit.max !== undefined ? rangeText(limit.min, limit.max) : "";
+  const kind = integer ? "a whole number" : "a number";
+  if (raw === "") {
+    return input.validity && input.validity.badInput ? { error: `${label} must be ${kind}${bounds ? `, ${bounds}` : ""}` } : {};
+  }
+  const value = Number(raw);
+  if (!isFinite(value) || (integer && !Number.isInteger(value))) {
+    return { error: `${label} must be ${kind}${bounds ? `, ${bounds}` : ""}` };
+  }
+  if ((limit.min !== undefined && value < limit.min) || (limit.max !== undefined && value > limit.max)) {
+    return { error: `${label} must be ${bounds}` };
+  }
+  const step = limit.multiple_of;
+  if (step && value % step) {
+    const low = Math.floor(value / step) * step;
+    return { error: `${label} must be a multiple of ${step} (try ${low} or ${low + step})` };
+  }
+  return { value };
+}
+
+function validateForm(form) {
+  const limits = (state.options && state.options.limits) || {};
+  const errors = [];
+  const add = (field, message, input) => errors.push({ field, message, input });
+  const text = (name, label, required) => {
+    const value = form.elements[name].value.trim();
+    const max = limits[name] && limits[name].max_length;
+    if (required && !value) add(name, `${label} is empty: describe the picture`, form.elements[name]);
+    else if (max && value.length > max) {
+      add(name, `${label} must be at most ${max} characters (it has ${value.length})`, form.elements[name]);
+    }
+  };
+  text("prompt", "The prompt", true);
+  text("negative_prompt", "The negative prompt", false);
+  if (state.input) {
+    const strength = checkNumber($("#strength"), "Strength", limits.strength);
+    if (strength.error) add("strength", strength.error, $("#strength"));
+    if (maskPainted()) {
+      const blur = checkNumber($("#mask_blur"), "Mask blur", limits.mask_blur, { integer: true });
+      if (blur.error) add("mask_blur", blur.error, $("#mask_blur"));
+    }
+  }
+  const lora = limits.loras || {};
+  const loras = readLoras();
+  if (lora.max_items && loras.length > lora.max_items) {
+    add("loras", `At most ${lora.max_items} LoRAs at once`, $("#lora-add"));
+  }
+  loras.forEach((item, i) => {
+    const weight = $("#lora-list").children[i].querySelector(".lora-weight");
+    const result = checkNumber(weight, `The weight of ${item.name}`, lora);
+    if (result.error) add("loras", result.error, weight);
+  });
+  const numbers = {};
+  for (const name of ["seed", "steps", "width", "height", "guidance_scale"]) {
+    const result = checkNumber(form.elements[name], FIELD_NAMES[name], limits[name],
+      { integer: name !== "guidance_scale" });
+    if (result.error) add(name, result.error, form.elements[name]);
+    numbers[name] = result.value;
+  }
+  const copies = checkNumber($("#copies"), "Copies", { min: 1, max: 16 }, { integer: true });
+  if (copies.error) add("copies", copies.error, $("#copies"));
+  const seedMax = limits.seed && limits.seed.max;
+  if (numbers.seed !== undefined && copies.value > 1 && seedMax !== undefined && numbers.seed + copies.value - 1 > seedMax) {
+    add("seed", `With ${copies.value} copies (one seed each, counting up) the seed must be at most ${seedMax - copies.value + 1}`,
+      form.elements.seed);
+  }
+  const choices = limits.scheduler && limits.scheduler.choices;
+  if (choices && !choices.includes(form.elements.scheduler.value)) {
+    add("scheduler", "Choose a sampler from the list", form.elements.scheduler);
+  }
+  if (!state.input && $("#hires").checked) {
+    const hires = limits.hires || {};
+    const scale = checkNumber($("#hires-scale"), "The hires scale", hires.scale);
+    if (scale.error) add("hires", scale.error, $("#hires-scale"));
+    const steps = checkNumber($("#hires-steps"), "Hires steps", hires.steps, { integer: true });
+    if (steps.error) add("hires", steps.error, $("#hires-steps"));
+    const { max } = sizeLimits();
+    const width = numbers.width ?? state.options.generation.width;
+    const height = numbers.height ?? state.options.generation.height;
+    if (scale.value && width && height) {
+      const final = [round8(width * scale.value), round8(height * scale.value)];
+      if (Math.max(...final) > max) {
+        add("hires", `The hires fix would make ${final[0]}×${final[1]}, over ${max}: lower the scale or the size`,
+          $("#hires-scale"));
+      }
+    }
+  }
+  const clipSkip = checkNumber(form.elements.clip_skip, FIELD_NAMES.clip_skip, limits.clip_skip, { integer: true });
+  if (clipSkip.error) add("clip_skip", clipSkip.error, form.elements.clip_skip);
+  return errors;
+}
+
+function showFieldErrors(form, errors) {
+  clearErrors(form);
+  const byField = new Map();
+  for (const error of errors) byField.set(error.field, [...(byField.get(error.field) || []), error]);
+  for (const [field, list] of byField) {
+    const slot = $(`[data-error-for="${field}"]`, form);
+    if (!slot) continue;
+    slot.textContent = list.map((e) => e.message).join("; ");
+    slot.closest(".field").classList.add("invalid");
+    const details = slot.closest("details");
+    if (details) details.open = true;
+    for (const error of list) if (error.input) error.input.setAttribute("aria-invalid", "true");
+  }
+  if (errors[0].input) errors[0].input.focus();
+}
+
+// ---------------------------------------------------------------------------- submitting
+function setStatus(text, bad = false) {
+  const status = $("#create-status");
+  // Written only when it changes: a live region repeats whatever is written to it.
+  if (status.textContent !== text) status.textContent = text;
+  status.className = bad ? "status bad" : "status";
+}
+
+function idRange(ids) {
+  return ids.length === 1 ? `#${ids[0]}` : `#${ids[0]}–#${ids.at(-1)}`;
+}
+
+// "stopped": interrupted while running (it has a start); "cancelled": taken out of the queue.
+function statusWord(job) {
+  if (job.status === "cancelled" && job.started_at) return "stopped";
+  if (job.status === "completed") return "done";
+  return job.status;
+}
+
+const FINISHED = ["completed", "failed", "cancelled"];
+
+// The status line follows the last submission to its end, so it never says "queued" of a
+// job that is done.
+function renderStatus() {
+  const batch = state.batch;
+  if (!batch) return;
+  const jobs = batch.ids.map((id) => state.mine.get(id)).filter(Boolean);
+  if (!jobs.length) return;
+  let text;
+  const failed = jobs.some((j) => j.status === "failed");
+  if (jobs.length === 1) {
+    const job = jobs[0];
+    text = {
+      queued: `Queued job #${job.id}.`,
+      running: `Job #${job.id} is running.`,
+      done: `Job #${job.id} is done.`,
+      failed: `Job #${job.id} failed: ${job.error || "no reason given"}`,
+      stopped: `Job #${job.id} was stopped.`,
+      cancelled: `Job #${job.id} was cancelled.`,
+    }[statusWord(job)] || `Job #${job.id}: ${job.status}.`;
+  } else {
+    const counts = new Map();
+    for (const job of jobs) counts.set(statusWord(job), (counts.get(statusWord(job)) || 0) + 1);
+    const range = idRange(batch.ids);
+    if (counts.get("queued") === jobs.length) text = `Queued ${jobs.length} jobs (${range}).`;
+    else if (counts.get("done") === jobs.length) text = `${jobs.length} jobs (${range}) are done.`;
+    else {
+      const order = ["done", "running", "queued", "failed", "stopped", "cancelled"];
+      const parts = order.filter((w) => counts.get(w)).map((w) => `${counts.get(w)} ${w}`);
+      text = `${jobs.length} jobs (${range}): ${parts.join(", ")}.`;
+    }
+  }
+  setStatus(batch.note ? `${batch.note} ${text}` : text, failed || Boolean(batch.note));
+}
+
+function addMine(job) {
+  if (!state.mine.has(job.id)) state.mineOrder.unshift(job.id);
+  state.mine.set(job.id, { ...state.mine.get(job.id), ...job });
+  // Its events may have come before the answer to its POST (a short job can even be done).
+  const seen = [...state.running, ...state.history].find((j) => j.id === job.id);
+  if (seen) updateMine(seen);
+}
+
+// What the server says of a job of ours; false when it is not one.
+function updateMine(job) {
+  const old = state.mine.get(job.id);
+  if (!old) return false;
+  if (old.status !== job.status && FINISHED.includes(job.status) && document.hidden) state.doneUnseen = true;
+  state.mine.set(job.id, { ...old, ...job });
+  return true;
+}
+
+// What a job sent from here looks like until the server says more: the kind of job it is,
+// not its images themselves.
+function submittedJob(body, job) {
+  const defaults = state.options.generation;
+  return { ...defaults, ...body, init_image: body.init_image ? "input" : "", mask: body.mask ? "mask" : "",
+    ...job, steps: body.steps ?? defaults.steps, width: body.width ?? defaults.width,
+    height: body.height ?? defaults.height };
+}
+
 async function submitCreate(event) {
   event.preventDefault();
   const form = $("#create-form");
-  const status = $("#create-status");
   clearErrors(form);
+  const errors = validateForm(form);
+  if (errors.length) {
+    showFieldErrors(form, errors);
+    setStatus(errors.length === 1 ? "Nothing was sent: one field needs a fix (see below)."
+      : `Nothing was sent: ${errors.length} fields need a fix (see below).`, true);
+    return;
+  }
+  if (state.offline) {
+    setStatus("The server is unreachable, so nothing was sent. The form keeps your settings: "
+      + "press Generate again once it is back.", true);
+    return;
+  }
   const data = readForm(form);
   const copies = Math.min(16, Math.max(1, Number($("#copies").value) || 1));
   const button = $("#generate");
   button.disabled = true;
-  status.className = "status";
+  const ids = [];
   try {
-    const ids = [];
     for (let i = 0; i < copies; i++) {
       const body = { ...data };
       // N copies differ by seed: consecutive seeds from the one given, else random ones.
@@ -489,25 +797,87 @@ async function submitCreate(event) {
       const job = await api("POST", "/api/generate", body);
       ids.push(job.id);
       state.lastSeed = job.seed;
-      // The queue shows what kind of job it is; it need not hold the images themselves.
-      upsertQueued({ ...body, init_image: body.init_image ? "input" : "", mask: body.mask ? "mask" : "",
-        ...job, steps: body.steps ?? state.options.generation.steps,
-        width: body.width ?? state.options.generation.width,
-        height: body.height ?? state.options.generation.height });
+      const shown = submittedJob(body, job);
+      addMine(shown);
+      upsertQueued(shown);
     }
-    status.textContent = ids.length === 1
-      ? `Queued job #${ids[0]}.` : `Queued ${ids.length} jobs (#${ids[0]}–#${ids.at(-1)}).`;
-    renderQueue();
+    state.batch = { ids, note: null };
+    rememberPrompt(data.prompt, form.elements.negative_prompt.value);
   } catch (error) {
-    if (!(error instanceof ApiError) || !showErrors(form, error)) {
-      status.textContent = error.message;
-      status.className = "status bad";
+    if (ids.length) {
+      // The ones queued stay queued (each is a job of its own); say plainly which did not.
+      state.batch = { ids, note: `Only ${ids.length} of ${copies} copies were queued: the server refused the next one (${error.message}).` };
+      rememberPrompt(data.prompt, form.elements.negative_prompt.value);
     } else {
-      status.textContent = "";
+      state.batch = null;
+      if (!(error instanceof ApiError) || error.status === 0 || !showErrors(form, error)) {
+        setStatus(error.status === 0 ? "The server could not be reached: nothing was queued." : error.message, true);
+      } else {
+        setStatus("");
+      }
     }
   } finally {
     button.disabled = false;
   }
+  renderQueue();
+  renderStatus();
+}
+
+// --------------------------------------------------------------- drafts and prompt history
+function saveDraft() {
+  const form = $("#create-form");
+  store(DRAFT_KEY, { prompt: form.elements.prompt.value,
+    // Only a negative prompt of the user's own: else the server's default applies next time.
+    negative_prompt: state.touched.has("negative_prompt") ? form.elements.negative_prompt.value : null });
+}
+
+function restoreDraft() {
+  const draft = loadStored(DRAFT_KEY, null);
+  if (!draft || typeof draft !== "object") return;
+  const form = $("#create-form");
+  if (typeof draft.prompt === "string" && !form.elements.prompt.value) form.elements.prompt.value = draft.prompt;
+  if (typeof draft.negative_prompt === "string") {
+    form.elements.negative_prompt.value = draft.negative_prompt;
+    touch("negative_prompt");
+  }
+}
+
+function rememberPrompt(prompt, negative) {
+  prompt = prompt.trim();
+  if (!prompt) return;
+  const entries = loadStored(HISTORY_KEY, []).filter((e) => e && e.prompt !== prompt);
+  entries.unshift({ prompt, negative_prompt: negative, at: Date.now() });
+  store(HISTORY_KEY, entries.slice(0, HISTORY_MAX));
+  renderPromptHistory();
+}
+
+function renderPromptHistory() {
+  const entries = loadStored(HISTORY_KEY, []);
+  const words = $("#history-search").value.toLowerCase().split(/\s+/).filter(Boolean);
+  const found = entries.filter((e) => e && typeof e.prompt === "string"
+    && words.every((w) => `${e.prompt} ${e.negative_prompt || ""}`.toLowerCase().includes(w)));
+  $("#history-list").replaceChildren(...found.slice(0, 40).map((entry) => el("li", {},
+    el("button", { type: "button", class: "history-item", title: entry.prompt,
+      onclick: () => usePrompt(entry) },
+    el("span", { class: "prompt-text" }, entry.prompt),
+    entry.negative_prompt ? el("span", { class: "sub" }, `Negative: ${entry.negative_prompt}`) : null))));
+  const empty = $("#history-empty");
+  empty.hidden = found.length > 0;
+  empty.textContent = entries.length ? "No recent prompt has these words."
+    : "Prompts you generate from this browser show here (kept in this browser only).";
+  $("#history-clear").hidden = entries.length === 0;
+}
+
+function usePrompt(entry) {
+  const form = $("#create-form");
+  form.elements.prompt.value = entry.prompt;
+  if (typeof entry.negative_prompt === "string") {
+    form.elements.negative_prompt.value = entry.negative_prompt;
+    touch("negative_prompt");
+  }
+  saveDraft();
+  $("#prompt-history").open = false;
+  $("#prompt").focus();
 }
 
 function setupCreate() {
@@ -516,7 +886,15 @@ function setupCreate() {
   form.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) form.requestSubmit();
   });
+  const edited = (event) => {
+    const name = event.target.name;
+    if (DEFAULT_FIELDS.includes(name)) touch(name);
+    if (name === "prompt" || name === "negative_prompt") saveDraft();
+  };
+  form.addEventListener("input", edited);
+  form.addEventListener("change", edited);
   form.addEventListener("input", (event) => {
+    event.target.removeAttribute("aria-invalid");
     const field = event.target.closest(".field");
     if (field && field.classList.contains("invalid")) {
       field.classList.remove("invalid");
@@ -531,15 +909,33 @@ function setupCreate() {
     if (state.lastSeed !== null) $("#seed").value = String(state.lastSeed);
   });
   $("#size-preset").addEventListener("change", (event) => {
-    const size = state.options.sizes[Number(event.target.value)];
+    const size = state.presets[Number(event.target.value)];
     if (event.target.value !== "" && size) {
       $("#width").value = size.width;
       $("#height").value = size.height;
+      touch("width", "height");
       renderHiresSize();
     }
   });
   $("#width").addEventListener("input", syncSizePreset);
   $("#height").addEventListener("input", syncSizePreset);
+  $("#model").addEventListener("change", renderSizePresets);
+  $("#form-reset").addEventListener("click", () => {
+    applyDefaults(state.options.generation, { force: true });
+    clearErrors(form);
+    saveDraft();
+    setStatus("Steps, size, guidance, sampler, negative prompt and clip skip are the server's defaults again.");
+  });
+  $("#history-search").addEventListener("input", renderPromptHistory);
+  $("#history-clear").addEventListener("click", () => {
+    store(HISTORY_KEY, []);
+    renderPromptHistory();
+    $("#history-search").focus();
+  });
+  $("#prompt-history").addEventListener("toggle", () => {
+    if ($("#prompt-history").open) $("#history-search").focus();
+  });
+  renderPromptHistory();
   setupImageInputs();
 }
 
@@ -618,7 +1014,10 @@ async function setInput(input, { keepSize = false } = {}) {
     return false;
   }
   const width = probe.naturalWidth, height = probe.naturalHeight;
-  if (!state.input) state.sizeBeforeInput = { width: $("#width").value, height: $("#height").value };
+  if (!state.input) {
+    state.sizeBeforeInput = { width: $("#width").value, height: $("#height").value,
+      touched: ["width", "height"].filter((n) => state.touched.has(n)) };
+  }
   state.input = { ...input, width, height };
   $("#input-preview").src = input.url;
   const stage = $("#input-stage");
@@ -630,6 +1029,7 @@ async function setInput(input, { keepSize = false } = {}) {
     const [w, h] = sizeForInput(width, height);
     $("#width").value = w;
     $("#height").value = h;
+    touch("width", "height");
     syncSizePreset();
   }
   $("#input-name").textContent = `${input.label} · ${width}×${height}`;
@@ -646,6 +1046,9 @@ function clearInput({ restoreSize = true } = {}) {
   if (had && restoreSize && state.sizeBeforeInput) {
     $("#width").value = state.sizeBeforeInput.width;
     $("#height").value = state.sizeBeforeInput.height;
+    state.touched.delete("width");
+    state.touched.delete("height");
+    touch(...state.sizeBeforeInput.touched);
     syncSizePreset();
   }
   state.sizeBeforeInput = null;
@@ -901,7 +1304,22 @@ async function refreshJobs() {
   const ids = new Set(state.running.map((j) => j.id));
   for (const id of state.stepClocks.keys()) if (!ids.has(id)) state.stepClocks.delete(id);
   for (const job of state.running) if (job.progress) noteStep(job.id, job.progress.step);
+  for (const job of [...state.running, ...state.queued, ...state.history]) updateMine(job);
   renderQueue();
+}
+
+// Jobs of ours the lists no longer show (finished long ago, or while the stream was away).
+async function refreshMine() {
+  const listed = new Set([...state.running, ...state.queued, ...state.history].map((j) => j.id));
+  const missing = [...state.mine.values()].filter((j) => !FINISHED.includes(j.status) && !listed.has(j.id));
+  await Promise.all(missing.map(async (job) => {
+    try {
+      updateMine(await api("GET", `/api/jobs/${job.id}`));
+    } catch (error) {
+      if (error.status === 404) updateMine({ id: job.id, status: "failed", error: "the server no longer knows this job" });
+    }
+  }));
+  if (missing.length) renderQueue();
 }
 
 function noteStep(id, step) {
@@ -943,7 +1361,8 @@ function runningCard(job) {
     el("div", { class: "row" },
       el("span", { class: "progress-text" }, progressText(job)),
       el("span", { style: "flex:1" }),
-      el("button", { type: "button", class: "danger", onclick: () => interrupt(job.id) }, "Stop")));
+      el("button", { type: "button", class: "danger", "data-key": `stop-${job.id}`,
+        onclick: () => interrupt(job.id) }, "Stop")));
 }
 
 function modelStatusCard() {
@@ -963,46 +1382,92 @@ function modelStatusCard() {
       onclick: () => { state.modelStatus = null; renderQueue(); } }, "✕"));
 }
 
-function renderQueue() {
-  const running = $("#running");
-  running.replaceChildren(...[modelStatusCard(), ...(state.running.length ? state.running.map(runningCard)
-    : [el("p", { class: "empty" }, "Nothing is running.")])].filter(Boolean));
-  const createRunning = $("#create-running");
-  const statusCard = modelStatusCard();
-  createRunning.hidden = state.running.length === 0 && !statusCard;
-  createRunning.replaceChildren(...[statusCard, ...state.running.map(runningCard)].filter(Boolean));
+// Lists rebuilt on an event must not take the keyboard focus with them: the control that had
+// it (a Stop, a Cancel) gets it back in the new list, found by its data-key.
+function keepingFocus(render) {
+  const active = document.activeElement;
+  const key = active && active.dataset ? active.dataset.key : null;
+  const scope = key && active.closest("[data-focus-scope]");
+  render();
+  if (key && scope && !scope.contains(active)) {
+    const again = scope.querySelector(`[data-key="${key}"]`);
+    if (again) again.focus();
+  }
+}
 
-  $("#queued").replaceChildren(...state.queued.map((job, i) => el("li", { "data-job": job.id },
-    el("span", { class: "pos" }, String(i + 1)),
-    el("div", { class: "text" }, el("div", { class: "prompt-text" }, job.prompt),
-      el("div", { class: "sub" }, `#${job.id} · ${summary(job)}`)),
-    el("button", { type: "button", class: "danger", onclick: () => cancel(job.id),
-      "aria-label": `Cancel job ${job.id}` }, "Cancel"))));
-  $("#queued-empty").hidden = state.queued.length > 0;
-  const count = state.queued.length + state.running.length;
-  $("#queue-count").hidden = count === 0;
-  $("#queue-count").textContent = String(count);
+function historyImages() {
+  return state.history.filter((j) => j.status === "completed" && j.output_path).map(jobImage);
+}
 
-  $("#history").replaceChildren(...state.history.slice(0, 20).map((job) => el("li", { "data-job": job.id },
+function historyItem(job) {
+  const word = statusWord(job);
+  const image = job.status === "completed" && job.output_path ? jobImage(job) : null;
+  const again = rerunBody(job);
+  const open = () => openViewer(image, { list: historyImages() });
+  return el("li", { "data-job": job.id, class: "history-row" },
+    image
+      ? el("button", { type: "button", class: "history-thumb", "aria-label": `Open the image of job ${job.id}`, onclick: open },
+        el("img", { src: image.thumbnail_url, alt: "", loading: "lazy" }))
+      : el("span", { class: "history-thumb none", "aria-hidden": "true" }),
     el("div", { class: "text" }, el("div", { class: "prompt-text" }, job.prompt),
       el("div", { class: "sub" }, `#${job.id} · ${summary(job)}`
         + (job.duration_seconds ? ` · ${formatSeconds(job.duration_seconds)}` : "")),
       job.error ? el("div", { class: "error" }, job.error) : null),
-    el("span", { class: `state ${job.status}` }, job.status))));
+    el("div", { class: "history-actions" },
+      el("span", { class: `state ${word === "done" ? "completed" : word}` }, word === "done" ? "completed" : word),
+      image ? el("button", { type: "button", "data-key": `open-${job.id}`, "aria-label": `Open the image of job ${job.id}`,
+        onclick: open }, "Open") : null,
+      el("button", { type: "button", "data-key": `rerun-${job.id}`, "aria-label": `Re-run job ${job.id}`,
+        disabled: !again, title: again ? "Queue it again: the same settings and seed"
+          : "Its input image or mask was uploaded and is not kept: use its settings and add them again",
+        onclick: () => rerun(job) }, "Re-run"),
+      el("button", { type: "button", "data-key": `reuse-${job.id}`, "aria-label": `Use settings of job ${job.id}`,
+        onclick: () => useSettings(jobImage(job)) }, "Use settings")));
+}
+
+function renderQueue() {
+  keepingFocus(() => {
+    const running = $("#running");
+    running.replaceChildren(...[modelStatusCard(), ...(state.running.length ? state.running.map(runningCard)
+      : [el("p", { class: "empty" }, "Nothing is running.")])].filter(Boolean));
+    // Beside the form: a model switch, and what other clients run (ours are in Results).
+    const createRunning = $("#create-running");
+    const statusCard = modelStatusCard();
+    const others = state.running.filter((j) => !state.mine.has(j.id));
+    createRunning.hidden = others.length === 0 && !statusCard;
+    createRunning.replaceChildren(...[statusCard, ...others.map(runningCard)].filter(Boolean));
+
+    $("#queued").replaceChildren(...state.queued.map((job, i) => el("li", { "data-job": job.id },
+      el("span", { class: "pos" }, String(i + 1)),
+      el("div", { class: "text" }, el("div", { class: "prompt-text" }, job.prompt),
+        el("div", { class: "sub" }, `#${job.id} · ${summary(job)}`)),
+      el("button", { type: "button", class: "danger", onclick: () => cancel(job.id), "data-key": `cancel-${job.id}`,
+        "aria-label": `Cancel job ${job.id}` }, "Cancel"))));
+    $("#queued-empty").hidden = state.queued.length > 0;
+    const count = state.queued.length + state.running.length;
+    $("#queue-count").hidden = count === 0;
+    $("#queue-count").textContent = String(count);
+    $("#history").replaceChildren(...state.history.slice(0, 20).map(historyItem));
+  });
+  renderResults();
+  renderStatus();
+  renderTitle();
 }
 
 function renderProgress(jobs = state.running) {
   // Cheap per-step update of the bar and the text in place: a card rebuilt at every step
   // would pull its Stop button from under the pointer of whoever is about to click it.
   for (const job of jobs) {
-    const progress = progressOf(job);
-    for (const card of document.querySelectorAll(`.running-job[data-job="${job.id}"]`)) {
+    const shown = state.mine.get(job.id) || job;
+    const progress = progressOf(shown);
+    for (const card of document.querySelectorAll(`.running-job[data-job="${job.id}"], .result[data-job="${job.id}"]`)) {
       const bar = $(".progress", card);
       bar.setAttribute("aria-valuenow", String(progress.percent));
       bar.firstElementChild.style.width = `${progress.percent}%`;
-      $(".progress-text", card).textContent = progressText(job);
+      $(".progress-text", card).textContent = progressText(shown);
     }
   }
+  renderTitle();
 }
 
 async function cancel(id) {
@@ -1024,45 +1489,282 @@ async function interrupt(id) {
   }
 }
 
+// A job's settings as a new job: the same seed, model files and inputs. An uploaded input
+// (or a painted mask) is kept by the server only as its hash, so such a job cannot be sent
+// again as it is: null.
+function rerunBody(job) {
+  if (job.mask || (job.init_image && !job.init_image_name)) return null;
+  const body = {};
+  for (const key of ["prompt", "negative_prompt", "seed", "steps", "width", "height", "guidance_scale",
+    "scheduler", "clip_skip"]) {
+    if (job[key] !== undefined && job[key] !== null) body[key] = job[key];
+  }
+  if (job.model && !(state.models && isDefaultModel(job.model))) body.model = job.model;
+  if (job.loras && job.loras.length) body.loras = job.loras;
+  if (job.vae && job.vae !== "default") body.vae = job.vae;
+  if (job.hires) body.hires = job.hires;
+  if (job.init_image_name) {
+    body.init_image = job.init_image_name;
+    if (job.strength !== undefined) body.strength = job.strength;
+  }
+  return body;
+}
+
+async function rerun(job) {
+  const body = rerunBody(job);
+  if (!body) return;
+  try {
+    const queued = await api("POST", "/api/generate", body);
+    const shown = { ...job, ...submittedJob(body, queued), status: "queued", started_at: null, progress: null,
+      output_path: null, error: null, completed_at: null, duration_seconds: null };
+    addMine(shown);
+    upsertQueued(shown);
+    state.batch = { ids: [queued.id], note: `Re-run of job #${job.id}:` };
+    renderQueue();
+  } catch (error) {
+    alert(error.message);
+  }
+}
+
+// ------------------------------------------------------------------------------- results
+// Each job submitted from this page, newest first: its progress, then its image. Cards are
+// updated in place (never rebuilt), so a focused Stop keeps the focus while steps go by.
+const RESULTS_MAX = 60;
+const STATE_LABELS = { queued: "Queued", running: "Running", done: "Done", failed: "Failed",
+  stopped: "Stopped", cancelled: "Cancelled" };
+
+function outputName(path) {
+  const text = String(path || "").replace(/\\/g, "/");
+  const at = text.lastIndexOf("outputs/");
+  return at >= 0 ? text.slice(at + "outputs/".length) : text.split("/").pop();
+}
+
+// A finished job as the viewer shows an image: what the gallery lists, from the job record.
+const jobImages = new Map();
+function jobImage(job) {
+  const cached = jobImages.get(job.id);
+  if (cached && cached.output_path === job.output_path) return cached;
+  const filename = outputName(job.output_path);
+  const url = outputUrl(filename);
+  const scheduler = state.options && state.options.schedulers.find((s) => s.id === job.scheduler);
+  const image = { ...job, filename, url, thumbnail_url: `${url}?thumb=256`, job_id: job.id,
+    sampler: scheduler ? scheduler.label : job.scheduler, created: job.completed_at };
+  jobImages.set(job.id, image);
+  return image;
+}
+
+function resultImages() {
+  return state.mineOrder.map((id) => state.mine.get(id))
+    .filter((j) => j && j.status === "completed" && j.output_path).map(jobImage);
+}
+
+function resultCard(id) {
+  const found = $(`#results > li[data-job="${id}"]`);
+  if (found) return found;
+  return el("li", { class: "result card", "data-job": id, tabindex: "-1" },
+    el("div", { class: "result-media" }, el("span", { class: "result-placeholder", "aria-hidden": "true" })),
+    el("div", { class: "result-body" },
+      el("div", { class: "sub" }, el("span", { class: "state" }), el("span", { class: "result-id" })),
+      el("div", { class: "prompt-text" }),
+      el("div", { class: "progress", role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100",
+        "aria-label": `Progress of job ${id}` }, el("div")),
+      el("div", { class: "row" },
+        el("span", { class: "progress-text" }),
+        el("span", { style: "flex:1" }),
+        el("button", { type: "button", class: "danger result-stop", "data-key": `stop-${id}`,
+          "aria-label": `Stop job ${id}`, onclick: () => interrupt(id) }, "Stop"),
+        el("button", { type: "button", class: "danger result-cancel", "data-key": `cancel-${id}`,
+          "aria-label": `Cancel job ${id}`, onclick: () => cancel(id) }, "Cancel")),
+      el("p", { class: "error result-error" })));
+}
+
+function renderResult(job) {
+  const card = resultCard(job.id);
+  const hadFocus = card.contains(document.activeElement);
+  const word = statusWord(job);
+  card.dataset.status = word;
+  const badge = $(".state", card);
+  badge.className = `state ${word}`;
+  badge.textContent = STATE_LABELS[word] || job.status;
+  const position = job.status === "queued" && job.queue_position ? ` · position ${job.queue_position}` : "";
+  $(".result-id", card).textContent = ` · job #${job.id}${modeLabel(job) ? ` · ${modeLabel(job)}` : ""}${position}`;
+  $(".prompt-text", card).textContent = job.prompt;
+  const progress = progressOf(job);
+  const bar = $(".progress", card);
+  bar.hidden = job.status !== "running";
+  bar.setAttribute("aria-valuenow", String(progress.percent));
+  bar.firstElementChild.style.width = `${progress.percent}%`;
+  let text = "";
+  if (job.status === "running") text = progressText(job);
+  else if (job.status === "queued") text = "Waiting for its turn";
+  else if (word === "done") text = `${job.width}×${job.height} · seed ${job.seed}`
+    + (job.duration_seconds ? ` · ${formatSeconds(job.duration_seconds)}` : "");
+  else if (word === "stopped" && job.progress) text = `Stopped at step ${job.progress.step}/${job.progress.total}`;
+  else if (word === "cancelled") text = "Taken out of the queue";
+  $(".progress-text", card).textContent = text;
+  $(".result-stop", card).hidden = job.status !== "running";
+  $(".result-cancel", card).hidden = job.status !== "queued";
+  $(".result-error", card).textContent = job.status === "failed" ? job.error || "It failed." : "";
+  const media = $(".result-media", card);
+  if (job.status === "completed" && job.output_path) {
+    const image = jobImage(job);
+    if (media.dataset.file !== image.filename) {
+      media.dataset.file = image.filename;
+      media.replaceChildren(el("button", { type: "button", class: "result-thumb", "data-key": `open-${job.id}`,
+        "aria-label": `Open the image of job ${job.id}`,
+        onclick: () => openViewer(jobImage(state.mine.get(job.id)), { list: resultImages() }) },
+      el("img", { src: image.thumbnail_url, alt: job.prompt })));
+    }
+  }
+  // The Stop or Cancel that had the focus is gone with its job: the card (or its image) takes it.
+  const active = document.activeElement;
+  if (hadFocus && (!card.contains(active) || !active.getClientRects().length)) {
+    ($(".result-thumb", card) || card).focus();
+  }
+  return card;
+}
+
+function renderResults() {
+  const list = $("#results");
+  state.mineOrder = state.mineOrder.slice(0, RESULTS_MAX);
+  const cards = state.mineOrder.map((id) => renderResult(state.mine.get(id)));
+  for (const card of [...list.children]) if (!cards.includes(card)) card.remove();
+  // Newest first; only cards out of place move (a moved node would lose the focus).
+  cards.forEach((card, i) => {
+    if (list.children[i] !== card) list.insertBefore(card, list.children[i] || null);
+  });
+  $("#results-empty").hidden = cards.length > 0;
+}
+
+// The tab's title: our jobs' progress, and "done" for a tab in the background.
+function renderTitle() {
+  const jobs = [...state.mine.values()];
+  const running = jobs.filter((j) => j.status === "running");
+  const queued = jobs.filter((j) => j.status === "queued").length;
+  let prefix = "";
+  if (running.length) {
+    const percent = running.reduce((sum, j) => sum + progressOf(j).percent, 0) / running.length;
+    prefix = `${Math.round(percent)}%${queued ? ` (+${queued} queued)` : ""} · `;
+  } else if (queued) prefix = `Queued (${queued}) · `;
+  else if (state.doneUnseen) prefix = "✓ Done · ";
+  const title = `${prefix}imagineerd`;
+  if (document.title !== title) document.title = title;
+}
+
+// ------------------------------------------------------------------ connection and notes
+function setOffline(offline) {
+  state.offline = offline;
+  $("#offline").hidden = !offline;
+  document.body.classList.toggle("offline", offline);
+}
+
+// The unfinished jobs shown when the stream dropped, to tell afterwards what became of them.
+function snapshotJobs() {
+  const before = new Map();
+  const jobs = [...state.running, ...state.queued.slice(0, 20),
+    ...[...state.mine.values()].filter((j) => !FINISHED.includes(j.status))];
+  for (const job of jobs) before.set(job.id, { status: job.status, started_at: job.started_at || null });
+  return before;
+}
+
+function knownJob(id) {
+  return state.mine.get(id) || [...state.running, ...state.queued, ...state.history].find((j) => j.id === id);
+}
+
+const ENDED = { done: "finished", failed: "failed", stopped: "was stopped", cancelled: "was cancelled" };
+
+async function reportReconnect(before) {
+  const notes = [];
+  for (const [id, was] of before) {
+    let now = knownJob(id);
+    if (!now || (!FINISHED.includes(now.status) && now.status === was.status && now.started_at === was.started_at)) {
+      try {
+        now = await api("GET", `/api/jobs/${id}`);
+      } catch (error) {
+        if (error.status === 404) notes.push(`job #${id} is gone`);
+        continue;
+      }
+    }
+    const word = statusWord(now);
+    const restarted = was.status === "running" && now.started_at && now.started_at !== was.started_at;
+    if (restarted) notes.push(`job #${id} was interrupted and restarted${ENDED[word] ? ` (it ${ENDED[word]} since)` : ""}`);
+    else if (was.status === "running" && now.status === "queued") notes.push(`job #${id} was interrupted and is back in the queue`);
+    else if (ENDED[word]) notes.push(`job #${id} ${ENDED[word]}`);
+    else if (was.status === "queued" && now.status === "running") notes.push(`job #${id} started`);
+  }
+  const shown = notes.slice(0, 8);
+  if (notes.length > shown.length) shown.push(`${notes.length - shown.length} more changed`);
+  showNotice(shown.length ? `Back online. While the server was unreachable: ${shown.join("; ")}.`
+    : "Back online. Nothing changed while the server was unreachable.");
+}
+
+function showNotice(text) {
+  $("#notice-text").textContent = text;
+  $("#notice").hidden = false;
+}
+
 // -------------------------------------------------------------------------------- events
 function connectEvents() {
   if (state.events) state.events.close();
   const source = new EventSource("/api/events");
   state.events = source;
   const indicator = $("#connection");
+  const say = (text) => {
+    indicator.title = `live updates: ${text}`;
+    indicator.setAttribute("aria-label", `Live updates: ${text}`);
+  };
   // After every (re)connect the true state comes from the API; events then keep it current.
-  source.onopen = () => {
+  source.onopen = async () => {
     indicator.classList.add("live");
-    indicator.title = "live updates: connected";
-    refreshJobs().catch(() => {});
+    say("connected");
+    const before = state.offline ? state.before : null;
+    setOffline(false);
+    state.before = null;
     checkHealth();
+    try {
+      await refreshJobs();
+      await refreshMine();
+    } catch {
+      return;
+    }
+    if (before) reportReconnect(before).catch(() => {});
   };
   source.onerror = () => {
     indicator.classList.remove("live");
-    indicator.title = "live updates: reconnecting…";
+    say("reconnecting…");
+    if (!state.offline) {
+      state.before = snapshotJobs();
+      setOffline(true);
+    }
     // The browser retries a dropped stream by itself, but not one the server refused (the
-    // session ended: 401; too many tabs: 503). Check in a while, and ask for the token if
+    // session ended: 401; too many tabs: 503). Check now and then, and ask for the token if
     // that is what is missing, then connect again.
     if (source.readyState === EventSource.CLOSED) {
-      setTimeout(() => {
-        if (state.events === source) refreshJobs().then(connectEvents).catch(() => {});
-      }, 5000);
+      const retry = () => {
+        if (state.events !== source) return;
+        refreshJobs().then(connectEvents).catch(() => setTimeout(retry, 5000));
+      };
+      setTimeout(retry, 5000);
     }
   };
   const on = (type, handler) => source.addEventListener(type, (e) => handler(JSON.parse(e.data)));
-  on("job.submitted", (job) => { upsertQueued(job); renderQueue(); });
+  on("job.submitted", (job) => { upsertQueued(job); updateMine(job); renderQueue(); });
   on("job.started", (job) => {
     state.queued = state.queued.filter((j) => j.id !== job.id);
     state.running = [...state.running.filter((j) => j.id !== job.id), job];
+    updateMine(job);
     noteStep(job.id, 0);
     renderQueue();
   });
   on("job.progress", (p) => {
     const job = state.running.find((j) => j.id === p.id);
-    if (!job) return;
-    job.progress = { step: p.step, total: p.total, percent: p.percent };
+    const progress = { step: p.step, total: p.total, percent: p.percent };
+    const mine = state.mine.get(p.id);
+    if (mine) mine.progress = progress;
+    if (!job && !mine) return;
+    if (job) job.progress = progress;
     noteStep(p.id, p.step);
-    renderProgress([job]);  // a batch sends one event per job per step: redraw that one
+    renderProgress([job || mine]);  // a batch sends one event per job per step: redraw that one
   });
   for (const type of ["job.completed", "job.failed", "job.cancelled"]) {
     on(type, (job) => {
@@ -1070,6 +1772,7 @@ function connectEvents() {
       state.running = state.running.filter((j) => j.id !== job.id);
       state.stepClocks.delete(job.id);
       state.history = [job, ...state.history.filter((j) => j.id !== job.id)].slice(0, 20);
+      updateMine(job);
       renderQueue();
       if (type === "job.completed") refreshGalleryHead();
     });
@@ -1093,13 +1796,18 @@ function connectEvents() {
   // The server no longer holds the events we missed (it restarted, or we were away long):
   // everything we show may be stale, so reload it all.
   on("reset", () => {
-    refreshJobs().catch(() => {});
+    refreshJobs().then(refreshMine).catch(() => {});
     refreshGalleryHead().catch(() => {});
     loadModels().catch(() => {});
     checkHealth();
   });
+  // New defaults (Settings here, another client, config.yaml): the fields the user has not
+  // set show them, so what the form shows is what the next job gets.
   on("config.changed", () => {
-    loadOptions().catch(() => {});
+    loadOptions().then((options) => {
+      applyLimits(options.limits);
+      applyDefaults(options.generation);
+    }).catch(() => {});
     loadModels().catch(() => {});
     if (!$("#view-settings").hidden) loadSettings();
   });
@@ -1108,7 +1816,7 @@ function connectEvents() {
 // ------------------------------------------------------------------------------- gallery
 function thumb(item) {
   return el("button", { type: "button", class: "thumb", "data-file": item.filename,
-    title: item.prompt || item.filename, onclick: () => openViewer(item) },
+    title: item.prompt || item.filename, onclick: () => openViewer(item, { list: state.gallery }) },
   el("img", { src: item.thumbnail_url, alt: item.prompt || item.filename, loading: "lazy" }));
 }
 
@@ -1250,35 +1958,93 @@ async function reuseModels(item) {
       status.className = "status bad";
     }
   } else select.value = "";
+  renderModelExtras();
+  renderSizePresets();
   // LoRAs named only by their hash line (no weight) are left to the prompt's tags.
   setLoras((extra.loras || []).filter((l) => l.weight !== null));
   const vae = extra.vae || "default";
   $("#vae").value = [...$("#vae").options].some((o) => o.value === vae) ? vae : "default";
   const clipSkip = extra.clip_skip ?? state.options.generation.clip_skip;
-  if (clipSkip !== undefined && clipSkip !== null) $("#clip_skip").value = clipSkip;
+  if (clipSkip !== undefined && clipSkip !== null) {
+    $("#clip_skip").value = clipSkip;
+    touch("clip_skip");
+  }
   if ((clipSkip && clipSkip !== 1) || vae !== "default") $("#advanced").open = true;
+}
+
+// A date as this browser's locale writes it; the server's times are its local time.
+function formatDate(value) {
+  if (!value) return null;
+  const date = new Date(value);
+  if (isNaN(date)) return String(value);
+  return date.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
 }
 
 function viewerMeta(item, extra) {
   const rows = [
     ["Prompt", item.prompt], ["Negative prompt", item.negative_prompt || "—"],
     ["Seed", item.seed], ["Steps", item.steps], ["Size", `${item.width}×${item.height}`],
-    ["Guidance", item.guidance_scale], ["Sampler", item.sampler], ["Model", item.model],
+    ["Guidance", item.guidance_scale], ["Sampler", item.sampler],
+    ["Model", item.model ? modelLabel(item.model) : null],
     ...viewerModelRows(extra),
     ...viewerImageRows(extra.inputs),
     ["Duration", item.duration_seconds ? formatSeconds(item.duration_seconds) : null],
-    ["Created", item.completed_at || item.created], ["Job", item.job_id ? `#${item.job_id}` : null],
+    ["Created", formatDate(item.completed_at || item.created)], ["Job", item.job_id ? `#${item.job_id}` : null],
     ["File", item.filename],
   ].filter(([, v]) => v !== null && v !== undefined);
   $("#viewer-meta").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, String(v))]));
 }
 
-function openViewer(item) {
+// "Use these settings": the form takes an image's (or a job's) settings.
+function useSettings(item) {
+  const form = $("#create-form");
+  for (const name of ["prompt", "negative_prompt", "seed", "steps", "guidance_scale", "scheduler"]) {
+    if (item[name] !== undefined && item[name] !== null) {
+      form.elements[name].value = item[name];
+      if (DEFAULT_FIELDS.includes(name)) touch(name);
+    }
+  }
+  if (item.width && item.height) {
+    [form.elements.width.value, form.elements.height.value] = jobSize(item, imageModels(item).inputs.hires);
+    touch("width", "height");
+  }
+  syncSizePreset();
+  saveDraft();
+  if ($("#viewer").open) $("#viewer").close();
+  showTab("create");
+  $("#prompt").focus();
+  // The models' note first (it resets the status line), then the inputs' own.
+  reuseModels(item).catch(() => {}).then(() => reuseImageInputs(item)).catch(() => {});
+}
+
+// item: an image (a gallery entry, or a finished job as jobImage() makes it); list: the
+// images ← and → step through (the gallery's, the results', the queue's).
+function openViewer(item, { list = [item] } = {}) {
+  const index = list.findIndex((i) => i.filename === item.filename);
+  state.viewerItems = index >= 0 ? list : [item];
+  state.viewerIndex = Math.max(0, index);
+  showInViewer(item);
+  const dialog = $("#viewer");
+  if (!dialog.open) dialog.showModal();
+}
+
+function showInViewer(item) {
   const dialog = $("#viewer");
   dialog.dataset.prompt = item.prompt || "";
   dialog.dataset.file = item.filename;
+  setZoom(false);
   $("#viewer-image").src = item.url;
   $("#viewer-image").alt = item.prompt || item.filename;
+  $("#viewer-title").textContent = item.job_id ? `Job #${item.job_id}` : "Image";
+  const count = state.viewerItems.length;
+  $("#viewer-count").textContent = count > 1 ? `${state.viewerIndex + 1} of ${count}` : "";
+  const focused = document.activeElement;
+  $("#viewer-prev").disabled = state.viewerIndex <= 0;
+  $("#viewer-next").disabled = state.viewerIndex >= count - 1
+    && !(state.viewerItems === state.gallery && state.galleryCursor);
+  // At an end, the button that had the focus is disabled: its twin takes it.
+  if (focused && focused.disabled) (focused.id === "viewer-next" ? $("#viewer-prev") : $("#viewer-next")).focus();
+  if (dialog.open && !dialog.contains(document.activeElement)) $("#viewer-zoom").focus();
   viewerMeta(item, imageModels(item));
   imageExtras(item).then((extra) => {
     if (dialog.open && dialog.dataset.file === item.filename) viewerMeta(item, extra);
@@ -1286,27 +2052,51 @@ function openViewer(item) {
   $("#viewer-download").href = item.url;
   $("#viewer-download").setAttribute("download", item.filename.split("/").pop());
   $("#viewer-open").href = item.url;
-  $("#viewer-reuse").onclick = () => {
-    const form = $("#create-form");
-    for (const name of ["prompt", "negative_prompt", "seed", "steps", "guidance_scale", "scheduler"]) {
-      if (item[name] !== undefined && item[name] !== null) form.elements[name].value = item[name];
-    }
-    if (item.width && item.height) {
-      [form.elements.width.value, form.elements.height.value] = jobSize(item, imageModels(item).inputs.hires);
-    }
-    syncSizePreset();
-    dialog.close();
-    showTab("create");
-    $("#prompt").focus();
-    // The models' note first (it resets the status line), then the inputs' own.
-    reuseModels(item).catch(() => {}).then(() => reuseImageInputs(item)).catch(() => {});
-  };
+  $("#viewer-reuse").onclick = () => useSettings(item);
   $("#viewer-input").onclick = async () => {
     dialog.close();
     showTab("create");
     if (await setInput({ name: item.filename, url: item.url, label: item.filename })) $("#prompt").focus();
   };
-  dialog.showModal();
+}
+
+async function stepViewer(step) {
+  let index = state.viewerIndex + step;
+  // The gallery's next page, when → reaches the end of what is loaded.
+  if (index >= state.viewerItems.length && state.viewerItems === state.gallery && state.galleryCursor) {
+    await loadGallery();
+  }
+  index = clamp(index, 0, state.viewerItems.length - 1);
+  if (index === state.viewerIndex) return;
+  state.viewerIndex = index;
+  showInViewer(state.viewerItems[index]);
+}
+
+// 100%: the image at its own pixels, scrolled inside its frame; else fitted to it.
+function setZoom(actual) {
+  $("#viewer-stage").classList.toggle("actual", actual);
+  $("#viewer-zoom").setAttribute("aria-pressed", String(actual));
+  $("#viewer-zoom").textContent = actual ? "Fit" : "100%";
+  $("#viewer-zoom").title = actual ? "Fit the image to the window" : "Show at 100% (actual pixels)";
+}
+
+function setupViewer() {
+  const dialog = $("#viewer");
+  $("#viewer-prev").addEventListener("click", () => stepViewer(-1));
+  $("#viewer-next").addEventListener("click", () => stepViewer(1));
+  $("#viewer-zoom").addEventListener("click", () => setZoom(!$("#viewer-stage").classList.contains("actual")));
+  $("#viewer-image").addEventListener("click", () => setZoom(!$("#viewer-stage").classList.contains("actual")));
+  // On the document: a nav button that became disabled (at either end) drops the focus
+  // out of the dialog, and the keys must go on working then too.
+  document.addEventListener("keydown", (event) => {
+    if (!dialog.open || event.target.closest("input, textarea, select")) return;
+    if (event.altKey || event.ctrlKey || event.metaKey) return;
+    const step = { ArrowLeft: -1, ArrowRight: 1 }[event.key];
+    if (step) {
+      event.preventDefault();
+      stepViewer(step);
+    }
+  });
 }
 
 const AREAS = { whole: "whole picture", masked: "only masked" };
@@ -1343,6 +2133,7 @@ async function reuseImageInputs(image) {
   const notes = [];
   if (image.width && image.height) {
     [$("#width").value, $("#height").value] = extra.size || jobSize(image, item.hires);
+    touch("width", "height");
     syncSizePreset();
   }
   setStrength(item.strength ?? 0.75);
@@ -1440,6 +2231,8 @@ async function main() {
   setupCreate();
   setupModels();
   setupGallery();
+  setupViewer();
+  setupTokenDialog();
   $("#settings-form").addEventListener("submit", saveSettings);
   $("#logout").addEventListener("click", logout);
   const options = await loadOptions();
@@ -1450,11 +2243,19 @@ async function main() {
   applyLimits(options.limits);
   fillSelects(options);
   applyDefaults(options.generation);
+  restoreDraft();
   await loadModels().catch(() => {});
   showTab(location.hash.slice(1) || "create");
   connectEvents();
   // Keep the ETA ticking between steps of a slow job.
   setInterval(() => { if (state.running.length) renderProgress(); }, 1000);
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden) {
+      state.doneUnseen = false;
+      renderTitle();
+    }
+  });
+  $("#notice-close").addEventListener("click", () => { $("#notice").hidden = true; });
 }
 
 main().catch((error) => {

@@ -41,9 +41,10 @@ class CountingClaims:
         return getattr(self.store, name)
 
 
-def start(make_config, files: dict[str, str], claims_wrapper=None) -> Env:
+def start(make_config, files: dict[str, str], claims_wrapper=None, prepare=None) -> Env:
     """A daemon (no worker) and its inbox, with ``files`` in the inbox before it starts: the
-    first scan finds them all, so they settle, and are taken, together."""
+    first scan finds them all, so they settle, and are taken, together. ``prepare(daemon)``
+    runs before the inbox starts."""
     config = make_config(inbox=FAST)
     root = config.path_for("inbox")
     root.mkdir(parents=True, exist_ok=True)
@@ -51,6 +52,8 @@ def start(make_config, files: dict[str, str], claims_wrapper=None) -> Env:
         (root / name).write_text(text)
     daemon = Daemon(config)
     daemon.start(workers=False)
+    if prepare is not None:
+        prepare(daemon)
     claims = claims_wrapper(daemon.store) if claims_wrapper else None
     box = Inbox(daemon, config, claims=claims)
     box.start()
@@ -125,39 +128,34 @@ def test_a_burst_the_store_cannot_queue_is_finished_without_a_restart(make_confi
     """The store fails the one transaction that queues a burst (locked, say): the files stay
     claimed, nothing is queued, and the watcher finishes them at its next rescan, each once."""
     files = {f"stuck-{i}.txt": f"stuck prompt {i}\n" for i in range(6)}
-    config = make_config(inbox=FAST)
-    root = config.path_for("inbox")
-    root.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (root / name).write_text(text)
-    daemon = Daemon(config)
-    daemon.start(workers=False)
-    real = daemon.store.submit_claims
     failed: list[int] = []
 
-    def fails_once(items, **kwargs):
-        if not failed:
-            failed.append(len(items))
-            raise sqlite3.OperationalError("database is locked")
-        return real(items, **kwargs)
+    def fail_once(daemon: Daemon) -> None:
+        real = daemon.store.submit_claims
 
-    monkeypatch.setattr(daemon.store, "submit_claims", fails_once)
-    box = Inbox(daemon, config)
-    box.start()
+        def fails_once(items, **kwargs):
+            if not failed:
+                failed.append(len(items))
+                raise sqlite3.OperationalError("database is locked")
+            return real(items, **kwargs)
+
+        monkeypatch.setattr(daemon.store, "submit_claims", fails_once)
+
+    env = start(make_config, files, prepare=fail_once)
+    store, root = env.daemon.store, env.root
     try:
         wait_for(lambda: failed, 10)
         assert failed == [6]  # the whole burst in one transaction, which failed
-        assert daemon.store.counts()["queued"] == 0
+        assert store.counts()["queued"] == 0
         assert len(list((root / ".claimed").iterdir())) == 6  # claimed, not lost
-        done = root / "done"
-        wait_for(lambda: len(receipts(done)) == 6, 30)  # the next rescan finished them
-        wait_for(lambda: daemon.store.open_claims() == [], 10)
-        prompts = sorted(job.spec.prompt for job in daemon.store.queued())
+        wait_for(lambda: len(receipts(root / "done")) == 6, 30)  # the next rescan finished them
+        wait_for(lambda: store.open_claims() == [], 10)
+        prompts = sorted(job.spec.prompt for job in store.queued())
         assert prompts == sorted(text.strip() for text in files.values())  # each exactly once
-        assert box.status()["restarts"] == 0 and not list((root / "failed").iterdir())
+        assert env.inbox.status()["restarts"] == 0 and not list((root / "failed").iterdir())
     finally:
-        box.stop()
-        daemon.stop()
+        env.inbox.stop()
+        env.daemon.stop()
 
 
 # -- a kill at any step of a burst -----------------------------------------------------------

@@ -7,6 +7,7 @@ import argparse
 import errno
 import ipaddress
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -110,6 +111,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for service in reversed(services):
         service.stop()
     daemon.stop()
+    if daemon.supervisor is not None and daemon.supervisor.stuck():
+        # A worker is stuck in the backend's native code (a driver hang): the interpreter's
+        # own teardown would abort under it, so the process ends here, its state saved.
+        log.error("stopped, leaving a worker stuck in the backend")
+        logging.shutdown()
+        os._exit(1)
     log.info("stopped cleanly")
     return 0
 

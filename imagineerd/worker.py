@@ -288,6 +288,8 @@ class Supervisor:
                 # Batching pays where kernel launches dominate (GPUs), not on CPUs.
                 batch = 8 if device.startswith("cuda") else 1
             self.workers.append(Worker(host, device=device, max_batch=int(batch), index=index))
+        #: Workers given up on (their batch hung): each ends at its next step, if ever.
+        self.abandoned: list[Worker] = []
         self._watchdog = threading.Thread(
             target=self._watch, name="imagineerd-watchdog", daemon=True
         )
@@ -303,6 +305,18 @@ class Supervisor:
                 worker.join(timeout)
             if worker.is_alive():
                 log.error("%s did not stop within %ss", worker.name, timeout)
+        # An abandoned worker stops at its next step: waited for too, as a thread left in
+        # the backend's native code when the interpreter ends takes the process down with
+        # it ("terminate called without an active exception").
+        for worker in self.abandoned:
+            if worker.is_alive():
+                worker.join(timeout)
+            if worker.is_alive():
+                log.error("%s, abandoned, is still stuck in the backend", worker.name)
+
+    def stuck(self) -> bool:
+        """Whether a worker thread is still running after :meth:`join`."""
+        return any(w.is_alive() for w in (*self.workers, *self.abandoned))
 
     @property
     def max_batch(self) -> int:
@@ -329,6 +343,7 @@ class Supervisor:
             if waited < timeout + grace:
                 continue
             worker.abandoned = True
+            self.abandoned.append(worker)
             log.error("%s has not responded for %.0f s; restarting it", worker.name, waited)
             for job in list(worker.active.values()):
                 self.host.job_finished(

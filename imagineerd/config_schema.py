@@ -97,6 +97,28 @@ def _buckets(key: str, value: Any) -> list[int]:
     return sorted(set(value))
 
 
+def _sizes(key: str, value: Any) -> list[list[int]]:
+    """Image sizes ``[[width, height], ...]``, each as a job may ask for (64-2048, by 8)."""
+
+    def size(item: Any) -> bool:
+        return (
+            isinstance(item, list)
+            and len(item) == 2
+            and all(
+                isinstance(v, int) and not isinstance(v, bool) and 64 <= v <= 2048 and v % 8 == 0
+                for v in item
+            )
+        )
+
+    if not isinstance(value, list) or len(value) > 16 or not all(size(v) for v in value):
+        raise ConfigError(
+            f"{key} must be a list of up to 16 [width, height] pairs (64 to 2048, divisible "
+            f"by 8), like [[512, 512], [512, 768]], got {value!r}",
+            field=key,
+        )
+    return [list(v) for v in value]
+
+
 def _origins(key: str, value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ConfigError(
@@ -331,6 +353,11 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "compile": _auto_or(_bool),
         "batch_buckets": _buckets,
         "channels_last": _auto_or(_bool),
+        "max_padding": _float(0, 0.9),
+        "warm_sizes": _sizes,
+        "cuda_graphs": _auto_or(_bool),
+        "fuse_qkv": _bool,
+        "vae_upcast": _auto_or(_bool),
         "job_timeout": _float(0, 86400),
     },
     "metrics": {"public": _bool},

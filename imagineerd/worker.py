@@ -162,6 +162,14 @@ class Worker(threading.Thread):
                 # jobs it holds are finished or recovered; it tries again in a moment.
                 log.exception("%s: unexpected error; carrying on", self.name)
                 time.sleep(1.0)
+        # Background threads of the backend (compile threads) stop with the worker rather
+        # than being cut off at exit, perhaps in the middle of GPU work.
+        close = getattr(self._backend, "close", None)
+        if callable(close) and not self.abandoned:
+            try:
+                close()
+            except Exception:
+                log.exception("%s: closing the backend failed", self.name)
 
     def process(self, jobs: list[Job]) -> None:
         """Run one batch to the end: every job completes, fails, is cancelled or requeued."""

@@ -83,14 +83,23 @@ def test_every_scheduler_runs(sd15, scheduler):
     )
 
 
-def test_batch_gives_the_same_images_as_alone(sd15):
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_batch_gives_the_same_images_as_alone(sd15, scheduler):
     alone = [
-        sd15.generate([req(s, prompt=p)], lambda *_: None)[0]
+        sd15.generate([req(s, prompt=p, scheduler=scheduler)], lambda *_: None)[0]
         for s, p in ((11, "a cat"), (12, "a dog"))
     ]
-    batched = sd15.generate([req(11, prompt="a cat"), req(12, prompt="a dog")], lambda *_: None)
+    batched = sd15.generate(
+        [
+            req(11, prompt="a cat", scheduler=scheduler),
+            req(12, prompt="a dog", scheduler=scheduler),
+        ],
+        lambda *_: None,
+    )
     for one, many in zip(alone, batched, strict=True):
-        assert np.abs(pixels(one) - pixels(many)).mean() <= 1.0
+        diff = np.abs(pixels(one) - pixels(many))
+        # Rounding at most (another prompt moves the tiny model's image by a mean of > 1).
+        assert diff.mean() <= 0.05 and diff.max() <= 1, (diff.mean(), diff.max())
 
 
 def test_on_step_raising_interrupts(sd15):

@@ -50,8 +50,9 @@ def test_batched_jobs_make_the_same_images_as_alone(make_config, tmp_path_factor
     assert len({j.started_at for j in apart}) == 3
     for a, b in zip(together, apart, strict=True):
         assert a.status == b.status == COMPLETED
-        diff = np.abs(pixels(batched, a) - pixels(single, b)).mean()
-        assert diff <= 1.0, diff  # mean absolute difference at most 1/255
+        diff = np.abs(pixels(batched, a) - pixels(single, b))
+        # Rounding at most (another prompt moves the tiny model's image by a mean of > 1).
+        assert diff.mean() <= 0.05 and diff.max() <= 1, (diff.mean(), diff.max())
     # Each job keeps its own metadata in a batch.
     negative = [a for a in together if a.spec.prompt == "a dog"][0]
     assert (
@@ -196,10 +197,27 @@ def test_device_list_is_validated(make_config):
 
 
 def test_compiled_unet_with_bucket_padding_gives_the_same_image(tiny_model, tmp_path):
-    """torch.compile really runs (inductor on the CPU here; CUDA graphs on a GPU): compiled
-    while idle, then a batch of one is padded to the bucket of two. Takes about a minute."""
+    """The compile thread prepares the bucket of two; until then a job runs on the plain
+    UNet, afterwards a batch of one is padded to two and runs compiled. Compiled with
+    dynamo's ``aot_eager`` backend (the real tracing, guards and AOT autograd, without
+    inductor's code generation, which takes minutes on this CPU); no step is made to wait."""
     from imagineerd.backends import GenerationRequest
     from imagineerd.backends.diffusers_backend import DiffusersBackend
+
+    gate = threading.Event()
+    compiled_on: list[str] = []
+    ran_on: list[str] = []
+
+    def backend_fn(gm, example_inputs):
+        gate.wait(60)  # the first compile waits until the eager job below is done
+        compiled_on.append(threading.current_thread().name)
+        inner = torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+        def run(*args):
+            ran_on.append(threading.current_thread().name)
+            return inner(*args)
+
+        return run
 
     backend = DiffusersBackend(
         {
@@ -207,19 +225,28 @@ def test_compiled_unet_with_bucket_padding_gives_the_same_image(tiny_model, tmp_
             "device": "cpu",
             "dtype": "auto",
             "arch": "auto",
-            "performance": {"compile": True, "batch_buckets": [2], "channels_last": True},
+            "performance": {
+                "compile": True,
+                "batch_buckets": [2],
+                "max_padding": 0.5,
+                "channels_last": True,
+            },
             "state_dir": str(tmp_path),
-            "warm_sizes": [],
+            "warm_sizes": [[64, 64]],
+            "compile_backend": backend_fn,
         }
     )
     request = [GenerationRequest("a boat", "rough sea", 5, 3, 64, 64, 7.5, "euler")]
     eager = backend.generate(request, lambda *_: None)[0]  # not compiled yet: plain UNet
-    assert backend.ready_shapes == set() and backend._to_compile == [(2, 64, 64)]
-    assert backend.idle(lambda: True) is False  # never compiles while jobs wait
-    assert backend.idle(lambda: False) is True
-    assert backend.ready_shapes == {(2, 64, 64)}
+    assert backend.ready_shapes == set() and backend._to_compile == [(2, 64, 64, True)]
+    gate.set()
+    assert backend.current.compiler.wait_idle(120)
+    assert backend.ready_shapes == {(2, 64, 64, True)}
+    assert compiled_on and all(name.startswith("imagineerd-compile") for name in compiled_on)
+    ran_on.clear()  # the compile thread's warm-up calls
     calls = []
     compiled = backend.generate(request, lambda s, n: calls.append(s))[0]
-    assert backend.pipe.unet is backend.compiled_unet and calls == [1, 2, 3]
+    assert calls == [1, 2, 3] and backend.pipe.unet is backend.current.eager_unet
+    assert ran_on == ["MainThread"] * 3  # each step through the compiled graph
     diff = np.abs(np.asarray(eager, dtype=np.int16) - np.asarray(compiled, dtype=np.int16))
-    assert diff.mean() <= 1.0
+    assert diff.mean() <= 0.05 and diff.max() <= 1, (diff.mean(), diff.max())

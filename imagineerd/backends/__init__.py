@@ -145,7 +145,8 @@ def devices(setting: str | list[str]) -> list[str]:
 def settings(config: Config, device: str | None) -> dict[str, Any]:
     """What a backend factory receives: the ``model:`` section (``name`` made absolute when
     local, ``cache_dir`` resolved) plus ``device``, ``performance``, ``state_dir`` and
-    ``warm_sizes`` (the sizes a compiling backend prepares first: the default one)."""
+    ``warm_sizes`` (the sizes a compiling backend prepares first: ``performance.warm_sizes``,
+    or the default size when that is empty)."""
     result = config.model_settings()
     # As config.yaml says it (a relative path, a listed name): jobs name the default so.
     result["configured_name"] = config["model"]["name"]
@@ -154,7 +155,9 @@ def settings(config: Config, device: str | None) -> dict[str, Any]:
     result["performance"] = dict(config["performance"])
     result["state_dir"] = str(config.path_for("state"))
     generation = config["generation"]
-    result["warm_sizes"] = [[generation["width"], generation["height"]]]
+    result["warm_sizes"] = [
+        list(size) for size in config["performance"].get("warm_sizes") or []
+    ] or [[generation["width"], generation["height"]]]
     return result
 
 

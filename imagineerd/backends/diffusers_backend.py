@@ -89,8 +89,9 @@ class DiffusersBackend(BackendBase):
     """Runs StableDiffusion(XL)Pipelines; one instance per worker (per device).
 
     ``settings`` is the ``model:`` section plus ``device``, ``performance``, ``state_dir``,
-    ``warm_sizes``, and optionally ``library`` (the models folder, to resolve names) and
-    ``on_event`` (``(type, data)``, for model switches).
+    ``warm_sizes``, and optionally ``library`` (the models folder, to resolve names),
+    ``on_event`` (``(type, data)``, for model switches) and ``compile_backend`` (the dynamo
+    backend that compiles the UNet's call instead of inductor: tests use cheap ones).
     """
 
     def __init__(self, settings: dict[str, Any]) -> None:
@@ -114,6 +115,10 @@ class DiffusersBackend(BackendBase):
         self.embeddings = EmbeddingCache()
         self.loading: str | None = None
         self._lock = threading.Lock()  # status() is read from other threads
+        #: One per device, shared by every model on it: the worker holds it for a batch and
+        #: each model's compile thread for its GPU work (a forward, a CUDA-graph capture),
+        #: so no two of them ever overlap on the device.
+        self.gpu_lock = threading.RLock()
         #: Why the default model cannot be loaded (``/api/health`` shows it), or None.
         self.default_error: str | None = None
         # The default model is loaded now, so the first job does not wait for it. If it
@@ -142,16 +147,19 @@ class DiffusersBackend(BackendBase):
         return self._model.arch
 
     @property
-    def compiled_unet(self) -> Any:
-        return self.current.compiled_unet if self.current is not None else None
+    def compiling(self) -> bool:
+        """Whether the current model has a fast path (``performance.compile``)."""
+        return self.current is not None and self.current.compiler is not None
 
     @property
-    def ready_shapes(self) -> set[tuple[int, int, int]]:
+    def ready_shapes(self) -> set[tuple[int, int, int, bool]]:
+        """``(bucket, width, height, cfg)`` keys the UNet is compiled for."""
         return self._model.ready_shapes
 
     @property
-    def _to_compile(self) -> list[tuple[int, int, int]]:
-        return self.current._to_compile if self.current is not None else []
+    def _to_compile(self) -> list[tuple[int, int, int, bool]]:
+        """Keys waiting for the compile thread, or compiling now."""
+        return self.current.pending_shapes if self.current is not None else []
 
     def scheduler(self, key: str) -> Any:
         return self._model.scheduler(key)
@@ -205,6 +213,7 @@ class DiffusersBackend(BackendBase):
                 self._make_room(keep=key)
                 model.pipe.to(self.device)
                 model.device = self.device
+                model.resume_fast_path()
                 self._announce_ready(key, started)
             return model
         target = self._resolve(key)
@@ -237,6 +246,8 @@ class DiffusersBackend(BackendBase):
             performance=self.settings.get("performance") or {},
             state_dir=self.settings.get("state_dir"),
             warm_sizes=self.settings.get("warm_sizes") or [],
+            gpu_lock=self.gpu_lock,
+            compile_backend=self.settings.get("compile_backend"),
         )
         with self._lock:
             self._models[key] = model
@@ -255,12 +266,17 @@ class DiffusersBackend(BackendBase):
             # The model coming back from CPU memory leaves its place there free.
             cached = [k for k, m in self._models.items() if m.device != self.device and k != keep]
             if self.device != "cpu" and len(cached) < self.cpu_cache:
+                # Its compile thread stops first (waiting only for a GPU phase in progress, a
+                # compile is cancelled): compiled graphs hold the weights' addresses. They are
+                # made again when it is back.
+                model.pause_fast_path()
                 model.pipe.to("cpu")
                 model.device = "cpu"
                 log.info("model %s moved to CPU memory", model.name)
             elif self.device == "cpu" and len(self._models) <= self.max_loaded + self.cpu_cache - 1:
                 break  # on a CPU "the device" is memory: the cache allowance keeps it
             else:
+                model.close()
                 with self._lock:
                     del self._models[victim]
                 log.info("model %s unloaded", model.name)
@@ -303,13 +319,13 @@ class DiffusersBackend(BackendBase):
         vae = self._vaes[key]
         return vae.to(model.device)
 
-    # -- generating -------------------------------------------------------------------------
-    def idle(self, busy: Callable[[], bool] | None = None) -> bool:
-        """Compile one pending shape while nothing is queued; True if it did some work."""
-        if self.current is None or (busy is not None and busy()):
-            return False
-        return self.current.compile_pending()
+    def close(self) -> None:
+        """Stop every model's compile thread (the worker calls this when it stops): none
+        starts GPU work after it, though one may finish a compile in progress (CPU work)."""
+        for model in list(self._models.values()):
+            model.close()
 
+    # -- generating -------------------------------------------------------------------------
     def generate(self, batch: list[GenerationRequest], on_step: StepCallback) -> list[Image.Image]:
         keys = {BackendBase.batch_key(self, r) for r in batch}
         if len(keys) != 1:
@@ -320,6 +336,15 @@ class DiffusersBackend(BackendBase):
         first = batch[0]
         model = self.current = self._get_model(first.model)
         model.set_loras(first.active_loras(), lambda name: self._path_of("loras", name))
+        # The whole batch holds the device's GPU lock: the compile threads' GPU work waits
+        # for the batch to end instead of overlapping it.
+        with self.gpu_lock:
+            return self._generate(model, batch, on_step)
+
+    def _generate(
+        self, model: LoadedModel, batch: list[GenerationRequest], on_step: StepCallback
+    ) -> list[Image.Image]:
+        first = batch[0]
         pipe = model.pipe
         pipe.vae = self._vae(model, first.vae)
         try:
@@ -385,18 +410,8 @@ class DiffusersBackend(BackendBase):
         if inputs is not None or first.hires is not None:
             # Image jobs and hires fixes change the UNet's input size mid-job: plain UNet.
             return model.run(batch, encoded, on_step, inputs=inputs)
-        if model.compiled_unet is not None and not model.adapters:
-            bucket = model.bucket_for(len(batch))
-            if bucket is not None and (bucket, first.width, first.height) in model.ready_shapes:
-                # Pad to the compiled bucket with copies of the last request; every item
-                # has its own generator, so padding cannot change the real images.
-                extra = bucket - len(batch)
-                padded = batch + [batch[-1]] * extra
-                return model.run(
-                    padded, encoded + [encoded[-1]] * extra, on_step, model.compiled_unet
-                )[: len(batch)]
-            model.want_shapes(first.width, first.height)  # compile it when idle
-        return model.run(batch, encoded, on_step)
+        # Compiled buckets where they are ready, eager for the rest (LoRAs: all eager).
+        return model.run_txt2img(batch, encoded, on_step)
 
 
 def _factory(settings: dict[str, Any]) -> DiffusersBackend:

@@ -11,7 +11,8 @@ import logging
 import math
 import os
 import re
-import time
+import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from PIL import Image
 
 from ..errors import BackendError
 from . import GenerationRequest, StepCallback
+from .fast_path import COND_LENGTH, FastKey, ShapeCompiler, UNetInputs, plan_parts
 from .prompt_encoder import Encoded, PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,10 @@ SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
 #: LoRA adapters kept in one pipeline; the least recently used beyond this are unloaded.
 MAX_ADAPTERS = 8
 
+#: Image sizes a model compiles because jobs asked for them, beyond ``warm_sizes``: each
+#: costs a compile per bucket and CUDA-graph memory, so later sizes run on the plain UNet.
+MAX_JOB_SIZES = 4
+
 
 class LoadedModel:
     """A pipeline on its device, ready to run batches."""
@@ -53,6 +59,8 @@ class LoadedModel:
         performance: dict[str, Any],
         state_dir: str | None,
         warm_sizes: list[list[int]],
+        gpu_lock: Any = None,
+        compile_backend: Any = None,
     ) -> None:
         import torch
 
@@ -70,37 +78,55 @@ class LoadedModel:
         self._active_loras: tuple[tuple[str, float], ...] = ()
         #: LoRA name -> adapter name in the pipeline, least recently used first.
         self.adapters: OrderedDict[str, str] = OrderedDict()
-        self._setup_fast_path(performance, state_dir, warm_sizes)
+        #: The device's GPU lock, shared by every model on it (the backend owns it): held
+        #: by the worker for a batch and by a compile thread for its GPU work, so neither a
+        #: capture nor a compile thread's forward ever overlaps a batch or another capture.
+        self.gpu_lock = gpu_lock if gpu_lock is not None else threading.RLock()
+        self._setup_fast_path(performance, state_dir, warm_sizes, compile_backend)
 
     # -- GPU fast path -------------------------------------------------------------------
     def _setup_fast_path(
-        self, perf: dict[str, Any], state_dir: str | None, warm_sizes: list[list[int]]
+        self,
+        perf: dict[str, Any],
+        state_dir: str | None,
+        warm_sizes: list[list[int]],
+        compile_backend: Any = None,
     ) -> None:
-        """channels-last, TF32, and torch.compile of the UNet with CUDA graphs.
+        """channels-last, TF32, fused QKV, and the UNet compiled per shape in the background.
 
-        CUDA graphs need static shapes, so the UNet is compiled for a few batch-size
-        *buckets* per image size; a batch is padded up to its bucket (extra items are
-        dropped after decoding) instead of triggering a new compile. Compiling happens in
-        :meth:`idle` (the worker calls it when the queue is empty): jobs never wait for a
-        compile, they run on the plain UNet until their shape is ready.
+        Compiled graphs need static shapes, so the UNet is compiled for a few batch-size
+        *buckets* per image size and CFG on/off (:mod:`.fast_path`); a batch is padded up to
+        its bucket when little would be padding, and split into buckets otherwise. The
+        compiling runs on a thread of its own from the start: jobs never wait for it, and
+        run on the plain UNet until their shape is ready.
         """
         torch = self._torch
         cuda = self.device.startswith("cuda")
 
-        def wanted(key: str) -> bool:
+        def wanted(key: str, default: bool = cuda) -> bool:
             value = perf.get(key, "auto")
-            return cuda if value == "auto" else bool(value)
+            return default if value == "auto" else bool(value)
 
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         if wanted("channels_last"):
             self.pipe.unet.to(memory_format=torch.channels_last)
+        self.fused_qkv = False
+        self.want_fused = perf.get("fuse_qkv") is True and hasattr(
+            self.pipe, "fuse_qkv_projections"
+        )
+        self._fuse()
+        #: ``auto``: the VAE's own say for SDXL (``force_upcast``; fp16-fix VAEs say no),
+        #: never for SD1.5/2 (their VAEs are fp16-safe; diffusers does not upcast them).
+        self.vae_upcast = perf.get("vae_upcast", "auto")
+        self._upcast_vaes: weakref.WeakSet[Any] = weakref.WeakSet()  # fp16 decode overflowed
         self.buckets: list[int] = sorted(perf.get("batch_buckets") or [1, 2, 4, 8])
+        self.max_padding = float(perf.get("max_padding", 0.25))
         self.eager_unet = self.pipe.unet
-        self.compiled_unet: Any = None
-        self.ready_shapes: set[tuple[int, int, int]] = set()  # (bucket, width, height)
-        self._to_compile: list[tuple[int, int, int]] = []
+        self.warm_sizes = {tuple(size) for size in warm_sizes}
+        self.job_sizes: set[tuple[int, int]] = set()  # sizes compiled because jobs asked
+        self.compiler: ShapeCompiler | None = None
         if not wanted("compile"):
             return
         state = Path(state_dir or ".")
@@ -108,53 +134,145 @@ class LoadedModel:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(state / "compile" / "inductor"))
         os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
         os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
-        import torch._dynamo
-
-        # One static graph per bucket; dynamic shapes compiled SDXL for minutes (DESIGN §9).
-        torch._dynamo.config.automatic_dynamic_shapes = False
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self.compiled_unet = torch.compile(self.eager_unet, mode="reduce-overhead", fullgraph=True)
-        for width, height in warm_sizes:
-            self.want_shapes(width, height)
-
-    def want_shapes(self, width: int, height: int) -> None:
-        for bucket in self.buckets:
-            shape = (bucket, width, height)
-            if shape not in self.ready_shapes and shape not in self._to_compile:
-                self._to_compile.append(shape)
-
-    def bucket_for(self, size: int) -> int | None:
-        return next((b for b in self.buckets if b >= size), None)
-
-    def compile_pending(self) -> bool:
-        """Compile one pending shape; True if there was one."""
-        if not self._to_compile or self.adapters:
-            return False
-        bucket, width, height = self._to_compile.pop(0)
-        started = time.monotonic()
-        request = GenerationRequest("warm-up", "", 0, 2, width, height, 5.0, "euler")
-        encoded = [self.encoder.encode(request.prompt, request.negative_prompt)] * bucket
-        try:
-            # cudagraph trees record on the third call of a shape; two steps each, twice.
-            for _ in range(2):
-                self.run([request] * bucket, encoded, lambda *_: None, self.compiled_unet)
-        except Exception:
-            log.exception(
-                "compiling the UNet for %d x %dx%d failed; that shape stays on the plain UNet",
-                bucket,
-                width,
-                height,
-            )
-            return True
-        self.ready_shapes.add((bucket, width, height))
-        log.info(
-            "UNet compiled for batch %d at %dx%d in %.1f s",
-            bucket,
-            width,
-            height,
-            time.monotonic() - started,
+        self.compiler = ShapeCompiler(
+            self.eager_unet,
+            self.pipe,
+            device=self.device,
+            # Inductor without its own CUDA graphs: the fast path records them itself, on
+            # its own thread (cudagraph trees are per thread: they would record on the
+            # worker).
+            backend=compile_backend or "inductor",
+            # SDXL's steps are long enough that launch overhead is a small share, while its
+            # graphs' static inputs, outputs and pool (sized by the largest bucket's
+            # activations, gigabytes at 1024²) stay on the GPU: graphs pay for SD1.5/2.
+            cuda_graphs=wanted("cuda_graphs", self.arch != "sdxl"),
+            gpu_lock=self.gpu_lock,
+            name=re.sub(r"[^0-9A-Za-z]+", "-", Path(self.name).name)[:40],
         )
-        return True
+        for width, height in warm_sizes:
+            self.want_shapes(width, height, cfg=True)
+
+    @property
+    def ready_shapes(self) -> set[FastKey]:
+        return self.compiler.ready() if self.compiler is not None else set()
+
+    @property
+    def pending_shapes(self) -> list[FastKey]:
+        return self.compiler.pending() if self.compiler is not None else []
+
+    def want_shapes(self, width: int, height: int, cfg: bool = True) -> None:
+        """Compile every bucket of this size in the background: a warm size, or one of the
+        first :data:`MAX_JOB_SIZES` other sizes jobs ask for (later ones stay eager)."""
+        if self.compiler is None or self.adapters:
+            return
+        size = (width, height)
+        if size not in self.warm_sizes and size not in self.job_sizes:
+            if len(self.job_sizes) >= MAX_JOB_SIZES:
+                return
+            self.job_sizes.add(size)
+            if len(self.job_sizes) == MAX_JOB_SIZES:
+                log.info(
+                    "model %s: %d image sizes beyond warm_sizes are compiled; other sizes run "
+                    "on the plain UNet (list them in performance.warm_sizes to compile them)",
+                    self.name,
+                    MAX_JOB_SIZES,
+                )
+        for bucket in self.buckets:
+            self.compiler.want((bucket, width, height, cfg))
+
+    def pause_fast_path(self) -> None:
+        """Before the weights move off the device or the UNet's modules change (graphs hold
+        their addresses). Waits for a GPU phase of the compile thread, never a compile."""
+        if self.compiler is not None:
+            self.compiler.pause()
+
+    def resume_fast_path(self) -> None:
+        """The weights are back: the shapes that were ready are compiled (captured) again."""
+        if self.compiler is not None and not self.adapters:
+            self.compiler.resume()
+
+    def _fuse(self) -> None:
+        """Fused QKV projections when asked for and no LoRA is loaded (they load into the
+        separate projections)."""
+        if self.want_fused and not self.fused_qkv and not self.adapters:
+            # One matmul for Q, K and V in every self-attention (UNet and VAE).
+            self.pipe.fuse_qkv_projections()
+            self.fused_qkv = True
+
+    def close(self) -> None:
+        if self.compiler is not None:
+            self.compiler.close()
+
+    def plan(
+        self, batch: list[GenerationRequest], encoded: list[Encoded]
+    ) -> list[tuple[list[int], int | None, Any]]:
+        """How to run a txt2img batch: ``(indices, bucket, runner)`` per pipeline call.
+
+        Ready keys run compiled, padded to their bucket; every other item runs in one
+        eager call. A key not ready has its size wanted, for later batches. Without a fast
+        path (or with LoRAs, or prompts longer than one chunk) it is one eager call.
+        """
+        everything: list[tuple[list[int], int | None, Any]] = [
+            (list(range(len(batch))), None, None)
+        ]
+        first = batch[0]
+        if (
+            self.compiler is None
+            or self.adapters
+            or any(e.prompt_embeds.shape[1] != COND_LENGTH for e in encoded)
+        ):
+            return everything
+        cfg = first.guidance_scale > 1
+        calls: list[tuple[list[int], int | None, Any]] = []
+        eager: list[int] = []
+        start = 0
+        for real, bucket in plan_parts(len(batch), self.buckets, self.max_padding):
+            indices = list(range(start, start + real))
+            start += real
+            runner = None
+            if bucket is not None:
+                key = (bucket, first.width, first.height, cfg)
+                runner = self.compiler.runner(key)
+                if runner is None:  # for later batches of this shape: every bucket of it
+                    self.want_shapes(first.width, first.height, cfg)
+            if runner is None:
+                eager += indices
+            else:
+                calls.append((indices, bucket, runner))
+        if eager:
+            calls.append((eager, None, None))
+        return calls
+
+    def run_txt2img(
+        self, batch: list[GenerationRequest], encoded: list[Encoded], on_step: StepCallback
+    ) -> list[Image.Image]:
+        """A txt2img batch along :meth:`plan`; progress counts every call's steps as one
+        bar. Padding repeats the last request: every item has its own generator, so it
+        cannot change the real images, and it is never decoded."""
+        calls = self.plan(batch, encoded)
+        images: list[Image.Image | None] = [None] * len(batch)
+        done = 0
+        for number, (indices, bucket, runner) in enumerate(calls):
+            part = [batch[i] for i in indices]
+            conditioning = [encoded[i] for i in indices]
+            extra = (bucket or len(part)) - len(part)
+            part += [part[-1]] * extra
+            conditioning += [conditioning[-1]] * extra
+            made = self._call(
+                "txt2img",
+                part,
+                self._embeds(conditioning),
+                on_step,
+                UNetInputs(self.eager_unet, runner),
+                done=done,
+                later_calls=len(calls) - 1 - number,
+                real=len(indices),
+            )
+            done += self.last_timesteps
+            for i, image in zip(indices, made, strict=True):
+                images[i] = image
+        assert all(image is not None for image in images), "a plan left an image out"
+        return images  # type: ignore[return-value]
 
     # -- per batch -----------------------------------------------------------------------
     def scheduler(self, key: str) -> Any:
@@ -164,16 +282,36 @@ class LoadedModel:
 
             class_name, extra = SCHEDULER_CLASSES[key]
             cls = getattr(diffusers, class_name)
+            if key == "euler_a":
+                from .ancestral import PrefetchedEulerAncestral
+
+                cls = PrefetchedEulerAncestral  # the same images, no host sync per step
             self._schedulers[key] = cls.from_config(self._base_scheduler_config, **extra)
         return self._schedulers[key]
 
     def set_loras(self, loras: tuple[tuple[str, float], ...], path_of: Callable[[str], Path]):
-        """Load (once) and activate exactly these LoRAs at these weights; none: all off."""
+        """Load (once) and activate exactly these LoRAs at these weights; none: all off.
+
+        A LoRA changes the UNet's modules, so while any is loaded the model runs on the
+        plain UNet. With a fast path, a batch without LoRAs therefore unloads them all and
+        gets the compiled UNet back (a later LoRA job loads its file again); without one
+        they stay loaded, only disabled, for the next job that uses them.
+        """
         pipe = self.pipe
         if loras != self._active_loras:
             # LoRAs on the text encoders change what even the empty prompt encodes to.
             self.encoder.forget()
             self._active_loras = loras
+        if not loras:
+            if self.adapters and self.compiler is not None:
+                self.pause_fast_path()  # the modules change back: nothing traces meanwhile
+                pipe.unload_lora_weights()
+                self.adapters.clear()
+                self._fuse()
+                self.resume_fast_path()
+            elif self.adapters:
+                pipe.disable_lora()
+            return
         for name, _ in loras:
             if name in self.adapters:
                 self.adapters.move_to_end(name)
@@ -182,9 +320,19 @@ class LoadedModel:
             while adapter in self.adapters.values():
                 adapter += "_"
             path = path_of(name)
+            # The compile thread must not trace or capture the UNet while its modules change;
+            # compiled graphs do not apply to it while LoRAs are loaded.
+            self.pause_fast_path()
+            if self.fused_qkv:
+                pipe.unfuse_qkv_projections()  # LoRAs load into the separate projections
+                self.fused_qkv = False
             try:
                 pipe.load_lora_weights(str(path), adapter_name=adapter)
             except Exception as exc:
+                # Nothing of it stays loaded (diffusers removes a partly loaded adapter):
+                # with no other LoRA, the model gets its fused projections and fast path back.
+                self._fuse()
+                self.resume_fast_path()
                 raise BackendError(f"the LoRA {path.name} could not be loaded: {exc}") from exc
             self.adapters[name] = adapter
             while len(self.adapters) > MAX_ADAPTERS:
@@ -193,10 +341,6 @@ class LoadedModel:
                     break
                 pipe.delete_adapters([old_adapter])
                 del self.adapters[old]
-        if not loras:
-            if self.adapters:
-                pipe.disable_lora()
-            return
         pipe.enable_lora()
         pipe.set_adapters(
             [self.adapters[name] for name, _ in loras],
@@ -224,14 +368,14 @@ class LoadedModel:
         batch: list[GenerationRequest],
         encoded: list[Encoded],
         on_step: StepCallback,
-        unet: Any = None,
         inputs: list[tuple[Image.Image, Image.Image | None]] | None = None,
     ) -> list[Image.Image]:
-        """One pipeline call for the batch (two for a hires fix). ``inputs``: each image
+        """One pipeline call for the batch (two for a hires fix), on the plain UNet: image
+        jobs and hires fixes change the UNet's input size mid-job. ``inputs``: each image
         job's input and mask, decoded."""
         first = batch[0]
         mode = first.mode
-        unet = unet if unet is not None else self.eager_unet
+        unet = self.eager_unet
         embeds = self._embeds(encoded)
         if mode != "txt2img" and first.strength <= 0:
             # Nothing to redraw: the input itself (at the job's size), as A1111 gives.
@@ -283,15 +427,21 @@ class LoadedModel:
         *,
         done: int = 0,
         later: int = 0,
+        later_calls: int = 0,
         output_type: str = "pil",
+        real: int | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Run one pipeline. Progress counts ``done`` steps of an earlier pass and ``later``
-        steps of a pass still to come, so a hires fix shows as one bar."""
+        """Run one pipeline. Progress counts ``done`` steps of earlier passes, ``later``
+        steps of a pass still to come and ``later_calls`` more calls like this one, so a
+        hires fix or a split batch shows as one bar. A call counts its scheduler's own
+        steps (Heun makes two UNet passes of most steps: 2N - 1), and leaves the count in
+        ``last_timesteps``. A txt2img pass decodes its latents itself, only the first
+        ``real`` ones (the rest is padding)."""
         torch = self._torch
         first = batch[0]
         pipe = self.pipeline(mode)
-        pipe.unet = unet
+        own_decode = mode == "txt2img" and output_type == "pil"
         pipe.vae = self.pipe.vae  # the job's VAE, set on the base pipeline by the backend
         pipe.scheduler = self.scheduler(first.scheduler)
         # One CPU generator per image: a seed gives the same image alone or in a batch, and
@@ -299,21 +449,30 @@ class LoadedModel:
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
 
         def step_end(pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
-            on_step(done + index + 1, done + pipe.num_timesteps + later)
+            on_step(done + index + 1, done + pipe.num_timesteps * (1 + later_calls) + later)
             return tensors
 
         kwargs.setdefault("width", first.width)
         kwargs.setdefault("height", first.height)
         kwargs.setdefault("num_inference_steps", first.steps)
-        with torch.inference_mode():
-            result = pipe(
-                **embeds,
-                **kwargs,
-                guidance_scale=first.guidance_scale,
-                generator=generators,
-                callback_on_step_end=step_end,
-                output_type=output_type,
-            )
+        pipe.unet = unet
+        try:
+            with torch.inference_mode():
+                result = pipe(
+                    **embeds,
+                    **kwargs,
+                    guidance_scale=first.guidance_scale,
+                    generator=generators,
+                    callback_on_step_end=step_end,
+                    output_type="latent" if own_decode else output_type,
+                )
+        finally:
+            # The pipeline keeps its own UNet between calls (LoRA loading, from_pipe and
+            # device moves see the real module, never a wrapper).
+            pipe.unet = self.eager_unet
+        self.last_timesteps = pipe.num_timesteps
+        if own_decode:
+            return self._decode(result.images[:real])
         return list(result.images) if output_type == "pil" else result.images
 
     def _hires(
@@ -357,7 +516,7 @@ class LoadedModel:
             embeds,
             on_step,
             unet,
-            done=first.steps,
+            done=self.last_timesteps,
             image=image,
             strength=denoise,
             num_inference_steps=max(steps, math.ceil(steps / denoise - 1e-9)),
@@ -366,11 +525,50 @@ class LoadedModel:
         )
 
     def _decode(self, latents: Any) -> list[Image.Image]:
-        pipe = self.pipe
-        with self._torch.inference_mode():
-            vae = pipe.vae
-            decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        return pipe.image_processor.postprocess(decoded, output_type="pil")
+        """Latents to images as diffusers makes them, with the conversion to 8 bits on the
+        device (a quarter of the bytes cross to the host) and PNG encoding left to the
+        saver threads. An fp16 decode that overflows (a VAE that is not fp16-safe) is done
+        again in fp32, and that VAE is upcast from then on."""
+        torch = self._torch
+        vae = self.pipe.vae
+        config = vae.config
+        with torch.inference_mode():
+            mean = getattr(config, "latents_mean", None)
+            std = getattr(config, "latents_std", None)
+            if mean is not None and std is not None:
+                shape = (1, len(mean), 1, 1)
+                mean_t = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
+                std_t = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+                latents = latents * std_t / config.scaling_factor + mean_t
+            else:
+                latents = latents / config.scaling_factor
+            half = vae.dtype == torch.float16
+            decoded = self._vae_decode(vae, latents, upcast=half and self._upcast(vae))
+            if half and not self._upcast(vae) and not bool(torch.isfinite(decoded).all()):
+                log.warning("the VAE overflowed in fp16; decoding in fp32 from now on")
+                self._upcast_vaes.add(vae)
+                decoded = self._vae_decode(vae, latents, upcast=True)
+            pixels = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+            arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(array) for array in arrays]
+
+    def _upcast(self, vae: Any) -> bool:
+        """Whether to decode in fp32: ``performance.vae_upcast``."""
+        if vae in self._upcast_vaes or self.vae_upcast is True:
+            return True
+        if self.vae_upcast is False:
+            return False
+        return self.arch == "sdxl" and bool(getattr(vae.config, "force_upcast", False))
+
+    def _vae_decode(self, vae: Any, latents: Any, *, upcast: bool) -> Any:
+        if not upcast:
+            return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        dtype = vae.dtype
+        vae.to(self._torch.float32)  # as diffusers' SDXL pipeline upcasts, for the decode
+        try:
+            return vae.decode(latents.float(), return_dict=False)[0]
+        finally:
+            vae.to(dtype)
 
     def _inpaint(
         self,

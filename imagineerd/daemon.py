@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -22,7 +23,7 @@ from PIL import Image
 from . import __version__, backends, config_remote, jobs, outputs
 from .backends import Backend, build_registry
 from .config import Config
-from .errors import Conflict, Gone, NotFound, Unavailable
+from .errors import Conflict, Gone, NotFound, Unavailable, ValidationError
 from .events import Event, EventBus
 from .gallery import Gallery
 from .group_commit import GroupCommit
@@ -36,7 +37,7 @@ from .plugins import get_plugin_manager
 from .safefile import read_regular_file
 from .saver import ImageSaver
 from .shared_events import SharedEventBus
-from .store import ClaimSubmission, Fenced, Store
+from .store import MOVE_WORDS, ClaimSubmission, Fenced, Store
 from .stores import open_store
 from .views import JobViews, progress_dict
 from .webhooks import Webhooks
@@ -49,6 +50,9 @@ DB_NAME = "imagineerd.db"
 STOPPED = "stopped"
 #: No PNG we write comes near this (2048 x 2048 RGB uncompressed is 12 MiB).
 MAX_OUTPUT_BYTES = 64 << 20
+#: The store setting that says whether the queue is paused: in the store, not in memory, so
+#: a restart and every node of a shared queue see it.
+QUEUE_SETTING = "queue"
 
 
 class Daemon:
@@ -97,14 +101,21 @@ class Daemon:
             # Another node may run the job: its input images travel with the queue.
             shared=self.store if self.shared else None,
         )
+        #: New at each start of the process: a client that sees it change knows the server
+        #: restarted (and that what ran then was interrupted and put back).
+        self.boot_id = secrets.token_hex(8)
+        self._default_arch: str | None = None
         self.stopping = threading.Event()
         self.supervisor: Supervisor | None = None
         self._work = threading.Condition()
         self._work_pending = False
         self._lock = threading.Lock()
-        self.views = JobViews(self.store, self._capacity)
+        self.views = JobViews(
+            self.store, self._capacity, paused=self.queue_paused, output_file=self._output_name
+        )
         self._interrupts: dict[int, str] = {}
         self._started = False
+        self._stopped = False
         self.settings = config_remote.LiveSettings(config)
         default_path = config.model_settings()["name"]
         self.models = ModelLibrary(config.path_for("models"), self.state_dir, loaded=default_path)
@@ -247,7 +258,12 @@ class Daemon:
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop taking jobs; a running job is interrupted at its next step and put back in the
-        queue (without counting an attempt); then close the store."""
+        queue (without counting an attempt); then close the store. A second call does
+        nothing (a test, or a signal handler and the main thread, may both stop it)."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
         self.stopping.set()
         self.models.stop()
         self.node_service.stop()
@@ -380,6 +396,70 @@ class Daemon:
             )
         raise Gone(f"job {job_id} is already {job.status}")
 
+    def move(self, job_id: int, to: Any) -> dict[str, Any]:
+        """Move a queued job (``to``: ``top``, ``up``, ``down`` or a 1-based place; past the
+        tail is the tail). 400 naming ``to``, 404 unknown, 409 not queued. Returns the job's
+        view with ``move``: its place before and after and the ids now at the places from
+        the nearer of the two to the farther (``job.moved`` carries the same)."""
+        if not (to in MOVE_WORDS or (isinstance(to, int) and not isinstance(to, bool) and to >= 1)):
+            shown = repr(to)[:40] if isinstance(to, str | int | float) else type(to).__name__
+            raise ValidationError(
+                f'to must be "top", "up", "down" or a place in the queue (a whole number '
+                f"from 1), got {shown}",
+                field="to",
+            )
+        job = self.job(job_id)
+        moved = self.store.move(job_id, min(to, 2**31) if isinstance(to, int) else to)
+        if moved is None:
+            job = self.job(job_id)
+            raise Conflict(
+                f"job {job_id} is {job.status}, not queued; only a queued job can be moved"
+            )
+        view = self.job_view(self.job(job_id))
+        view["move"] = {
+            "from": moved.old,
+            "to": moved.new,
+            "first": min(moved.old, moved.new),
+            "order": moved.order,
+        }
+        if moved.old != moved.new:
+            self.events.publish("job.moved", view)
+        return view
+
+    def queue_state(self) -> dict[str, Any]:
+        """``{"paused", "since", "by"}``: whether the queue is paused, since when and by
+        which node, as the store says now (every node reads the same)."""
+        state = self.store.get_setting(QUEUE_SETTING) or {}
+        paused = bool(state.get("paused"))
+        return {
+            "paused": paused,
+            "since": state.get("since") if paused else None,
+            "by": state.get("by") if paused else None,
+        }
+
+    def queue_paused(self) -> bool:
+        return self.queue_state()["paused"]
+
+    def pause(self) -> dict[str, Any]:
+        """Pause the queue: workers (of every node sharing it) claim nothing more; what runs
+        now finishes. Idempotent: pausing a paused queue keeps its ``since``."""
+        state = self.queue_state()
+        if not state["paused"]:
+            state = {"paused": True, "since": self.now_iso(), "by": self.node}
+            self.store.put_setting(QUEUE_SETTING, state)
+            self.events.publish("queue.paused", state)
+        return state
+
+    def resume(self) -> dict[str, Any]:
+        """Resume a paused queue (idempotent); workers take jobs again at once."""
+        state = self.queue_state()
+        if state["paused"]:
+            state = {"paused": False, "since": None, "by": None}
+            self.store.put_setting(QUEUE_SETTING, state)
+            self.events.publish("queue.resumed", {**state, "resumed_by": self.node})
+        self.wake()
+        return state
+
     def _interrupt_here(self, job_id: int, reason: str) -> None:
         with self._lock:
             self._interrupts.setdefault(job_id, reason)
@@ -391,7 +471,9 @@ class Daemon:
     def list_jobs(
         self, *, limit: int = 50, before: int | None = None, queued_limit: int = 1000
     ) -> dict[str, Any]:
-        return self.views.overview(limit=limit, before=before, queued_limit=queued_limit)
+        body = self.views.overview(limit=limit, before=before, queued_limit=queued_limit)
+        body["queue_paused"] = self.queue_paused()
+        return body
 
     def output_bytes(self, job: Job) -> bytes:
         """A completed job's PNG, read as the gallery reads outputs (inside outputs/, a
@@ -435,14 +517,35 @@ class Daemon:
             "backend": {
                 "name": self.config["model"]["backend"],
                 "model": self.config["model"]["name"],
+                "arch": self.default_arch(),
                 "state": first["state"],
                 "error": first["error"],
             },
+            "boot_id": self.boot_id,
+            "queue_paused": self.queue_paused(),
             "workers": workers,
             "node": self.node,
             "nodes": self.nodes(),
             **{name: provider() for name, provider in list(self._status_providers.items())},
         }
+
+    def default_arch(self) -> str:
+        """The default model's architecture (``sd15``, ``sd2``, ``sdxl``), or ``unknown``:
+        as the models listing tells it, else as the backend reads the model itself (once:
+        the model does not change while the daemon runs)."""
+        found = self.models.find("checkpoints", self.config["model"]["name"], rescan=False)
+        if found is not None:
+            return found.arch
+        if self._default_arch is None:
+            try:
+                from .backends.diffusers_backend import detect_arch
+
+                self._default_arch = detect_arch(
+                    self.config.model_settings()["name"], self.config["model"]["arch"]
+                )
+            except Exception:  # another backend's model, or no diffusers here: not known
+                self._default_arch = "unknown"
+        return self._default_arch
 
     def nodes(self) -> list[dict[str, Any]]:
         """Every node of the queue as ``/api/health`` lists it, this one included (alone on
@@ -529,6 +632,8 @@ class Daemon:
                 self.views.forget_durations()
         elif event.type == "config.changed":
             self._apply_shared_generation()
+        elif event.type == "queue.resumed":
+            self.wake()  # the pause is read from the store at each claim; this saves a poll
 
     def pending_restart(self) -> list[str]:
         """Saved config keys that differ from the running ones until the next restart."""
@@ -566,6 +671,10 @@ class Daemon:
     def claim_batch(
         self, limit: Callable[[jobs.JobSpec], int], key: Callable[[jobs.JobSpec], Hashable]
     ) -> list[Job]:
+        # Read from the store at each claim (one small read per batch, or per second while
+        # idle): a pause asked on any node holds every node's workers from its next claim.
+        if self.queue_paused():
+            return []
         return self.store.claim_batch(
             started_at=self.now_iso(),
             limit=limit,

@@ -412,6 +412,9 @@ class Job:
             if value is not None:
                 body[key] = value
         body["attempts"] = self.attempts
+        # Stopped (interrupted while it ran: it has a start) rather than taken out of the
+        # queue; a job put back in the queue loses its start, so only these two end so.
+        body["stopped"] = self.status == CANCELLED and self.started_at is not None
         if self.node is not None:
             body["node"] = self.node
         return body

@@ -53,8 +53,11 @@ from .store import (
     ClaimSubmission,
     Delivery,
     Fenced,
+    Moved,
     lost_error,
+    move_target,
     positions_from,
+    reordered,
 )
 
 log = logging.getLogger(__name__)
@@ -751,6 +754,47 @@ class PostgresStore:
                 return None
             _owe(c, job_id, CANCELLED, webhooks)
             return _job(row)
+
+        return self._run(work)
+
+    def move(self, job_id: int, to: str | int) -> Moved | None:
+        move_target(to, 0, 1)  # a bad target is refused whatever the job
+
+        def work(c: psycopg.Connection) -> Moved | None:
+            # Moves and put-backs one at a time: each deals out sequence numbers it read.
+            c.execute("SELECT pg_advisory_xact_lock(%s)", (_HEAD_LOCK,))
+            rows = c.execute(
+                f"SELECT id, seq FROM jobs WHERE status = '{QUEUED}' ORDER BY seq"
+            ).fetchall()
+            ids = [row["id"] for row in rows]
+            if job_id not in ids:
+                return None
+            place = ids.index(job_id)
+            target = move_target(to, place, len(ids))
+            low, high = sorted((place, target))
+            # The window's rows, locked; one a worker claimed since the read is left out
+            # (FOR UPDATE waits for the claim, then reads the row's status again).
+            window = [
+                (row["id"], row["seq"])
+                for row in c.execute(
+                    f"SELECT id, seq FROM jobs WHERE id = ANY(%s) AND status = '{QUEUED}'"
+                    " ORDER BY seq FOR UPDATE",
+                    (ids[low : high + 1],),
+                )
+            ]
+            if job_id not in (row[0] for row in window):
+                return None
+            moves = reordered(window, job_id, 0 if target < place else len(window) - 1)
+            if target == 0 and place != 0:
+                # To the head as a put-back goes there: one row changes, not the window.
+                c.execute("UPDATE jobs SET seq = %s WHERE id = %s", (_head(c) - 1, job_id))
+            elif target != place:
+                c.execute(
+                    "UPDATE jobs SET seq = v.seq FROM unnest(%s::bigint[], %s::bigint[])"
+                    " AS v (seq, id) WHERE jobs.id = v.id",
+                    ([seq for seq, _ in moves], [id_ for _, id_ in moves]),
+                )
+            return Moved(job_id, place + 1, target + 1, [id_ for _, id_ in moves])
 
         return self._run(work)
 

@@ -32,9 +32,12 @@ from .store import (
     ClaimSubmission,
     Delivery,
     Fenced,
+    Moved,
     lost_error,
+    move_target,
     new_token,
     positions_from,
+    reordered,
 )
 
 _SCHEMA = """
@@ -432,6 +435,29 @@ class SQLiteStore(SQLiteDatabase):
             if cur.rowcount == 1:
                 _owe(db, job_id, CANCELLED, webhooks)
         return self.get(job_id) if cur.rowcount == 1 else None
+
+    def move(self, job_id: int, to: str | int) -> Moved | None:
+        move_target(to, 0, 1)  # a bad target is refused whatever the job
+        with self._write() as db:
+            rows = [
+                (row[0], row[1])
+                for row in db.execute(
+                    "SELECT id, seq FROM jobs WHERE status = ? ORDER BY seq", (QUEUED,)
+                )
+            ]
+            ids = [row[0] for row in rows]
+            if job_id not in ids:
+                return None
+            place = ids.index(job_id)
+            target = move_target(to, place, len(ids))
+            low, high = sorted((place, target))
+            moves = reordered(rows[low : high + 1], job_id, target - low)
+            if target == 0 and place != 0:
+                # To the head as a put-back goes there: one row changes, not the window.
+                db.execute("UPDATE jobs SET seq = ? WHERE id = ?", (rows[0][1] - 1, job_id))
+            elif target != place:
+                db.executemany("UPDATE jobs SET seq = ? WHERE id = ?", moves)
+        return Moved(job_id, place + 1, target + 1, [job_id_ for _, job_id_ in moves])
 
     def requeue(self, job_ids: Sequence[int], *, count_attempt: bool) -> list[Job]:
         with self._write() as db:

@@ -91,6 +91,48 @@ def positions_from(
     ]
 
 
+#: Where :meth:`Store.move` may send a queued job: the head, one place either way, or a
+#: 1-based place (an int).
+MOVE_WORDS = ("top", "up", "down")
+
+
+@dataclass(frozen=True)
+class Moved:
+    """What :meth:`Store.move` did: the job's place before and after (1-based, among the
+    queued jobs), and the ids of the queued jobs from the nearer of the two places to the
+    farther, in their new order (every other job kept its place)."""
+
+    job_id: int
+    old: int
+    new: int
+    order: list[int]
+
+
+def move_target(to: str | int, place: int, length: int) -> int:
+    """The 0-based index a job at 0-based ``place`` of a queue ``length`` long goes to."""
+    if to == "top":
+        return 0
+    if to == "up":
+        return max(place - 1, 0)
+    if to == "down":
+        return min(place + 1, length - 1)
+    if isinstance(to, bool) or not isinstance(to, int) or to < 1:
+        raise ValueError(f"cannot move a job to {to!r}")
+    return min(to, length) - 1  # past the tail: the tail
+
+
+def reordered(rows: Sequence[tuple[int, int]], job_id: int, target: int) -> list[tuple[int, int]]:
+    """``(seq, id)`` pairs that give job ``job_id`` the 0-based place ``target`` among
+    ``rows`` (the queued ``(id, seq)`` from the nearer place to the farther, in queue
+    order): the window's own sequence numbers, dealt out again in the new order. No number
+    outside the window is taken, so a job added at the tail or put back at the head
+    meanwhile cannot share a place with one of them."""
+    ids = [job_id_ for job_id_, _ in rows]
+    ids.remove(job_id)
+    ids.insert(target, job_id)
+    return list(zip((seq for _, seq in rows), ids, strict=True))
+
+
 @dataclass(frozen=True)
 class ClaimSubmission:
     """One claimed inbox file's jobs, for :meth:`Store.submit_claims`, and where the file and
@@ -263,6 +305,14 @@ class Store(Protocol):
     ) -> Job | None:
         """Move a ``queued`` job to ``cancelled`` (with its deliveries, as :meth:`finish`);
         ``None`` if it was not queued."""
+        ...
+
+    def move(self, job_id: int, to: str | int) -> Moved | None:
+        """Move a ``queued`` job in the queue, atomically: to the head (``"top"``), one place
+        towards the head (``"up"``) or the tail (``"down"``), or to the 1-based place ``to``
+        (past the tail: to the tail). The jobs in between shift by one; every other job keeps
+        its place. ``None`` if the job is not queued (unknown, running or finished);
+        ``ValueError`` for any other ``to``. A move to where the job is changes nothing."""
         ...
 
     def requeue(self, job_ids: Sequence[int], *, count_attempt: bool) -> list[Job]:

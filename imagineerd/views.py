@@ -75,10 +75,14 @@ class JobViews:
         capacity: Callable[[], tuple[int, int]],
         *,
         clock: Callable[[], float] = time.monotonic,
+        paused: Callable[[], bool] = lambda: False,
+        output_file: Callable[[str], str] | None = None,
     ) -> None:
         self.store = store
         self.progress: dict[int, tuple[int, int]] = {}
         self._capacity = capacity
+        self._paused = paused
+        self._output_file = output_file
         self._clock = clock
         # (width, height, steps) -> (read at, durations).
         self._durations: dict[tuple[int, int, int], tuple[float, list[float]]] = {}
@@ -99,17 +103,24 @@ class JobViews:
             return [self.view(job) for job in jobs]
         positions = self.store.queue_positions(jobs)
         running = self.store.running()
+        paused = self._paused()
         views = []
         for job, position in zip(jobs, positions, strict=True):
             view = job.to_dict()
             if job.status in (QUEUED, RUNNING):
                 view["queue_position"] = position
-                view["estimated_time_remaining"] = self.estimate_remaining(job, position, running)
+                view["estimated_time_remaining"] = self.estimate_remaining(
+                    job, position, running, paused=paused
+                )
             self._add_progress(job, view)
             views.append(view)
         return views
 
     def _add_progress(self, job: Job, view: dict[str, Any]) -> None:
+        """The live fields: progress, and the gallery's name of a finished job's image."""
+        if job.output_path and self._output_file is not None:
+            # As /api/outputs/<file> serves it (output_path is relative to the config).
+            view["output_file"] = self._output_file(job.output_path)
         if job.status == RUNNING:
             step, total = self.progress.get(job.id, (0, job.spec.steps))
             view["progress"] = progress_dict(step, total)
@@ -134,12 +145,20 @@ class JobViews:
         return durations
 
     def estimate_remaining(
-        self, job: Job, position: int, running: list[Job] | None = None
+        self,
+        job: Job,
+        position: int,
+        running: list[Job] | None = None,
+        *,
+        paused: bool | None = None,
     ) -> float | None:
         """Seconds until ``job`` completes, from the mean duration of recent similar jobs (a
         job's duration is its batch's): what is left of the running batch that ends first,
         plus the batches needed for the jobs up to this one, shared among the workers.
-        ``running``: the running jobs, if read already."""
+        ``running``: the running jobs, if read already. None (not known) for a queued job
+        while the queue is paused: it waits for someone to resume it."""
+        if job.status == QUEUED and (self._paused() if paused is None else paused):
+            return None
         durations = self.recent_durations(job.spec)
         if not durations:
             return None

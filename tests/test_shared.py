@@ -238,3 +238,35 @@ def test_the_database_password_never_shows_over_the_api_and_survives_a_round_tri
     assert api("PUT", "/api/config", json=shown).status_code == 200
     saved = yaml.safe_load(api.daemon.config.path.read_text())
     assert saved["queue"]["database"] == url and saved["generation"]["steps"] == 5
+
+
+def test_a_pause_on_one_node_holds_every_node_and_a_resume_anywhere_lets_them_go(make_node):
+    a, b = make_node("a"), make_node("b", workers=True)
+    with a.events.subscribe() as on_a, b.events.subscribe() as on_b:
+        a.pause()
+        # b's subscribers hear it through the shared event log.
+        wait_for(lambda: (e := on_b.get(timeout=0.2)) and e.type == "queue.paused", 10)
+        assert b.health()["queue_paused"] and b.list_jobs()["queue_paused"]
+        job = a.submit({"prompt": "held", "steps": 2})
+        wait_for(lambda: all(w.state()["state"] == "ready" for w in b.workers), 60)
+        for _ in range(3):  # b's worker asks the queue each second and after each wake-up
+            b.wake()
+            time.sleep(1.0)
+        assert a.job(job.id).status == "queued"
+        b.resume()
+        wait_for(lambda: (e := on_a.get(timeout=0.2)) and e.type == "queue.resumed", 10)
+    assert not a.queue_paused()
+    wait_for(lambda: a.job(job.id).status == COMPLETED, 60)
+    assert a.job(job.id).node == "b"
+
+
+def test_a_move_on_one_node_is_the_order_every_node_claims_in(make_node):
+    a, b = make_node("a"), make_node("b")
+    jobs = [a.submit({"prompt": f"p{i}", "steps": 2}) for i in range(3)]
+    with a.events.subscribe() as on_a:
+        moved = b.move(jobs[2].id, "top")
+        wait_for(lambda: (e := on_a.get(timeout=0.2)) and e.type == "job.moved", 10)
+    assert moved["move"]["order"] == [jobs[2].id, jobs[0].id, jobs[1].id]
+    assert [j["id"] for j in a.list_jobs()["queued"]] == moved["move"]["order"]
+    (first,) = a.claim_batch(lambda spec: 1, lambda spec: 0)
+    assert first.id == jobs[2].id

@@ -340,6 +340,86 @@ def test_a_requeued_batch_keeps_its_queue_order_ahead_of_the_rest(store: Store):
     assert [j.id for j in store.queued()] == expected
 
 
+def test_a_queued_job_moves_to_the_top_by_one_or_to_a_place(store: Store):
+    jobs = [store.add(spec(f"p{i}"), submitted_at=T) for i in range(5)]
+    a, b, c, d, e = (j.id for j in jobs)
+
+    def order() -> list[int]:
+        return [j.id for j in store.queued()]
+
+    moved = store.move(d, "top")
+    assert (moved.job_id, moved.old, moved.new, moved.order) == (d, 4, 1, [d, a, b, c])
+    assert order() == [d, a, b, c, e]
+    assert store.queue_position(store.get(d)) == 1
+    assert store.queue_position(store.get(c)) == 4
+    moved = store.move(a, "down")
+    assert (moved.old, moved.new, moved.order) == (2, 3, [b, a])
+    assert order() == [d, b, a, c, e]
+    moved = store.move(a, "up")
+    assert (moved.old, moved.new, moved.order) == (3, 2, [a, b])
+    assert order() == [d, a, b, c, e]
+    moved = store.move(d, 4)
+    assert (moved.old, moved.new, moved.order) == (1, 4, [a, b, c, d])
+    assert order() == [a, b, c, d, e]
+    moved = store.move(e, 2)
+    assert (moved.old, moved.new, moved.order) == (5, 2, [e, b, c, d])
+    assert order() == [a, e, b, c, d]
+    # Where it is already, or past either end: nothing changes.
+    for job_id, to, place in ((a, "top", 1), (a, "up", 1), (d, "down", 5), (d, 99, 5), (b, 3, 3)):
+        moved = store.move(job_id, to)
+        assert moved.old == moved.new == place and moved.order == [job_id]
+    assert order() == [a, e, b, c, d]
+    # Claims, positions and put-backs keep to the new order.
+    assert [store.queue_position(j) for j in store.queued()] == [1, 2, 3, 4, 5]
+    assert store.queue_positions(store.queued()) == [1, 2, 3, 4, 5]
+    first = store.claim_next(started_at=T)
+    assert first.id == a
+    store.move(d, "top")
+    (back,) = store.requeue([a], count_attempt=False)
+    assert order() == [a, d, e, b, c]
+    store.add(spec("f"), submitted_at=T)
+    assert order()[:5] == [a, d, e, b, c]
+
+
+def test_only_a_queued_job_moves_and_only_to_a_real_place(store: Store):
+    a = store.add(spec("a"), submitted_at=T)
+    b = store.add(spec("b"), submitted_at=T)
+    assert store.move(999, "top") is None
+    running = store.claim_next(started_at=T)
+    assert running.id == a.id and store.move(a.id, "down") is None
+    store.finish(a.id, COMPLETED, completed_at=T)
+    assert store.move(a.id, 1) is None
+    for bad in ("bottom", 0, -1, 1.5, True, None, "1"):
+        with pytest.raises(ValueError):
+            store.move(b.id, bad)
+    assert store.get(b.id).status == QUEUED and store.queue_position(store.get(b.id)) == 1
+
+
+def test_moves_from_two_store_objects_at_once_keep_every_job_once(open_store):
+    one, two = open_store(), open_store()
+    jobs = [one.add(spec(f"p{i}"), submitted_at=T) for i in range(12)]
+    errors: list[BaseException] = []
+
+    def mover(store: Store, offset: int) -> None:
+        try:
+            for i in range(30):
+                job = jobs[(i * 5 + offset) % len(jobs)]
+                store.move(job.id, ("top", "up", "down", 1 + (i % 12))[i % 4])
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=mover, args=(s, k)) for k, s in enumerate((one, two))]
+    for thread in threads:
+        thread.start()
+    claimed = [one.claim_next(started_at=T) for _ in range(3)]
+    for thread in threads:
+        thread.join()
+    assert not errors
+    queued = one.queued()
+    assert sorted(j.id for j in queued + claimed) == sorted(j.id for j in jobs)
+    assert [one.queue_position(j) for j in queued] == list(range(1, len(queued) + 1))
+
+
 def test_claim_batch_takes_the_head_and_compatible_jobs_up_to_the_limit(store: Store):
     sizes = [64, 128, 64, 64, 128, 64]
     jobs = [store.add(spec(f"p{i}", width=w), submitted_at=T) for i, w in enumerate(sizes)]

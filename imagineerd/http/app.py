@@ -65,7 +65,23 @@ class AccessLog:
 
 
 #: The routes whose bodies may carry images, and so be larger (server.max_image_bytes).
-IMAGE_ROUTES = ("/api/generate", "/sdapi/v1/img2img")
+IMAGE_ROUTES = ("/api/generate", "/sdapi/v1/img2img", "/api/png-info")
+#: Routes whose body may be an image rather than JSON. They only read what they are sent
+#: (no state changes), and an image type is not one a page of another site can send
+#: without a CORS preflight; the origin rule still applies to them.
+RAW_BODY_ROUTES = {"/api/png-info": resources.RAW_IMAGE_TYPES}
+
+
+class SameSiteRawBodies(SameSite):
+    """:class:`SameSite`, letting :data:`RAW_BODY_ROUTES` take their image bodies."""
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        try:
+            super().process_request(req, resp)
+        except falcon.HTTPUnsupportedMediaType:
+            ctype = (req.content_type or "").split(";")[0].strip().lower()
+            if req.method != "POST" or ctype not in RAW_BODY_ROUTES.get(req.path, ()):
+                raise
 
 
 class BodyLimit:
@@ -116,7 +132,7 @@ def create_app(daemon: Daemon, config: Config, *, streams: Any = None) -> falcon
     auth = BearerAuth(token)
     # The same-site rule after the token: a request without the token learns only that.
     limit = BodyLimit(server["max_body_bytes"], server["max_image_bytes"])
-    middleware += [limit, auth, SameSite(server["cors_origins"])]
+    middleware += [limit, auth, SameSiteRawBodies(server["cors_origins"])]
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     # Only JSON is parsed; anything else is a 415 in the one error shape.
@@ -139,6 +155,12 @@ def create_app(daemon: Daemon, config: Config, *, streams: Any = None) -> falcon
     app.add_route(
         f"/api/jobs/{{job_id:int(min=1, max={JOB_ID_MAX})}}/interrupt", jobs, suffix="interrupt"
     )
+    app.add_route(f"/api/jobs/{{job_id:int(min=1, max={JOB_ID_MAX})}}/move", jobs, suffix="move")
+    queue = resources.Queue(daemon)
+    app.add_route("/api/queue", queue)
+    app.add_route("/api/queue/pause", queue, suffix="pause")
+    app.add_route("/api/queue/resume", queue, suffix="resume")
+    app.add_route("/api/png-info", resources.PngInfo(daemon))
     app.add_route("/api/config", config_resource)
     app.add_route("/api/config/generation", config_resource, suffix="generation")
     app.add_route("/api/outputs", outputs)

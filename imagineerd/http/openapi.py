@@ -173,6 +173,46 @@ def document() -> dict[str, Any]:
         id={"type": "integer"},
         status={"enum": list(jobs.STATUSES)},
         node={"type": "string", "description": "the node (queue.node_name) that ran it"},
+        stopped={
+            "type": "boolean",
+            "description": "interrupted while it ran (it ended cancelled), not taken out of "
+            "the queue",
+        },
+        output_file={
+            "type": "string",
+            "description": "a completed job's image as /api/outputs/{filename} serves it",
+        },
+    )
+    queue_state = _object(
+        ("paused", "since", "by"),
+        paused={"type": "boolean"},
+        since={"type": ["string", "null"], "description": "when it was paused"},
+        by={"type": ["string", "null"], "description": "the node that paused it"},
+    )
+    ids = {"type": "array", "items": {"type": "integer"}}
+    move_body = {
+        "type": "object",
+        "required": ["to"],
+        "properties": {
+            "to": {
+                "anyOf": [
+                    {"type": "string", "enum": ["top", "up", "down"]},
+                    {"type": "integer", "minimum": 1, "description": "a 1-based place"},
+                ]
+            }
+        },
+        "additionalProperties": False,
+    }
+    png_info = _object(
+        ("format", "parameters", "extra", "infotext"),
+        format={"enum": ["imagineerd", "a1111", "comfyui", None]},
+        parameters={
+            "type": "object",
+            "description": "job fields, as POST /api/generate takes them",
+            "additionalProperties": True,
+        },
+        extra={"type": "object", "additionalProperties": True},
+        infotext={"type": ["string", "null"]},
     )
     job_id = [_path_param("job_id", {"type": "integer", "minimum": 1})]
     anything = {"type": "object", "additionalProperties": True}
@@ -213,6 +253,7 @@ def document() -> dict[str, Any]:
                             queued={"type": "array", "items": job},
                             history={"type": "array", "items": job},
                             next_before={"type": ["integer", "null"]},
+                            queue_paused={"type": "boolean"},
                         ),
                     ),
                 ),
@@ -238,6 +279,81 @@ def document() -> dict[str, Any]:
                 body=anything,
                 body_required=False,
             )
+        },
+        "/api/jobs/{job_id}/move": {
+            "post": _operation(
+                "move a queued job: to the top, one place up or down, or to a place",
+                (
+                    "200",
+                    _answer(
+                        "moved (published as job.moved)",
+                        {
+                            "allOf": [
+                                job,
+                                _object(
+                                    ("move",),
+                                    move=_object(
+                                        ("from", "to", "first", "order"),
+                                        **{
+                                            "from": {"type": "integer"},
+                                            "to": {"type": "integer"},
+                                            "first": {"type": "integer"},
+                                            "order": ids,
+                                        },
+                                    ),
+                                ),
+                            ]
+                        },
+                    ),
+                ),
+                parameters=job_id,
+                body=move_body,
+            )
+        },
+        "/api/queue": {
+            "get": _operation("whether the queue is paused", ("200", _answer("state", queue_state)))
+        },
+        "/api/queue/pause": {
+            "post": _operation(
+                "pause the queue (running jobs finish; no worker of any node takes more)",
+                ("200", _answer("paused (published as queue.paused)", queue_state)),
+                body=anything,
+                body_required=False,
+            )
+        },
+        "/api/queue/resume": {
+            "post": _operation(
+                "resume the queue",
+                ("200", _answer("resumed (published as queue.resumed)", queue_state)),
+                body=anything,
+                body_required=False,
+            )
+        },
+        "/api/png-info": {
+            "post": {
+                **_operation(
+                    "the generation parameters a PNG carries (ours, A1111's, ComfyUI's)",
+                    ("200", _answer("what was found, in job field names", png_info)),
+                ),
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "image/png": {"schema": {"type": "string", "format": "binary"}},
+                        "application/octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}
+                        },
+                        JSON: {
+                            "schema": _object(
+                                ("image",),
+                                image={
+                                    "type": "string",
+                                    "description": "the PNG as base64 or a data: URL",
+                                },
+                            )
+                        },
+                    },
+                },
+            }
         },
         "/api/config": {
             "get": _operation("the saved configuration", ("200", _answer("config", anything))),
@@ -337,6 +453,8 @@ def document() -> dict[str, Any]:
                             queue_size={"type": "integer"},
                             current_job={"type": "boolean"},
                             total_completed={"type": "integer"},
+                            boot_id={"type": "string", "description": "new at each start"},
+                            queue_paused={"type": "boolean", "description": "with the token"},
                             node={"type": "string"},
                             nodes={
                                 "type": "array",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 import json
 import os
@@ -16,6 +18,8 @@ from ..errors import NotFound, ValidationError
 from ..gallery import THUMBNAIL_SIZES
 from ..jobs import SCHEDULERS
 from ..outputs import PNG_SIGNATURE
+from ..png_info import PngInfoError
+from ..png_info import read as read_png_info
 from ..stores import redact
 from .coalesce import Coalesced
 from .security import SESSION_COOKIE, SESSION_MAX_AGE, BearerAuth
@@ -145,6 +149,95 @@ class Jobs:
         self.daemon.interrupt(job_id)
         resp.status = falcon.HTTP_202
         resp.media = {"message": "Job will stop at its next step", "id": job_id}
+
+    def on_post_move(self, req: falcon.Request, resp: falcon.Response, job_id: int) -> None:
+        """``{"to": "top" | "up" | "down" | <1-based place>}``; answers the job's view with
+        ``move`` (its place before and after, and the new order of the places between)."""
+        data = read_json_object(req)
+        unknown = sorted(set(data) - {"to"})
+        if unknown:
+            name = unknown[0][:60]
+            raise ValidationError(f"unknown field {name!r}; send only to", field=name)
+        if "to" not in data:
+            raise ValidationError('to is required: "top", "up", "down" or a place', field="to")
+        resp.media = self.daemon.move(job_id, data["to"])
+
+
+class Queue:
+    """``POST /api/queue/pause`` and ``/api/queue/resume``: hold every worker of the queue
+    (of every node sharing it) from taking jobs, or let them go on; ``GET /api/queue`` says
+    which it is. The jobs running when the queue is paused finish."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = self.daemon.queue_state()
+
+    def on_post_pause(self, req: falcon.Request, resp: falcon.Response) -> None:
+        state = self.daemon.pause()
+        resp.media = {"message": "Queue paused; running jobs finish", **state}
+
+    def on_post_resume(self, req: falcon.Request, resp: falcon.Response) -> None:
+        state = self.daemon.resume()
+        resp.media = {"message": "Queue resumed", **state}
+
+
+#: The body types ``POST /api/png-info`` takes as the PNG itself.
+RAW_IMAGE_TYPES = ("image/png", "application/octet-stream")
+
+
+class PngInfo:
+    """``POST /api/png-info``: the generation parameters a PNG carries (ours, A1111's
+    ``parameters`` text, or a simple ComfyUI graph) in our job field names. The body is the
+    PNG's bytes (``image/png`` or ``application/octet-stream``), or JSON ``{"image": ...}``
+    with the PNG as base64 or a ``data:`` URL; up to ``server.max_image_bytes``."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        limit = self.daemon.config["server"]["max_image_bytes"]
+        ctype = (req.content_type or "").split(";")[0].strip().lower()
+        # One more byte than allowed tells a body over the limit (a chunked one has no
+        # declared length for the middleware to refuse).
+        raw = req.bounded_stream.read(limit + 1)
+        if len(raw) > limit:
+            raise falcon.HTTPContentTooLarge(
+                description=f"the PNG is over {limit} bytes (server.max_image_bytes)"
+            )
+        field = None
+        if ctype == falcon.MEDIA_JSON:
+            raw, field = self._from_json(raw), "image"
+        elif ctype not in RAW_IMAGE_TYPES:
+            raise falcon.HTTPUnsupportedMediaType(
+                description="send the PNG's bytes as image/png (or application/octet-stream), "
+                'or JSON {"image": "<base64 or data: URL>"}'
+            )
+        if not raw:
+            raise ValidationError("the request body is empty; send a PNG image", field=field)
+        try:
+            resp.media = read_png_info(raw)
+        except PngInfoError as exc:
+            raise ValidationError(str(exc), field=field) from None
+
+    @staticmethod
+    def _from_json(raw: bytes) -> bytes:
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise ValidationError('the body is not valid JSON; send {"image": ...}') from None
+        if not isinstance(data, dict) or not isinstance(data.get("image"), str):
+            raise ValidationError("send the PNG as a string: base64 or a data: URL", field="image")
+        text = data["image"].strip()
+        if text.startswith("data:"):
+            head, comma, text = text.partition(",")
+            if not comma or not head.endswith(";base64"):
+                raise ValidationError("image: a data: URL must be base64", field="image")
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValidationError("image is not valid base64", field="image") from None
 
 
 def redacted(config: dict[str, Any]) -> dict[str, Any]:
@@ -329,6 +422,8 @@ class Health:
         health = self.daemon.health()
         if self.auth_required and not getattr(req.context, "authenticated", False):
             health = {key: health[key] for key in self.PUBLIC if key in health}
+            # Says that the server restarted, and nothing about the machine.
+            health["boot_id"] = self.daemon.boot_id
         resp.media = health
 
 

@@ -446,7 +446,8 @@ class Inbox:
         self._claimed.process_all(claimed_ok, later=later)
         try:
             self._claimed.finish_receipts(later)
-        except Exception:  # left "submitted": the next start writes them
+        except Exception:  # left "submitted": recovery writes them (the next rescan's)
+            self._claimed.stranded = True
             log.exception("inbox: could not write %d receipt(s)", len(later))
 
     def _claimable(self, path: Path) -> tuple[Path, str, Path] | None:

@@ -101,8 +101,9 @@ class ClaimedFiles:
         self._planned: dict[int, str] = {}
         # Files queued, files failed: the inbox shows them in its health (``Inbox.status``).
         self.taken = self.failed = 0
-        # Files left claimed because the store could not queue their jobs: the watcher
-        # runs :meth:`recover` to finish them once the store answers again.
+        # Claims left half-way because the store failed (their jobs not queued, or their
+        # receipts not written): the watcher runs :meth:`recover` to finish them once the
+        # store answers again.
         self.stranded = False
 
     def went_with(self, folder: Path, name: str) -> str | None:
@@ -314,10 +315,11 @@ class ClaimedFiles:
         with self._receipt_lock:
             notes: list[tuple[int, Path, str]] = []
             done: list[int] = []
-            for claim_id in claim_ids:
-                claim = self.claims.get_claim(claim_id)
+            # Read under the lock, as a job that ends meanwhile rewrites its receipt.
+            found = self.claims.claims_with_jobs(claim_ids)
+            for claim_id, (claim, jobs) in zip(claim_ids, found, strict=True):
                 if _receipt_due(claim):
-                    text = receipt_text(claim, self.claims.claim_jobs(claim_id))
+                    text = receipt_text(claim, jobs)
                     notes.append((claim_id, Path(claim["note_path"]), text))
                 else:  # as write_receipt: nothing to write, the claim is done all the same
                     done.append(claim_id)

@@ -1052,24 +1052,33 @@ class PostgresStore:
                 "SELECT id, state FROM claims WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (ids,)
             ).fetchall()
             open_ids = {row["id"] for row in rows if row["state"] == CLAIMING}
+            taken: list[ClaimSubmission] = []
             for item in items:
-                if item.claim_id not in open_ids:
-                    continue  # submitted before: its jobs and paths stay as they are
-                open_ids.discard(item.claim_id)
-                if item.specs:
-                    _insert(c, item.specs, submitted_at, source, item.source_name, item.claim_id)
-                c.execute(
+                if item.claim_id in open_ids:  # else submitted before: it stays as it is
+                    open_ids.discard(item.claim_id)
+                    taken.append(item)
+            with c.cursor() as cur:  # one pipelined round of statements for the whole burst
+                cur.executemany(
+                    _INSERT,
+                    [
+                        (
+                            QUEUED,
+                            json.dumps(s.to_dict()),
+                            source,
+                            i.source_name,
+                            submitted_at,
+                            i.claim_id,
+                        )
+                        for i in taken
+                        for s in i.specs
+                    ],
+                )
+                cur.executemany(
                     "UPDATE claims SET state = %s, final_path = COALESCE(%s, final_path),"
                     " note_path = COALESCE(%s, note_path) WHERE id = %s",
-                    (SUBMITTED, item.final_path, item.note_path, item.claim_id),
+                    [(SUBMITTED, i.final_path, i.note_path, i.claim_id) for i in taken],
                 )
-            found: dict[int, list[Job]] = {claim_id: [] for claim_id in ids}
-            jobs = c.execute(
-                "SELECT * FROM jobs WHERE claim_id = ANY(%s) ORDER BY id", (ids,)
-            ).fetchall()
-            for row in jobs:
-                found[row["claim_id"]].append(_job(row))
-            return [found[claim_id] for claim_id in ids]
+            return _jobs_of_claims(c, ids)
 
         return self._run(work)
 
@@ -1120,6 +1129,17 @@ class PostgresStore:
 
     def claim_jobs(self, claim_id: int) -> list[Job]:
         return self._statement(lambda c: _claim_jobs(c, claim_id))
+
+    def claims_with_jobs(self, claim_ids: Sequence[int]) -> list[tuple[dict | None, list[Job]]]:
+        ids = list(claim_ids)
+
+        def work(c: psycopg.Connection) -> list[tuple[dict | None, list[Job]]]:
+            c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            rows = c.execute("SELECT * FROM claims WHERE id = ANY(%s)", (ids,)).fetchall()
+            claims = {row["id"]: dict(row) for row in rows}
+            return list(zip([claims.get(i) for i in ids], _jobs_of_claims(c, ids), strict=True))
+
+        return self._run(work) if ids else []
 
     # -- moving a queue here -----------------------------------------------------------------
     def copy_from_sqlite(self, path: str | Path) -> dict[str, int]:
@@ -1283,6 +1303,15 @@ def _history(c: psycopg.Connection, limit: int, before: int | None) -> list[Job]
         (before if before is not None else 2**63 - 1, QUEUED, RUNNING, limit),
     ).fetchall()
     return [_job(row) for row in rows]
+
+
+def _jobs_of_claims(c: psycopg.Connection, claim_ids: list[int]) -> list[list[Job]]:
+    """Each claim's jobs, in id order, in one query."""
+    found: dict[int, list[Job]] = {claim_id: [] for claim_id in claim_ids}
+    rows = c.execute("SELECT * FROM jobs WHERE claim_id = ANY(%s) ORDER BY id", (claim_ids,))
+    for row in rows.fetchall():
+        found[row["claim_id"]].append(_job(row))
+    return [found[claim_id] for claim_id in claim_ids]
 
 
 def _claim_jobs(c: psycopg.Connection, claim_id: int) -> list[Job]:

@@ -652,6 +652,16 @@ class SQLiteStore(SQLiteDatabase):
     def claim_jobs(self, claim_id: int) -> list[Job]:
         return self._many("SELECT * FROM jobs WHERE claim_id = ? ORDER BY id", (claim_id,))
 
+    def claims_with_jobs(self, claim_ids: Sequence[int]) -> list[tuple[dict | None, list[Job]]]:
+        ids = list(claim_ids)
+        claims: dict[int, dict] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for row in self._db().execute(f"SELECT * FROM claims WHERE id IN ({marks})", chunk):
+                claims[row["id"]] = dict(row)
+        return list(zip([claims.get(i) for i in ids], self._jobs_of_claims(ids), strict=True))
+
     # -- queries -------------------------------------------------------------------------
     def get(self, job_id: int) -> Job | None:
         return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))

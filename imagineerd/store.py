@@ -471,6 +471,11 @@ class Store(Protocol):
         ...
 
     def claim_jobs(self, claim_id: int) -> list[Job]: ...
+    def claims_with_jobs(self, claim_ids: Sequence[int]) -> list[tuple[dict | None, list[Job]]]:
+        """:meth:`get_claim` and :meth:`claim_jobs` of many claims, in two queries (a
+        burst's receipts); ``(None, [])`` for an unknown id."""
+        ...
+
     def close(self) -> None:
         """Release connections; later calls raise :class:`~imagineerd.errors.StoreClosed`
         (a ``RuntimeError``)."""

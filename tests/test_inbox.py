@@ -435,7 +435,7 @@ def test_the_inbox_keeps_claims_in_the_store_it_is_given(make_config, monkeypatc
         Env(daemon, box).drop("kept.txt", "a prompt\n")
         assert Env(daemon, box).wait_done("kept.txt")["jobs"][0]["prompt"] == "a prompt"
         # Files are claimed, and marked done, in bursts (one transaction for many).
-        assert {"open_claims", "create_claims", "update_claims", "get_claim", "claim_jobs"} <= set(
+        assert {"open_claims", "create_claims", "update_claims", "claims_with_jobs"} <= set(
             claims.calls
         )
     finally:

@@ -684,6 +684,14 @@ def test_a_burst_of_inbox_files_is_queued_in_one_call_each_file_once(store: Stor
     again = store.submit_claims(items, submitted_at=T, source="inbox")
     assert [[j.id for j in jobs] for jobs in again] == [[j.id for j in jobs] for jobs in queued]
     assert store.submit_claims([], submitted_at=T, source="inbox") == []
+    read = store.claims_with_jobs([c, a, 10**9, b])  # in the order asked, unknown ids too
+    assert [(cl and cl["id"], [j.id for j in jobs]) for cl, jobs in read] == [
+        (c, []),
+        (a, [j.id for j in queued[0]]),
+        (None, []),
+        (b, [j.id for j in queued[1]]),
+    ]
+    assert read[1][0]["note_path"] == "/done/a.result" and store.claims_with_jobs([]) == []
     store.update_claims([a, c], DONE)
     assert [store.get_claim(i)["state"] for i in (a, b, c)] == [DONE, SUBMITTED, DONE]
     store.update_claims([], DONE)

@@ -46,6 +46,7 @@ _READ_ONLY_WHY = {
     "inbox": "it decides which folders are watched and where images go",
     "metrics": "it decides who may read the metrics",
     "webhooks": "it decides where job data is sent, and the secrets that sign it",
+    "performance": "it decides how the model is compiled and run, and takes a restart",
     "queue": "it decides which database holds the queue and how this machine is named in it",
 }
 
@@ -131,7 +132,8 @@ def _section_changes(
             continue
         if key not in writable:
             raise Forbidden(
-                f"{dotted} cannot be changed over the API ({_READ_ONLY_WHY[section]}); "
+                f"{dotted} cannot be changed over the API "
+                f"({_READ_ONLY_WHY.get(section, 'it is read-only')}); "
                 "edit config.yaml on the server to change it, then restart imagineerd",
                 field=dotted,
             )

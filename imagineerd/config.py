@@ -86,6 +86,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "compile": "auto",
         "batch_buckets": [1, 2, 4, 8],
         "channels_last": "auto",
+        "cpu_threads": "auto",
         "max_padding": 0.25,
         "warm_sizes": [],
         "cuda_graphs": "auto",

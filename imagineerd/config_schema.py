@@ -353,6 +353,7 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "compile": _auto_or(_bool),
         "batch_buckets": _buckets,
         "channels_last": _auto_or(_bool),
+        "cpu_threads": _auto_or(_int(1, 1024)),
         "max_padding": _float(0, 0.9),
         "warm_sizes": _sizes,
         "cuda_graphs": _auto_or(_bool),

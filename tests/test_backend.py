@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from imagineerd.backends import GenerationRequest
-from imagineerd.backends.diffusers_backend import DiffusersBackend, detect_arch
+from imagineerd.backends.diffusers_backend import DiffusersBackend, cpu_threads, detect_arch
 from imagineerd.errors import JobInterrupted
 from imagineerd.jobs import SCHEDULERS
 
@@ -114,3 +114,25 @@ def test_on_step_raising_interrupts(sd15):
 def test_unicode_and_long_prompts_are_tokenized(sd15):
     image = sd15.generate([req(prompt="猫と☃ " * 200)], lambda *_: None)[0]
     assert image.size == (64, 64)
+
+
+def test_torch_leaves_a_core_to_the_front_door_on_a_cpu():
+    assert cpu_threads("auto", "cpu", 2) == 1  # the API, inbox and saver keep a core
+    assert cpu_threads("auto", "cpu", 16) == 15
+    assert cpu_threads("auto", "cpu", 1) is None  # nothing to leave
+    assert cpu_threads("auto", "cuda", 16) is None  # a GPU computes: torch's own choice
+    assert cpu_threads(3, "cuda", 16) == 3
+
+
+def test_a_cpu_backend_computes_with_the_threads_configured(tiny_model: Path):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # whatever earlier backends of this process chose
+    try:
+        DiffusersBackend(
+            {"name": str(tiny_model), "device": "cpu", "performance": {"cpu_threads": 1}}
+        )
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)  # process-wide: the other tests keep theirs

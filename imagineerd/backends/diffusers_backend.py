@@ -18,6 +18,7 @@ plugins (the CLI, the tests of other parts) stays fast.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -54,6 +55,18 @@ def pick_device(setting: str) -> str:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def cpu_threads(setting: str | int, device: str, cores: int | None) -> int | None:
+    """How many threads torch should compute with on the CPU (``performance.cpu_threads``),
+    or None to leave torch's own choice. ``auto`` on a CPU device: every core but one, so
+    the API, the inbox and the saver threads keep a core (torch's threads spin while they
+    wait for work, and took both cores of a 2-core machine from the requests)."""
+    if setting != "auto":
+        return int(setting)
+    if device != "cpu" or not cores or cores < 2:
+        return None
+    return cores - 1
 
 
 def pick_dtype(setting: str, device: str) -> Any:
@@ -102,6 +115,10 @@ class DiffusersBackend(BackendBase):
         self.default_name = settings["name"]
         self.configured_name = settings.get("configured_name") or self.default_name
         self.device = pick_device(settings.get("device", "auto"))
+        performance = settings.get("performance") or {}
+        threads = cpu_threads(performance.get("cpu_threads", "auto"), self.device, os.cpu_count())
+        if threads is not None and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)  # for the whole process: set before any model runs
         self.dtype = pick_dtype(settings.get("dtype", "auto"), self.device)
         self.library = settings.get("library")
         self.on_event: Callable[[str, dict[str, Any]], None] = settings.get("on_event") or (

@@ -290,7 +290,14 @@ def test_job_lists_asked_for_together_are_built_once_and_each_sees_what_came_bef
         for i in range(1, 6):
             assert [j["id"] for j in bodies[i]["queued"]] == [job["id"]]
             assert bodies[i] == bodies[1]
-        assert set(bodies[1]) == {"current", "running", "queued", "history", "next_before"}
+        assert set(bodies[1]) == {
+            "current",
+            "running",
+            "queued",
+            "history",
+            "next_before",
+            "queue_paused",
+        }
     finally:
         gate.set()
         daemon.list_jobs = real

@@ -1128,7 +1128,7 @@ class PostgresStore:
         )
 
     def claim_jobs(self, claim_id: int) -> list[Job]:
-        return self._statement(lambda c: _claim_jobs(c, claim_id))
+        return self._statement(lambda c: _jobs_of_claims(c, [claim_id])[0])
 
     def claims_with_jobs(self, claim_ids: Sequence[int]) -> list[tuple[dict | None, list[Job]]]:
         ids = list(claim_ids)
@@ -1312,11 +1312,6 @@ def _jobs_of_claims(c: psycopg.Connection, claim_ids: list[int]) -> list[list[Jo
     for row in rows.fetchall():
         found[row["claim_id"]].append(_job(row))
     return [found[claim_id] for claim_id in claim_ids]
-
-
-def _claim_jobs(c: psycopg.Connection, claim_id: int) -> list[Job]:
-    rows = c.execute("SELECT * FROM jobs WHERE claim_id = %s ORDER BY id", (claim_id,))
-    return [_job(row) for row in rows.fetchall()]
 
 
 #: The columns copied from an SQLite job database, per table (those an older version lacks

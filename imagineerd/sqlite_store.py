@@ -650,7 +650,7 @@ class SQLiteStore(SQLiteDatabase):
         return [dict(row) for row in rows]
 
     def claim_jobs(self, claim_id: int) -> list[Job]:
-        return self._many("SELECT * FROM jobs WHERE claim_id = ? ORDER BY id", (claim_id,))
+        return self._jobs_of_claims([claim_id])[0]
 
     def claims_with_jobs(self, claim_ids: Sequence[int]) -> list[tuple[dict | None, list[Job]]]:
         ids = list(claim_ids)

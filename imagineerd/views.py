@@ -89,12 +89,8 @@ class JobViews:
         self._dicts = _DictCache(self.DICT_CACHE_SIZE)
 
     def view(self, job: Job) -> dict[str, Any]:
-        view = job.to_dict()
-        if job.status in (QUEUED, RUNNING):
-            view["queue_position"] = self.store.queue_position(job)
-            view["estimated_time_remaining"] = self.estimate_remaining(job, view["queue_position"])
-        self._add_progress(job, view)
-        return view
+        position = self.store.queue_position(job) if job.status in (QUEUED, RUNNING) else -1
+        return self._view(job, position)
 
     def views(self, jobs: list[Job]) -> list[dict[str, Any]]:
         """:meth:`view` of many jobs (a burst just queued) from one look at the queue and
@@ -102,19 +98,27 @@ class JobViews:
         if len(jobs) < 2:
             return [self.view(job) for job in jobs]
         positions = self.store.queue_positions(jobs)
-        running = self.store.running()
-        paused = self._paused()
-        views = []
-        for job, position in zip(jobs, positions, strict=True):
-            view = job.to_dict()
-            if job.status in (QUEUED, RUNNING):
-                view["queue_position"] = position
-                view["estimated_time_remaining"] = self.estimate_remaining(
-                    job, position, running, paused=paused
-                )
-            self._add_progress(job, view)
-            views.append(view)
-        return views
+        running, paused = self.store.running(), self._paused()
+        return [
+            self._view(job, position, running, paused)
+            for job, position in zip(jobs, positions, strict=True)
+        ]
+
+    def _view(
+        self,
+        job: Job,
+        position: int,
+        running: list[Job] | None = None,
+        paused: bool | None = None,
+    ) -> dict[str, Any]:
+        view = job.to_dict()
+        if job.status in (QUEUED, RUNNING):
+            view["queue_position"] = position
+            view["estimated_time_remaining"] = self.estimate_remaining(
+                job, position, running, paused=paused
+            )
+        self._add_progress(job, view)
+        return view
 
     def _add_progress(self, job: Job, view: dict[str, Any]) -> None:
         """The live fields: progress, and the gallery's name of a finished job's image."""

@@ -330,6 +330,29 @@ class Killer:
         return step
 
 
+def run_inbox_until_killed(config: Any, at: int, finished: Callable[[Any], bool]) -> bool:
+    """Start a daemon (no worker) and its inbox on ``config`` and let the inbox take what is
+    there, killed before its step ``at`` (:class:`Killer`), or until ``finished(root)``;
+    whether it was killed."""
+    from imagineerd.inbox import Inbox
+
+    root = config.path_for("inbox")
+    daemon = Daemon(config)
+    daemon.start(workers=False)
+    with pytest.MonkeyPatch.context() as patch:
+        killer = Killer(at, patch, daemon.store)
+        box = Inbox(daemon, config)
+        box.start()
+        try:
+            wait_for(lambda: killer.killed or finished(root), 20)
+            wait_for(lambda: killer.killed or daemon.store.open_claims() == [], 20)
+        finally:
+            killer.armed = False
+            box.stop()
+            daemon.stop()
+    return killer.killed
+
+
 # -- PostgreSQL faults ---------------------------------------------------------------------
 def with_address(url: str, host: str, port: int, password: str | None = None) -> str:
     parts = urlsplit(url)

@@ -9,7 +9,6 @@ import sqlite3
 import threading
 from pathlib import Path
 
-import pytest
 import yaml
 from watchdog.events import FileClosedEvent, FileClosedNoWriteEvent, FileOpenedEvent
 
@@ -20,7 +19,7 @@ from imagineerd.inbox_claims import ClaimedFiles
 from imagineerd.inbox_files import unique_pair, write_texts_durably
 from imagineerd.inbox_settle import Settler
 
-from .conftest import Killer, record_fsyncs, wait_for, write_config
+from .conftest import record_fsyncs, run_inbox_until_killed, wait_for, write_config
 from .test_inbox import FAST, Env
 
 RECEIPT_HEADER = "# imagineerd receipt"
@@ -163,23 +162,8 @@ BURST = {"one.txt": "first file\n", "two.yaml": "- second file\n- third prompt\n
 
 
 def run_until_killed(config, at: int) -> bool:
-    """Start a daemon and its inbox on ``config``, with the burst in the inbox, and let the
-    inbox take it, killed before its step ``at``; whether it was (else it finished)."""
-    root = config.path_for("inbox")
-    daemon = Daemon(config)
-    daemon.start(workers=False)
-    with pytest.MonkeyPatch.context() as patch:
-        killer = Killer(at, patch, daemon.store)
-        box = Inbox(daemon, config)
-        box.start()
-        try:
-            wait_for(lambda: killer.killed or len(receipts(root / "done")) == 2, 20)
-            wait_for(lambda: killer.killed or daemon.store.open_claims() == [], 20)
-        finally:
-            killer.armed = False
-            box.stop()
-            daemon.stop()
-    return killer.killed
+    """The inbox takes what is there, killed before its step ``at``; whether it was."""
+    return run_inbox_until_killed(config, at, lambda root: len(receipts(root / "done")) == 2)
 
 
 def check_next_start(config, at: int) -> None:

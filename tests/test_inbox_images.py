@@ -24,7 +24,7 @@ from imagineerd import inbox_claims as inbox_mod
 from imagineerd.daemon import Daemon
 from imagineerd.inbox import Inbox
 
-from .conftest import Killer, wait_for, write_config
+from .conftest import run_inbox_until_killed, wait_for, write_config
 from .test_inbox import FAST, Env
 from .test_inbox import start_inbox as _start_inbox
 from .test_inbox_hostile import unblock_fifo
@@ -368,23 +368,8 @@ def test_a_bad_job_sends_its_images_to_failed(start_inbox):
 
 # -- crashes -------------------------------------------------------------------------------------
 def run_until_killed(config, at: int) -> bool:
-    """Start a daemon and its inbox on ``config`` and let the inbox take what is there,
-    killed before its step ``at``; whether it was (else it finished)."""
-    root = config.path_for("inbox")
-    daemon = Daemon(config)
-    daemon.start(workers=False)
-    with pytest.MonkeyPatch.context() as patch:
-        killer = Killer(at, patch, daemon.store)
-        box = Inbox(daemon, config)
-        box.start()
-        try:
-            wait_for(lambda: killer.killed or not os.path.exists(root / "job.yaml"), 20)
-            wait_for(lambda: killer.killed or daemon.store.open_claims() == [], 20)
-        finally:
-            killer.armed = False
-            box.stop()
-            daemon.stop()
-    return killer.killed
+    """The inbox takes what is there, killed before its step ``at``; whether it was."""
+    return run_inbox_until_killed(config, at, lambda root: not os.path.exists(root / "job.yaml"))
 
 
 def check_next_start(config, valid: bool, photo: bytes, mask: bytes, at: int) -> None:

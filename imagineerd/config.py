@@ -95,10 +95,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "job_timeout": 0,
     },
     "metrics": {"public": False},
+    "previews": {"every_steps": 5},
 }
 
 #: Sections whose keys take effect while running; a change to any other key needs a restart.
-LIVE_SECTIONS = ("generation", "queue", "presets")
+LIVE_SECTIONS = ("generation", "queue", "presets", "previews")
 #: Keys of live sections that still need a restart: which database holds the queue and who
 #: this node is are fixed for the life of the process.
 RESTART_KEYS = frozenset({"queue.database", "queue.lease_seconds", "queue.node_name"})

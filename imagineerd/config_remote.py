@@ -23,6 +23,7 @@ from .errors import ConfigError, Forbidden
 REMOTE_KEYS: dict[str, frozenset[str]] = {
     "generation": frozenset(jobs.DEFAULTABLE),
     "queue": frozenset({"max_attempts"}),
+    "previews": frozenset({"every_steps"}),
     "inbox": frozenset(
         {
             "settle_seconds",

@@ -362,6 +362,7 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "job_timeout": _float(0, 86400),
     },
     "metrics": {"public": _bool},
+    "previews": {"every_steps": _int(0, 1000)},
 }
 
 #: Bounds on a configuration's shape, checked before anything else looks at it. A real one

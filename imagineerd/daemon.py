@@ -34,6 +34,7 @@ from .model_choice import ModelChoice
 from .models import ModelLibrary
 from .nodes import NodeService
 from .plugins import get_plugin_manager
+from .preview_feed import PreviewFeed
 from .safefile import read_regular_file
 from .saver import ImageSaver
 from .shared_events import SharedEventBus
@@ -150,6 +151,10 @@ class Daemon:
             )
         )
         self.metrics = Metrics(self)  # GET /metrics; read on scrape and from job hooks
+        # Only while a job runs here (it is in views.progress) is its preview still news.
+        self.previews = PreviewFeed(
+            self.events.publish, lambda job_id: job_id in self.views.progress
+        )
 
     # -- life cycle ----------------------------------------------------------------------
     def now_iso(self) -> str:
@@ -169,6 +174,7 @@ class Daemon:
                 self, self.devices(), self.config["performance"]["max_batch"]
             )
             self.models.loaded_models = self.loaded_models
+            self.previews.start()
             self.supervisor.start()
         self._started = True
         if self.shared:
@@ -196,6 +202,9 @@ class Daemon:
 
     def job_timeout(self) -> float:
         return self.config["performance"]["job_timeout"]
+
+    def preview_every(self) -> int:
+        return self.config["previews"]["every_steps"]
 
     def recover(self) -> None:
         """Finish what a crash left: partial images are removed; a job that was ``running``
@@ -279,6 +288,7 @@ class Daemon:
         self.wake()
         if self.supervisor is not None:
             self.supervisor.join(timeout)
+        self.previews.stop()
         self.saver.shutdown()  # images already generated are still written
         self.webhooks.stop()  # what is still owed is sent after the next start
         if self._started and self.shared:
@@ -691,6 +701,9 @@ class Daemon:
         # A dict store and a non-blocking publish: nothing here may slow a denoising step.
         self.views.progress[job_id] = (step, total)
         self.events.publish("job.progress", {"id": job_id, **progress_dict(step, total)})
+
+    def report_preview(self, job_id: int, step: int, total: int, pixels: Any) -> None:
+        self.previews.offer(job_id, step, total, pixels)
 
     def interrupt_reason(self, job_id: int) -> str | None:
         return self._interrupts.get(job_id)

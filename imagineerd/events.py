@@ -80,7 +80,7 @@ class EventBus:
     can never push a ``job.completed`` out of the replay buffer of state events.
     """
 
-    PROGRESS_TYPES = frozenset({"job.progress"})
+    PROGRESS_TYPES = frozenset({"job.progress", "job.preview"})
 
     def __init__(
         self, history: int = 2000, progress_history: int = 500, subscriber_queue: int = 1000

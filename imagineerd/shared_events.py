@@ -127,10 +127,13 @@ class SharedEventBus(EventBus):
         while True:
             type_, data = item
             if type_ in self.PROGRESS_TYPES:
-                self._held_progress[data.get("id")] = item
+                self._held_progress[(type_, data.get("id"))] = item
             else:
-                # A state change goes after the progress it follows, which goes first.
-                held = self._held_progress.pop(data.get("id"), None)
+                # A state change goes after the progress it follows, which goes first; a
+                # preview held back is stale by then (the job's image would come before it).
+                job_id = data.get("id")
+                self._held_progress.pop(("job.preview", job_id), None)
+                held = self._held_progress.pop(("job.progress", job_id), None)
                 if held is not None:
                     taken.append(held)
                 taken.append(item)

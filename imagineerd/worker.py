@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from .backends import Backend, BackendBase
+from .backends import Backend, BackendBase, StepCallback
 from .errors import BackendError, ImagineerdError, JobInterrupted, JobTimeout
 from .jobs import CANCELLED, FAILED, Job, JobSpec
 
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 #: The reason a shutdown gives when it stops a running job: the job goes back to the queue.
 SHUTDOWN = "shutdown"
+
+#: At most this many seconds apart, a batch's previews (each image's every few steps).
+PREVIEW_INTERVAL = 0.25
 
 #: How a worker groups jobs before its backend is loaded (the same as the base backend's).
 _DEFAULT_BACKEND = BackendBase()
@@ -56,6 +59,14 @@ class WorkerHost(Protocol):
     def has_queued_jobs(self) -> bool: ...
     def job_started(self, job: Job) -> None: ...
     def report_progress(self, job_id: int, step: int, total: int) -> None: ...
+    def preview_every(self) -> int:
+        """``previews.every_steps`` now (0: no previews); read per batch, so it is live."""
+        ...
+
+    def report_preview(self, job_id: int, step: int, total: int, pixels: Any) -> None:
+        """Publish a preview (``pixels.image()`` waits for it); must not block."""
+        ...
+
     def interrupt_reason(self, job_id: int) -> str | None: ...
     def clear_interrupt(self, job_id: int) -> None: ...
     def job_finished(
@@ -179,14 +190,35 @@ class Worker(threading.Thread):
         active = self.active = {job.id: job for job in jobs}
         started = self.batch_started = time.monotonic()
         timeout = host.job_timeout()
+        every = host.preview_every()
+        job_of = {id(job.spec): job.id for job in jobs}
+        last_preview = [0.0]
 
         def elapsed() -> float:
             return round(time.monotonic() - started, 3)
 
-        def make_on_step(ids: list[int]) -> Callable[[int, int], None]:
-            def on_step(step: int, total: int) -> None:
+        def send_previews(step: int, total: int, preview: Callable[[], list]) -> None:
+            # Every ``every`` steps, at most a few a second per batch, never the last step
+            # (the image itself comes next): the projection is queued behind the step on
+            # the device, so this thread does not wait for it.
+            now = time.monotonic()
+            if step % every or step >= total or now - last_preview[0] < PREVIEW_INTERVAL:
+                return
+            last_preview[0] = now
+            for request, pixels in preview():
+                job_id = job_of.get(id(request))
+                if job_id in active:
+                    host.report_preview(job_id, step, total, pixels)
+
+        def make_on_step(ids: list[int]) -> StepCallback:
+            def on_step(step: int, total: int, preview: Callable[[], list] | None = None) -> None:
                 if self.abandoned:  # the supervisor gave up on us: stop, touch nothing
                     raise JobInterrupted("abandoned")
+                if preview is not None and every:
+                    try:
+                        send_previews(step, total, preview)
+                    except Exception:  # a preview is a nicety: the image must still come
+                        log.exception("%s: making a preview failed", self.name)
                 for job_id in ids:
                     if job_id not in active:
                         continue
@@ -204,6 +236,7 @@ class Worker(threading.Thread):
                         "and was stopped"
                     )
 
+            on_step.takes_preview = True  # type: ignore[attr-defined]
             return on_step
 
         try:
@@ -242,7 +275,7 @@ class Worker(threading.Thread):
         backend: Backend,
         jobs: list[Job],
         active: dict[int, Job],
-        make_on_step: Callable[[list[int]], Callable[[int, int], None]],
+        make_on_step: Callable[[list[int]], StepCallback],
     ) -> dict[int, Image.Image]:
         live = [job for job in jobs if job.id in active]
         if not live:

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 import pytest
 from PIL import Image
 
+from .conftest import wait_for as wait_for_value
+
 webuiapi = pytest.importorskip("webuiapi")
 
 TOKEN = "a1111-test-token-0123456789abcdef"
@@ -191,3 +193,22 @@ def test_other_sites_cannot_post(start_api) -> None:
         headers={"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"},
     )
     assert answer.status_code == 403
+
+
+def test_progress_shows_the_live_preview_as_a1111_does(start_api) -> None:
+    """``current_image`` is the running job's latest preview (bare base64, as A1111 sends
+    it), or null with ``skip_current_image``."""
+    api = start_api(previews={"every_steps": 1})
+    client = client_for(api)
+    job = api("POST", "/api/generate", json={"prompt": "a long one", "steps": 150}).json()
+    try:
+        progress = wait_for_value(lambda: (p := client.get_progress())["current_image"] and p)
+        assert 0 < progress["state"]["sampling_step"] < 150
+        picture = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
+        assert picture.format == "JPEG" and picture.size == (8, 8)
+        skipped = api("GET", "/sdapi/v1/progress", params={"skip_current_image": "true"}).json()
+        assert skipped["current_image"] is None and skipped["state"]["sampling_step"] > 0
+    finally:
+        api("POST", f"/api/jobs/{job['id']}/interrupt", json={})
+    assert api.wait_job(job["id"])["status"] == "cancelled"
+    assert client.get_progress()["current_image"] is None  # nothing runs: no preview

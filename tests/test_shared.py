@@ -108,6 +108,37 @@ def test_progress_is_thinned_per_job_keeping_the_last_step(connect):
     assert len(steps) < 200
 
 
+def test_previews_travel_beside_progress_and_a_stale_one_is_dropped(connect):
+    """Previews are thinned like progress but on their own (one never replaces the other's
+    last step), and one still held when its job finishes is dropped: it would arrive after
+    the image and replace it on screen."""
+    bus = SharedEventBus(connect, node="n")
+    bus.start()
+    try:
+        with bus.subscribe() as sub:
+            bus.publish("job.progress", {"id": 1, "step": 5, "total": 10})
+            bus.publish("job.preview", {"id": 1, "step": 5, "image": "data:a"})
+            seen: list = []
+            wait_for(lambda: seen.extend(filter(None, [sub.get(timeout=0.1)])) or len(seen) >= 2)
+    finally:
+        bus.stop()
+    assert sorted((e.type, e.data["step"]) for e in seen) == [
+        ("job.preview", 5),
+        ("job.progress", 5),
+    ]
+    # What the writer takes from its queue in one go (no thread: the order is exact).
+    held = SharedEventBus(connect, node="m")
+    for item in (
+        ("job.preview", {"id": 1, "step": 9}),
+        ("job.progress", {"id": 1, "step": 9}),
+        ("job.completed", {"id": 1}),
+    ):
+        held.publish(*item)
+    taken = held._take(timeout=0)
+    assert [(t, d.get("step")) for t, d in taken] == [("job.progress", 9), ("job.completed", None)]
+    assert not held._held_progress
+
+
 def test_a_dropped_listener_connection_loses_no_event(connect, pg_url):
     """The reader's connection is killed by the server between events: a NOTIFY may be
     missed, but the log is read by id, so every event still arrives, once, in order."""

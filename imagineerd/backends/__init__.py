@@ -21,7 +21,18 @@ log = logging.getLogger(__name__)
 
 #: ``on_step(step, total)``: called once per denoising step (1-based). It raises
 #: :class:`imagineerd.errors.JobInterrupted` to stop the generation at that step.
-StepCallback = Callable[[int, int], None]
+#:
+#: The worker's callback also takes ``preview=`` (it says so with a true ``takes_preview``
+#: attribute; see :func:`wants_previews`): a function that, called, returns
+#: ``[(request, pixels), ...]`` for the batch's images, ``pixels.image()`` giving a small
+#: PIL image (see :mod:`imagineerd.backends.previews`). It is called only on the steps a
+#: preview is wanted, so a backend pays for previews only then.
+StepCallback = Callable[..., None]
+
+
+def wants_previews(on_step: StepCallback) -> bool:
+    """Whether ``on_step`` takes ``preview=`` (a plain ``(step, total)`` function does not)."""
+    return bool(getattr(on_step, "takes_preview", False))
 
 
 #: One image to generate: prompt, negative_prompt, seed, steps, width, height,

@@ -21,8 +21,9 @@ from typing import Any
 from PIL import Image
 
 from ..errors import BackendError
-from . import GenerationRequest, StepCallback
+from . import GenerationRequest, StepCallback, wants_previews
 from .fast_path import COND_LENGTH, FastKey, ShapeCompiler, UNetInputs, plan_parts
+from .previews import Previewer, PreviewPixels
 from .prompt_encoder import Encoded, PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class LoadedModel:
         pipe.set_progress_bar_config(disable=True)
         self.own_vae = pipe.vae
         self.encoder = PromptEncoder(pipe, arch)
+        self.previewer = Previewer(arch)
         self._base_scheduler_config = dict(pipe.scheduler.config)
         self._schedulers: dict[str, Any] = {}
         self._pipes: dict[str, Any] = {}
@@ -448,8 +450,21 @@ class LoadedModel:
         # the same on any device (the noise is drawn on the CPU, then moved).
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
 
+        count = len(batch) if real is None else real  # previews of real images only
+        previews = wants_previews(on_step)
+
         def step_end(pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
-            on_step(done + index + 1, done + pipe.num_timesteps * (1 + later_calls) + later)
+            latents = tensors["latents"]
+
+            def preview() -> list[tuple[GenerationRequest, PreviewPixels]]:
+                made = self.previewer.start(latents, count)
+                return [] if made is None else list(zip(batch, made, strict=False))
+
+            step, total = done + index + 1, done + pipe.num_timesteps * (1 + later_calls) + later
+            if previews:
+                on_step(step, total, preview=preview)
+            else:
+                on_step(step, total)
             return tensors
 
         kwargs.setdefault("width", first.width)

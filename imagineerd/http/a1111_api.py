@@ -599,7 +599,13 @@ class A1111Api:
                 interrupted=interrupted,
                 skipped=interrupted,
             )
+            preview = None
+            skip = (req.get_param("skip_current_image") or "").lower() in ("true", "1", "yes")
+            if not skip:
+                preview = self.daemon.previews.latest(job.id)
             body.update(
+                # A1111 sends the bare base64 of its live preview; ours is a small JPEG.
+                current_image=preview["image"].split(",", 1)[1] if preview else None,
                 progress=round(min(1.0, (done + fraction) / len(ids)), 4),
                 eta_relative=view.get("estimated_time_remaining") or 0.0,
                 textinfo=f"job {job.id}: step {step} of {total}",

@@ -54,6 +54,9 @@ MAX_OUTPUT_BYTES = 64 << 20
 #: The store setting that says whether the queue is paused: in the store, not in memory, so
 #: a restart and every node of a shared queue see it.
 QUEUE_SETTING = "queue"
+#: A running job's progress events are at most this many seconds apart (first and last
+#: step always sent); its view in the API has every step.
+PROGRESS_EVENT_INTERVAL = 0.1
 
 
 class Daemon:
@@ -115,6 +118,7 @@ class Daemon:
             self.store, self._capacity, paused=self.queue_paused, output_file=self._output_name
         )
         self._interrupts: dict[int, str] = {}
+        self._progress_sent: dict[int, float] = {}  # job id -> its last progress event's time
         self._started = False
         self._stopped = False
         self.settings = config_remote.LiveSettings(config)
@@ -699,7 +703,15 @@ class Daemon:
 
     def report_progress(self, job_id: int, step: int, total: int) -> None:
         # A dict store and a non-blocking publish: nothing here may slow a denoising step.
+        # The view always has the step; the event stream gets the first and last steps and
+        # at most PROGRESS_EVENT_INTERVAL apart between (a fast batch makes hundreds of
+        # steps a second, more than any screen shows and than every stream should carry).
         self.views.progress[job_id] = (step, total)
+        now = time.monotonic()
+        recent = now - self._progress_sent.get(job_id, 0.0) < PROGRESS_EVENT_INTERVAL
+        if recent and 1 < step < total:
+            return
+        self._progress_sent[job_id] = now
         self.events.publish("job.progress", {"id": job_id, **progress_dict(step, total)})
 
     def report_preview(self, job_id: int, step: int, total: int, pixels: Any) -> None:
@@ -750,6 +762,7 @@ class Daemon:
         output_path: str | None,
         error: str | None,
     ) -> Job:
+        self._progress_sent.pop(job.id, None)
         try:
             done = self.store.finish(
                 job.id,
@@ -833,6 +846,7 @@ class Daemon:
     def jobs_requeued(self, jobs: list[Job]) -> None:
         for job in jobs:
             self.views.progress.pop(job.id, None)
+            self._progress_sent.pop(job.id, None)
         for job in self.store.requeue([job.id for job in jobs], count_attempt=False):
             self.events.publish("job.requeued", self.job_view(job))
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from imagineerd import daemon as daemon_mod
 from imagineerd import outputs
 from imagineerd.daemon import Daemon
 from imagineerd.errors import Conflict, Gone, NotFound, ValidationError
@@ -40,7 +42,8 @@ def test_job_runs_to_a_png_with_metadata(daemon: Daemon):
     assert view["progress"] == {"step": 2, "total": 2, "percent": 100.0}
 
 
-def test_events_follow_a_job_through_every_step(daemon: Daemon):
+def test_events_follow_a_job_through_every_step(daemon: Daemon, monkeypatch):
+    monkeypatch.setattr(daemon_mod, "PROGRESS_EVENT_INTERVAL", 0.0)  # every step, to count
     with daemon.events.subscribe() as sub:
         job = daemon.submit({"prompt": "events", "steps": 3})
         seen = []
@@ -53,6 +56,26 @@ def test_events_follow_a_job_through_every_step(daemon: Daemon):
     assert types[:2] == ["job.submitted", "job.started"]
     assert [e.data["step"] for e in seen if e.type == "job.progress"] == [1, 2, 3]
     assert [e.id for e in seen] == sorted(e.id for e in seen)
+
+
+def test_progress_events_are_thinned_but_the_view_has_every_step(make_config):
+    d = Daemon(make_config())
+    d.start(workers=False)
+    try:
+        with d.events.subscribe(d.events.position) as sub:
+            started = time.monotonic()
+            for step in range(1, 201):
+                d.report_progress(7, step, 200)
+                if step == 150:
+                    assert d.views.progress[7] == (150, 200)
+            took = time.monotonic() - started
+            seen = []
+            while (event := sub.get(timeout=0.2)) is not None:
+                seen.append(event.data["step"])
+    finally:
+        d.stop()
+    assert seen[0] == 1 and seen[-1] == 200 and seen == sorted(seen)
+    assert len(seen) <= 2 + took / daemon_mod.PROGRESS_EVENT_INTERVAL  # not one per step
 
 
 def test_cancel_semantics_for_every_status(make_config):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from imagineerd import daemon as daemon_mod
 from imagineerd.jobs import SEED_MAX
 
 from .conftest import Api, wait_for
@@ -273,7 +274,8 @@ def read_events(
     return events
 
 
-def test_event_stream_sees_progress_and_completion_and_replays(api: Api):
+def test_event_stream_sees_progress_and_completion_and_replays(api: Api, monkeypatch):
+    monkeypatch.setattr(daemon_mod, "PROGRESS_EVENT_INTERVAL", 0.0)  # every step, to count
     result: list = []
     reader = threading.Thread(target=lambda: result.extend(read_events(api)))
     reader.start()

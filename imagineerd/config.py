@@ -78,6 +78,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "outputs_subfolder": False,
         "orphan_seconds": 600.0,
     },
+    "gallery": {"trash_days": 7.0, "rescan_seconds": 600.0},
     "presets": {},
     "webhooks": {"endpoints": [], "allowed_hosts": [], "job_secret": "", "retry_hours": 24.0},
     "queue": {"max_attempts": 3, "database": "", "lease_seconds": 30.0, "node_name": ""},

@@ -49,6 +49,7 @@ _READ_ONLY_WHY = {
     "webhooks": "it decides where job data is sent, and the secrets that sign it",
     "performance": "it decides how the model is compiled and run, and takes a restart",
     "queue": "it decides which database holds the queue and how this machine is named in it",
+    "gallery": "it decides when deleted images are gone for good",
 }
 
 

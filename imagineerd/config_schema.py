@@ -119,6 +119,22 @@ def _sizes(key: str, value: Any) -> list[list[int]]:
     return [list(v) for v in value]
 
 
+def _rescan(key: str, value: Any) -> float:
+    """0 (only at start) or a period of at least a second: a pass reads the whole folder,
+    and a shorter period would keep it reading."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (value == 0 or 1 <= value <= 7 * 86400)
+    ):
+        raise ConfigError(
+            f"{key} must be 0 (only at start) or a number of seconds from 1 to 604800, "
+            f"got {show_value(value)}",
+            field=key,
+        )
+    return float(value)
+
+
 def _origins(key: str, value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ConfigError(
@@ -334,6 +350,10 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "max_jobs_per_file": _int(1, 100000),
         "outputs_subfolder": _bool,
         "orphan_seconds": _float(1, 86400 * 30),
+    },
+    "gallery": {
+        "trash_days": _float(0, 3650),
+        "rescan_seconds": _rescan,
     },
     "presets": {},  # free-form names; checked by check_presets
     "webhooks": {

@@ -26,6 +26,7 @@ from .config import Config
 from .errors import Conflict, Gone, NotFound, Unavailable, ValidationError
 from .events import Event, EventBus
 from .gallery import Gallery
+from .gallery_index import GalleryIndex
 from .group_commit import GroupCommit
 from .inputs import InputStore
 from .jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, Job, iso
@@ -98,6 +99,15 @@ class Daemon:
             else EventBus()
         )
         self.gallery = Gallery(self.outputs_dir, self.state_dir / "thumbnails")
+        # GET /api/outputs lists from this index in the store, kept true by the saver and by
+        # a pass over the folder at start and every gallery.rescan_seconds (gallery_index).
+        self.gallery_index = GalleryIndex(
+            self.gallery,
+            self.store,
+            trash_days=config["gallery"]["trash_days"],
+            rescan_seconds=config["gallery"]["rescan_seconds"],
+            spool=self.state_dir / "tmp",
+        )
         self.inputs = InputStore(
             self.state_dir / "inputs",
             self.gallery,
@@ -135,6 +145,7 @@ class Daemon:
             # On a shared queue a node that lost its lease must not publish a second image
             # of a job another node now runs (its finish would be refused anyway).
             holds=self._holds if self.shared else None,
+            index=self.gallery_index.write,
         )
         # Services beside the workers (the inbox, ...) report their state in /api/health.
         self._status_providers: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -173,6 +184,7 @@ class Daemon:
         self.collect_inputs()
         self.models.start()
         self.webhooks.start()
+        self.gallery_index.start()
         if workers:
             self.supervisor = Supervisor(
                 self, self.devices(), self.config["performance"]["max_batch"]
@@ -302,6 +314,7 @@ class Daemon:
                 log.warning("could not record that node %s stopped: %s", self.node, exc)
         if self.shared:
             self.events.stop()
+        self.gallery_index.stop()
         self.store.close()
 
     def wake(self) -> None:
@@ -816,6 +829,7 @@ class Daemon:
             self.gallery.resolve(self._output_name(output_path)).unlink()
         except (OSError, NotFound) as exc:
             log.warning("could not remove the dropped image %s: %s", output_path, exc)
+        self.gallery_index.forget(self._output_name(output_path))
 
     def _announce_finished(self, job: Job) -> None:
         """The one way a finished job is made known: an event, the plugin hook, and the

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
+from PIL import Image
+
 from .errors import NotFound
-from .outputs import TEMP_PREFIX, open_png, parse_infotext
+from .outputs import TEMP_PREFIX, NotAPng, open_png, parse_infotext
 from .safefile import is_utf8_name
 
 #: The thumbnail sizes served (longer side, pixels). A fixed few, so the cache cannot be
@@ -29,6 +34,8 @@ class Gallery:
     Metadata is read from each PNG once and cached by (size, mtime), so listing a large
     gallery reads only new files. Lookups accept only paths that stay inside the outputs
     folder after resolving symlinks: no ``..``, no hidden names, no links pointing outside.
+    :meth:`list` scans the folder itself; the daemon lists from the index in the job store
+    (``gallery_index``), which reads the files through :meth:`read_own_entry`.
     """
 
     def __init__(
@@ -93,61 +100,28 @@ class Gallery:
             cached = self._cache.get(relpath)
         if cached and cached[0] == key:
             return cached[1]
-        entry: dict[str, Any] = {
-            "filename": relpath,
-            "url": f"/api/outputs/{relpath}",
-            "thumbnail_url": f"/api/outputs/{relpath}?thumb=256",
-            "size_bytes": stat.st_size,
-            "created": datetime.fromtimestamp(stat.st_mtime).strftime("%Y-%m-%dT%H:%M:%S.%f"),
-        }
         try:
             with open_png(path) as image:
-                entry["width"], entry["height"] = image.size
-                text = dict(getattr(image, "text", {}))
+                size, text = image.size, _text_chunks(image)
         except Exception:  # NotAPng, or damaged text chunks: not a readable PNG, left out
             return None
-        record = None
-        try:
-            record = json.loads(text["imagineerd"]) if "imagineerd" in text else None
-        except ValueError:
-            record = None
-        entry["parameters"] = text.get("parameters")
-        if record:
-            for name in (
-                "prompt",
-                "negative_prompt",
-                "seed",
-                "steps",
-                "guidance_scale",
-                "scheduler",
-                "sampler",
-                "model",
-                "loras",
-                "clip_skip",
-                "vae",
-                "init_image",
-                "init_image_name",
-                "strength",
-                "mask",
-                "mask_blur",
-                "inpaint_area",
-                "hires",
-                "backend",
-                "duration_seconds",
-                "source",
-                "source_name",
-                "completed_at",
-            ):
-                entry[name] = record.get(name)
-            entry["job_id"] = record.get("id")
-        elif entry["parameters"]:
-            parsed = parse_infotext(entry["parameters"])
-            entry["prompt"] = parsed.get("prompt")
-            entry["negative_prompt"] = parsed.get("negative_prompt")
-            entry["job_id"] = None
+        entry = _entry(relpath, stat, size, text)
         with self._lock:
             self._cache[relpath] = (key, entry)
         return entry
+
+    @staticmethod
+    def read_own_entry(path: Path, relpath: str) -> tuple[dict[str, Any], os.stat_result] | None:
+        """The gallery entry of the PNG at ``path``, listed as ``relpath``, and the stat of
+        the file read; ``None`` unless ``path`` itself is a regular file holding a readable
+        PNG. Unlike :meth:`entry`, a link is never followed, even to a file inside the
+        outputs folder: what the gallery index reads (``gallery_index``)."""
+        try:
+            with _open_own_png(path) as (image, stat):
+                size, text = image.size, _text_chunks(image)
+        except Exception:  # NotAPng, or damaged text chunks: not a readable PNG, left out
+            return None
+        return _entry(relpath, stat, size, text), stat
 
     def resolve(self, relpath: str) -> Path:
         """The real path of an image inside the outputs folder, or ``NotFound``."""
@@ -162,7 +136,12 @@ class Gallery:
         root = self.directory.resolve()
         try:
             real = (root / "/".join(parts)).resolve()
-            found = real.is_relative_to(root) and real.is_file()
+            # A link into a hidden folder (the trash) leads to no image either.
+            found = (
+                real.is_relative_to(root)
+                and not any(p.startswith(".") for p in real.relative_to(root).parts)
+                and real.is_file()
+            )
         except (OSError, RuntimeError):  # a name too long for the file system, a link loop
             found = False
         if not found:
@@ -226,3 +205,100 @@ class Gallery:
                     continue
                 count -= 1
                 total -= size
+
+
+#: The fields of our ``imagineerd`` chunk a gallery entry carries.
+RECORD_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "scheduler",
+    "sampler",
+    "model",
+    "loras",
+    "clip_skip",
+    "vae",
+    "init_image",
+    "init_image_name",
+    "strength",
+    "mask",
+    "mask_blur",
+    "inpaint_area",
+    "hires",
+    "backend",
+    "duration_seconds",
+    "source",
+    "source_name",
+    "completed_at",
+)
+
+
+def _text_chunks(image: Image.Image) -> dict[str, str]:
+    """The text chunks of an open PNG. Ours come before the pixel data, where opening the
+    file finds them (``info``); only a PNG without our chunk there is decoded whole, as
+    others may write their text after the pixels."""
+    if "imagineerd" in image.info:
+        return {k: v for k, v in image.info.items() if isinstance(v, str)}
+    return dict(getattr(image, "text", {}))
+
+
+def _entry(
+    relpath: str, stat: os.stat_result, size: tuple[int, int], text: dict[str, str]
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "filename": relpath,
+        "url": f"/api/outputs/{relpath}",
+        "thumbnail_url": f"/api/outputs/{relpath}?thumb=256",
+        "size_bytes": stat.st_size,
+        "created": datetime.fromtimestamp(stat.st_mtime).strftime("%Y-%m-%dT%H:%M:%S.%f"),
+    }
+    entry["width"], entry["height"] = size
+    record = None
+    try:
+        record = json.loads(text["imagineerd"]) if "imagineerd" in text else None
+    except ValueError:
+        record = None
+    entry["parameters"] = text.get("parameters")
+    if record and isinstance(record, dict):
+        for name in RECORD_FIELDS:
+            entry[name] = record.get(name)
+        entry["job_id"] = record.get("id")
+    elif entry["parameters"]:
+        parsed = parse_infotext(entry["parameters"])
+        entry["prompt"] = parsed.get("prompt")
+        entry["negative_prompt"] = parsed.get("negative_prompt")
+        entry["job_id"] = None
+    return entry
+
+
+_OWN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+)
+
+
+@contextlib.contextmanager
+def _open_own_png(path: Path) -> Iterator[tuple[Image.Image, os.stat_result]]:
+    """``path`` as a PIL image with the stat of what was opened, only if ``path`` itself is
+    a regular file holding a PNG: ``O_NOFOLLOW`` refuses a link (even one swapped in after
+    the caller looked), ``O_NONBLOCK`` keeps a FIFO from blocking. Failures are ``NotAPng``."""
+    try:
+        fd = os.open(path, _OWN_FLAGS)
+    except OSError as exc:
+        raise NotAPng(f"{path} cannot be read as an image: {exc}") from None
+    handle = os.fdopen(fd, "rb")
+    with handle:
+        stat = os.fstat(fd)
+        if not S_ISREG(stat.st_mode):
+            raise NotAPng(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+        try:
+            image = Image.open(handle, formats=["PNG"])
+        except Exception as exc:  # Pillow's errors for bad input are of many types
+            raise NotAPng(f"{path} is not a readable PNG ({type(exc).__name__})") from None
+        with image:
+            yield image, stat

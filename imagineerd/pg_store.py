@@ -46,6 +46,7 @@ from .store import (
     GAVE_UP,
     LEASE_LOST,
     OPEN_CLAIM_STATES_SQL,
+    OUTPUT_COLUMNS,
     PENDING,
     SCHEMA_VERSION,
     STOPPED,
@@ -54,9 +55,16 @@ from .store import (
     Delivery,
     Fenced,
     Moved,
+    OutputQuery,
+    OutputRecord,
+    latest_trashed,
     lost_error,
     move_target,
+    output_filters,
+    output_record,
+    output_row,
     positions_from,
+    put_outputs_sql,
     reordered,
 )
 
@@ -157,7 +165,43 @@ CREATE TABLE IF NOT EXISTS events (
     type       TEXT NOT NULL,
     data       TEXT NOT NULL,
     created_at DOUBLE PRECISION NOT NULL DEFAULT extract(epoch FROM clock_timestamp())
-)
+);
+-- The gallery index (version 5), as in the SQLite store. Paths and names compare byte by
+-- byte ("C"), as SQLite and Python compare them: pages come in the same order on both, and
+-- the order does not change with the server's locale.
+CREATE TABLE IF NOT EXISTS outputs (
+    path            TEXT COLLATE "C" PRIMARY KEY,
+    filename        TEXT COLLATE "C" NOT NULL,
+    name            TEXT COLLATE "C" NOT NULL,
+    job_id          BIGINT,
+    created         TEXT COLLATE "C" NOT NULL,
+    prompt          TEXT,
+    search          TEXT,
+    negative_prompt TEXT,
+    model           TEXT,
+    width           INTEGER,
+    height          INTEGER,
+    source          TEXT,
+    favourite       BOOLEAN NOT NULL DEFAULT false,
+    trashed_at      DOUBLE PRECISION,
+    size_bytes      BIGINT NOT NULL,
+    mtime_ns        BIGINT NOT NULL,
+    entry           TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outputs_listed ON outputs (name, path) WHERE trashed_at IS NULL;
+CREATE INDEX IF NOT EXISTS outputs_favourite ON outputs (name, path)
+    WHERE trashed_at IS NULL AND favourite;
+CREATE INDEX IF NOT EXISTS outputs_model ON outputs (model, name, path)
+    WHERE trashed_at IS NULL;
+CREATE INDEX IF NOT EXISTS outputs_source ON outputs (source, name, path)
+    WHERE trashed_at IS NULL;
+CREATE INDEX IF NOT EXISTS outputs_size ON outputs (width, height, name, path)
+    WHERE trashed_at IS NULL;
+CREATE INDEX IF NOT EXISTS outputs_created ON outputs (created) WHERE trashed_at IS NULL;
+CREATE INDEX IF NOT EXISTS outputs_trashed ON outputs (trashed_at, path)
+    WHERE trashed_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS outputs_trashed_name ON outputs (filename)
+    WHERE trashed_at IS NOT NULL;
 """
 
 _JOB_COLUMNS = [f.name for f in dataclasses.fields(Job) if f.name != "spec"]
@@ -192,6 +236,17 @@ _OWE = (
     "INSERT INTO deliveries (job_id, event, url, state, created_at, next_at)"
     f" SELECT done.id, %(event)s, u.url, '{PENDING}', %(now)s, %(now)s"
 )
+
+
+_PUT_OUTPUT = put_outputs_sql("%s")
+#: A moved file's row, replacing whatever is at its new path.
+_REPLACE_OUTPUT = (
+    f"INSERT INTO outputs ({', '.join(OUTPUT_COLUMNS)})"
+    f" VALUES ({', '.join(['%s'] * len(OUTPUT_COLUMNS))}) ON CONFLICT (path) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in OUTPUT_COLUMNS if c != "path")
+    + " RETURNING *"
+)
+_FAVOURITE = OUTPUT_COLUMNS.index("favourite")
 
 
 def _job(row: dict[str, Any]) -> Job:
@@ -333,8 +388,10 @@ class PostgresStore:
                 )
             if found == SCHEMA_VERSION:
                 return  # the usual start: no DDL, so no lock on tables other nodes use
-            # Version 4 is the first PostgreSQL schema: there is nothing older to migrate.
-            # A later version alters the tables of ``found`` here, before the schema runs.
+            # Version 4 is the first PostgreSQL schema. Version 5 only adds the ``outputs``
+            # table and its indexes, which the schema creates (IF NOT EXISTS) on a version 4
+            # database, every job kept. A later version that changes a table alters the
+            # tables of ``found`` here, before the schema runs.
             for statement in _SCHEMA.split(";\n"):  # statements end a line: see _SCHEMA
                 if statement.strip():
                     conn.execute(statement)
@@ -1141,16 +1198,112 @@ class PostgresStore:
 
         return self._run(work) if ids else []
 
+    # -- the gallery index -------------------------------------------------------------------
+    def put_outputs(self, records: Sequence[OutputRecord]) -> None:
+        # In path order: two nodes indexing overlapping files wait for each other in the
+        # same order, and cannot deadlock.
+        rows = [output_row(r) for r in sorted(records, key=lambda r: r.path)]
+
+        def work(c: psycopg.Connection) -> None:
+            with c.cursor() as cur:
+                cur.executemany(_PUT_OUTPUT, rows)
+
+        if rows:
+            self._run(work)
+
+    def move_output(self, old_path: str, record: OutputRecord) -> OutputRecord:
+        def work(c: psycopg.Connection) -> OutputRecord:
+            row = list(output_row(record))
+            old = c.execute(
+                "DELETE FROM outputs WHERE path = %s RETURNING favourite", (old_path,)
+            ).fetchone()
+            if old is not None:
+                row[_FAVOURITE] = old["favourite"]
+            return output_record(c.execute(_REPLACE_OUTPUT, row).fetchone())
+
+        return self._run(work)
+
+    def drop_outputs(self, paths: Sequence[str]) -> int:
+        paths = list(paths)
+        if not paths:
+            return 0
+        return self._statement(
+            lambda c: c.execute("DELETE FROM outputs WHERE path = ANY(%s)", (paths,)).rowcount
+        )
+
+    def output_stats(self) -> dict[str, tuple[int, int]]:
+        rows = self._statement(
+            lambda c: c.execute("SELECT path, size_bytes, mtime_ns FROM outputs").fetchall()
+        )
+        return {row["path"]: (row["size_bytes"], row["mtime_ns"]) for row in rows}
+
+    def list_outputs(
+        self, query: OutputQuery, *, limit: int, before: str | None = None
+    ) -> list[OutputRecord]:
+        where, args = output_filters(
+            query, before, mark="%s", contains="strpos(search, {}) > 0", true="true"
+        )
+        rows = self._statement(
+            lambda c: c.execute(
+                f"SELECT * FROM outputs WHERE {where} ORDER BY name DESC, path DESC LIMIT %s",
+                (*args, limit),
+            ).fetchall()
+        )
+        return [output_record(row) for row in rows]
+
+    def find_outputs(
+        self, filenames: Sequence[str], *, trashed: bool = False
+    ) -> dict[str, OutputRecord]:
+        names = list(dict.fromkeys(filenames))
+        where = (
+            "filename = ANY(%s) AND trashed_at IS NOT NULL"
+            if trashed
+            else "path = ANY(%s) AND trashed_at IS NULL"
+        )
+        rows = self._statement(
+            lambda c: c.execute(f"SELECT * FROM outputs WHERE {where}", (names,)).fetchall()
+        )
+        records = [output_record(row) for row in rows]
+        if trashed:
+            return latest_trashed(records)
+        return {record.filename: record for record in records}
+
+    def set_favourite(self, filename: str, favourite: bool) -> OutputRecord | None:
+        row = self._statement(
+            lambda c: c.execute(
+                "UPDATE outputs SET favourite = %s WHERE path = %s AND trashed_at IS NULL"
+                " RETURNING *",
+                (bool(favourite), filename),
+            ).fetchone()
+        )
+        return output_record(row) if row else None
+
+    def trashed_outputs(
+        self, *, limit: int, trashed_before: float | None = None
+    ) -> list[OutputRecord]:
+        due, args = (
+            ("", ()) if trashed_before is None else (" AND trashed_at < %s", (trashed_before,))
+        )
+        rows = self._statement(
+            lambda c: c.execute(
+                f"SELECT * FROM outputs WHERE trashed_at IS NOT NULL{due}"
+                " ORDER BY trashed_at DESC, path DESC LIMIT %s",
+                (*args, limit),
+            ).fetchall()
+        )
+        return [output_record(row) for row in rows]
+
     # -- moving a queue here -----------------------------------------------------------------
     def copy_from_sqlite(self, path: str | Path) -> dict[str, int]:
         """Copy every job (any status, with its id, queue order, attempts, times and
-        output), claim, delivery and setting of the SQLite job database at ``path`` into this
-        one, in one transaction, and move the id sequences past them. Refused (nothing
-        copied) if this database has a job already. Returns the number of rows per table."""
+        output), claim, delivery, setting and gallery index row (favourites and trash marks
+        live only there) of the SQLite job database at ``path`` into this one, in one
+        transaction, and move the id sequences past them. Refused (nothing copied) if this
+        database has a job already. Returns the number of rows per table."""
         source = _read_sqlite(Path(path))
 
         def work(c: psycopg.Connection) -> dict[str, int]:
-            c.execute("LOCK TABLE jobs, claims, deliveries, settings IN EXCLUSIVE MODE")
+            c.execute("LOCK TABLE jobs, claims, deliveries, settings, outputs IN EXCLUSIVE MODE")
             has = c.execute("SELECT COUNT(*) AS n FROM jobs").fetchone()["n"]
             if has:
                 raise ConfigError(
@@ -1159,19 +1312,23 @@ class PostgresStore:
                     field="queue.database",
                 )
             counts = {}
-            for table in ("claims", "jobs", "deliveries", "settings"):
+            for table in ("claims", "jobs", "deliveries", "settings", "outputs"):
                 rows, columns = source[table]
                 counts[table] = len(rows)
                 if not rows:
                     continue
+                if table == "outputs":  # SQLite keeps the flag as 0 or 1
+                    f = _FAVOURITE
+                    rows = [(*r[:f], bool(r[f]), *r[f + 1 :]) for r in rows]
                 names = ", ".join(columns)
                 marks = ", ".join(["%s"] * len(columns))
-                conflict = " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+                conflict = {
+                    "settings": " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    "outputs": " ON CONFLICT (path) DO NOTHING",
+                }.get(table, "")
                 with c.cursor() as cur:
                     cur.executemany(
-                        f"INSERT INTO {table} ({names}) VALUES ({marks})"
-                        + (conflict if table == "settings" else ""),
-                        rows,
+                        f"INSERT INTO {table} ({names}) VALUES ({marks}){conflict}", rows
                     )
             for table in ("claims", "jobs", "deliveries"):
                 c.execute(
@@ -1330,6 +1487,7 @@ _COPIED = {
     "jobs": ("seq", *_JOB_COLUMNS, "spec", "lease_until", "interrupt"),
     "deliveries": tuple(_DELIVERY_COLUMNS),
     "settings": ("key", "value"),
+    "outputs": OUTPUT_COLUMNS,
 }
 
 
@@ -1362,7 +1520,7 @@ def _read_sqlite(path: Path) -> dict[str, tuple[list[tuple], tuple[str, ...]]]:
                 continue
             have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
             select = ", ".join(name if name in have else "NULL" for name in columns)
-            order = "key" if table == "settings" else "id"
+            order = {"settings": "key", "outputs": "path"}.get(table, "id")
             rows = db.execute(f"SELECT {select} FROM {table} ORDER BY {order}").fetchall()
             out[table] = (rows, columns)
         return out

@@ -37,8 +37,13 @@ class ImageSaver:
         on_saved: SavedCallback,
         choice: model_choice.ModelChoice | None = None,
         holds: Callable[[Job], bool] | None = None,
+        index: Callable[[Path, Callable[[], Path]], Path] | None = None,
     ) -> None:
         self.config = config
+        #: Writes each PNG through the gallery index (``GalleryIndex.write(folder, save)``),
+        #: which lists it as soon as it is in place, before its job is reported finished: a
+        #: client told of the job finds it in the gallery. None: a plain write.
+        self.index = index
         #: Whether this process still holds the job (its lease on a shared queue): asked
         #: just before the image is published; None: always.
         self.holds = holds
@@ -106,7 +111,12 @@ class ImageSaver:
                 "this node lost the job's lease (another node runs it now); its image was "
                 "not written"
             )
-        return self.output_ref(outputs.save_png(image, folder, name, text))
+
+        def save() -> Path:
+            return outputs.save_png(image, folder, name, text)
+
+        path = save() if self.index is None else self.index(folder, save)
+        return self.output_ref(path)
 
     def output_ref(self, path: Path) -> str:
         """``outputs/<name>.png`` (relative to the config folder) as the original API shows it."""

@@ -35,6 +35,8 @@ def smb_conf(
     names = {p.name for p in root.iterdir()} if root.is_dir() else set()
     names |= {p.resolve().name for p in ours if p.resolve().parent == root}
     hidden = sorted(names - {outputs.name})
+    # ".*" vetoes hidden names at every depth: outputs/.trash (deleted images waiting to be
+    # restored or purged) and the saver's temporary files are never shown nor fetched.
     veto_root = "/" + "/".join([*hidden, ".*"]) + "/"
     user = user or getpass.getuser()
     # Samba has no end-of-line comments: every comment is a line of its own.

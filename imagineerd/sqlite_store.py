@@ -25,6 +25,7 @@ from .store import (
     LEASE_LOST,
     OPEN_CLAIM_STATES,
     OPEN_CLAIM_STATES_SQL,
+    OUTPUT_COLUMNS,
     PENDING,
     SCHEMA_VERSION,
     STOPPED,
@@ -33,10 +34,17 @@ from .store import (
     Delivery,
     Fenced,
     Moved,
+    OutputQuery,
+    OutputRecord,
+    latest_trashed,
     lost_error,
     move_target,
     new_token,
+    output_filters,
+    output_record,
+    output_row,
     positions_from,
+    put_outputs_sql,
     reordered,
 )
 
@@ -112,6 +120,42 @@ CREATE TABLE IF NOT EXISTS settings (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+-- The gallery index (imagineerd.gallery_index): one row per PNG of the outputs folder, by
+-- its path there. The partial indexes serve newest-first pages of the listed images (none
+-- in the trash), alone or with one filter, without reading the rows they skip.
+CREATE TABLE IF NOT EXISTS outputs (
+    path            TEXT PRIMARY KEY,
+    filename        TEXT NOT NULL,
+    name            TEXT NOT NULL,
+    job_id          INTEGER,
+    created         TEXT NOT NULL,
+    prompt          TEXT,
+    search          TEXT,
+    negative_prompt TEXT,
+    model           TEXT,
+    width           INTEGER,
+    height          INTEGER,
+    source          TEXT,
+    favourite       INTEGER NOT NULL DEFAULT 0,
+    trashed_at      REAL,
+    size_bytes      INTEGER NOT NULL,
+    mtime_ns        INTEGER NOT NULL,
+    entry           TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outputs_listed ON outputs (name, path) WHERE trashed_at IS NULL;
+CREATE INDEX IF NOT EXISTS outputs_favourite ON outputs (name, path)
+    WHERE trashed_at IS NULL AND favourite = 1;
+CREATE INDEX IF NOT EXISTS outputs_model ON outputs (model, name, path)
+    WHERE trashed_at IS NULL;
+CREATE INDEX IF NOT EXISTS outputs_source ON outputs (source, name, path)
+    WHERE trashed_at IS NULL;
+CREATE INDEX IF NOT EXISTS outputs_size ON outputs (width, height, name, path)
+    WHERE trashed_at IS NULL;
+CREATE INDEX IF NOT EXISTS outputs_created ON outputs (created) WHERE trashed_at IS NULL;
+CREATE INDEX IF NOT EXISTS outputs_trashed ON outputs (trashed_at, path)
+    WHERE trashed_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS outputs_trashed_name ON outputs (filename)
+    WHERE trashed_at IS NOT NULL;
 """
 #: Columns version 4 added to tables that older versions have already.
 _ADDED_IN_4 = {
@@ -121,8 +165,9 @@ _ADDED_IN_4 = {
 
 
 def _migrate(db: sqlite3.Connection, found: int) -> None:
-    """Bring a database of version ``found`` (1-3) to the columns of this version, in the
-    opening transaction; new tables and indexes then come from the schema itself."""
+    """Bring a database of version ``found`` (1-4) to the columns of this version, in the
+    opening transaction; new tables and indexes then come from the schema itself (version
+    5 only adds the ``outputs`` table, so a version 4 database needs nothing here)."""
     for table, columns in _ADDED_IN_4.items():
         have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         if not have:
@@ -145,6 +190,14 @@ def _migrate(db: sqlite3.Connection, found: int) -> None:
                 "then upgrade",
                 field="paths.state",
             )
+
+
+_PUT_OUTPUT = put_outputs_sql("?")
+_REPLACE_OUTPUT = (
+    f"INSERT OR REPLACE INTO outputs ({', '.join(OUTPUT_COLUMNS)})"
+    f" VALUES ({', '.join('?' * len(OUTPUT_COLUMNS))}) RETURNING *"
+)
+_FAVOURITE = OUTPUT_COLUMNS.index("favourite")
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:
@@ -661,6 +714,92 @@ class SQLiteStore(SQLiteDatabase):
             for row in self._db().execute(f"SELECT * FROM claims WHERE id IN ({marks})", chunk):
                 claims[row["id"]] = dict(row)
         return list(zip([claims.get(i) for i in ids], self._jobs_of_claims(ids), strict=True))
+
+    # -- the gallery index ---------------------------------------------------------------
+    def put_outputs(self, records: Sequence[OutputRecord]) -> None:
+        if records:
+            with self._write() as db:
+                db.executemany(_PUT_OUTPUT, [output_row(r) for r in records])
+
+    def move_output(self, old_path: str, record: OutputRecord) -> OutputRecord:
+        row = list(output_row(record))
+        with self._write() as db:
+            old = db.execute(
+                "DELETE FROM outputs WHERE path = ? RETURNING favourite", (old_path,)
+            ).fetchone()
+            if old is not None:
+                row[_FAVOURITE] = bool(old[0])
+            stored = db.execute(_REPLACE_OUTPUT, row).fetchone()
+        return output_record(stored)
+
+    def drop_outputs(self, paths: Sequence[str]) -> int:
+        dropped = 0
+        paths = list(paths)
+        if not paths:
+            return 0
+        with self._write() as db:
+            for start in range(0, len(paths), 500):
+                chunk = paths[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                gone = db.execute(f"DELETE FROM outputs WHERE path IN ({marks})", chunk)
+                dropped += gone.rowcount
+        return dropped
+
+    def output_stats(self) -> dict[str, tuple[int, int]]:
+        rows = self._db().execute("SELECT path, size_bytes, mtime_ns FROM outputs")
+        return {path: (size, mtime) for path, size, mtime in rows}
+
+    def list_outputs(
+        self, query: OutputQuery, *, limit: int, before: str | None = None
+    ) -> list[OutputRecord]:
+        where, args = output_filters(
+            query, before, mark="?", contains="instr(search, {}) > 0", true="1"
+        )
+        rows = self._db().execute(
+            f"SELECT * FROM outputs WHERE {where} ORDER BY name DESC, path DESC LIMIT ?",
+            (*args, limit),
+        )
+        return [output_record(row) for row in rows]
+
+    def find_outputs(
+        self, filenames: Sequence[str], *, trashed: bool = False
+    ) -> dict[str, OutputRecord]:
+        names = list(dict.fromkeys(filenames))
+        where = (
+            "filename IN ({}) AND trashed_at IS NOT NULL"
+            if trashed
+            else "path IN ({}) AND trashed_at IS NULL"
+        )
+        records = []
+        for start in range(0, len(names), 500):
+            chunk = names[start : start + 500]
+            sql = f"SELECT * FROM outputs WHERE {where.format(', '.join('?' * len(chunk)))}"
+            records += [output_record(row) for row in self._db().execute(sql, chunk)]
+        if trashed:
+            return latest_trashed(records)
+        return {record.filename: record for record in records}
+
+    def set_favourite(self, filename: str, favourite: bool) -> OutputRecord | None:
+        with self._write() as db:
+            row = db.execute(
+                "UPDATE outputs SET favourite = ? WHERE path = ? AND trashed_at IS NULL"
+                " RETURNING *",
+                (bool(favourite), filename),
+            ).fetchone()
+        return output_record(row) if row else None
+
+    def trashed_outputs(
+        self, *, limit: int, trashed_before: float | None = None
+    ) -> list[OutputRecord]:
+        due, args = (
+            ("", ()) if trashed_before is None else (" AND trashed_at < ?", (trashed_before,))
+        )
+        rows = self._db().execute(
+            f"SELECT * FROM outputs WHERE trashed_at IS NOT NULL{due}"
+            " ORDER BY trashed_at DESC, path DESC LIMIT ?",
+            (*args, limit),
+        )
+        return [output_record(row) for row in rows]
 
     # -- queries -------------------------------------------------------------------------
     def get(self, job_id: int) -> Job | None:

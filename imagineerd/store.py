@@ -20,8 +20,9 @@ times are read from the store's own clock, so nodes need not agree on the time.
 
 from __future__ import annotations
 
+import json
 import secrets
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -49,7 +50,10 @@ PENDING, DELIVERED, GAVE_UP = "pending", "delivered", "failed"
 #: ``claims.node`` (added empty to older rows: no node, no lease), the ``nodes`` and
 #: ``settings`` tables, and one open claim per inbox file. The PostgreSQL store has the
 #: same number for the same schema (the tables the SQLite one has, in its types).
-SCHEMA_VERSION = 4
+#: 5: the gallery index, the ``outputs`` table (one row per PNG of the outputs folder, with
+#: its favourite and trash marks); created empty on a version 4 database, which changes no
+#: job, and filled by the daemon's first pass over the folder.
+SCHEMA_VERSION = 5
 
 
 def new_token() -> str:
@@ -168,6 +172,177 @@ class Delivery:
 class Fenced(RuntimeError):
     """A node finished (or checked) a job whose claim it no longer holds: its lease ran
     out and the job went back to the queue or to another node. The late result is dropped."""
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """One PNG of the outputs folder as the gallery index holds it (the ``outputs`` table).
+
+    ``path`` is where the file is now, relative to the outputs folder with ``/`` between
+    folders: ``.trash/...`` once it was deleted. ``filename`` is the name it is listed (and
+    restored) under; the two are equal outside the trash. ``entry`` is the gallery entry the
+    API answers with (``Gallery.entry``); the other fields are what listings filter on, and
+    ``size_bytes``/``mtime_ns`` tell a file changed since it was read."""
+
+    path: str
+    filename: str
+    created: str
+    size_bytes: int
+    mtime_ns: int
+    entry: dict[str, Any]
+    job_id: int | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    model: str | None = None
+    width: int | None = None
+    height: int | None = None
+    source: str | None = None
+    favourite: bool = False
+    #: Unix seconds when it went to the trash; ``None`` while it is listed.
+    trashed_at: float | None = None
+
+    @property
+    def name(self) -> str:
+        """The last part of ``filename``: listings go newest first by it, as our file names
+        start with their time."""
+        return self.filename.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class OutputQuery:
+    """What a gallery listing keeps (every field given must hold): ``text`` a substring of
+    the prompt, compared case-folded (``str.casefold``); ``since``/``until`` bounds on
+    ``created`` as the entry writes it (``YYYY-MM-DDTHH:MM:SS.ffffff``, local time),
+    inclusive."""
+
+    text: str | None = None
+    model: str | None = None
+    source: str | None = None
+    favourite: bool | None = None
+    width: int | None = None
+    height: int | None = None
+    since: str | None = None
+    until: str | None = None
+
+
+#: The ``outputs`` columns in table order, as :func:`output_row` gives them. ``search`` is
+#: the prompt case-folded, so a substring search is the same on both stores and ignores
+#: case beyond ASCII (SQLite's ``LIKE`` and ``lower`` fold ASCII only).
+OUTPUT_COLUMNS = (
+    "path",
+    "filename",
+    "name",
+    "job_id",
+    "created",
+    "prompt",
+    "search",
+    "negative_prompt",
+    "model",
+    "width",
+    "height",
+    "source",
+    "favourite",
+    "trashed_at",
+    "size_bytes",
+    "mtime_ns",
+    "entry",
+)
+
+
+def output_row(record: OutputRecord) -> tuple[Any, ...]:
+    """The values of :data:`OUTPUT_COLUMNS` for one record."""
+    return (
+        record.path,
+        record.filename,
+        record.name,
+        record.job_id,
+        record.created,
+        record.prompt,
+        record.prompt.casefold() if record.prompt else None,
+        record.negative_prompt,
+        record.model,
+        record.width,
+        record.height,
+        record.source,
+        bool(record.favourite),
+        record.trashed_at,
+        record.size_bytes,
+        record.mtime_ns,
+        json.dumps(record.entry, ensure_ascii=False),
+    )
+
+
+def output_record(row: Mapping[str, Any]) -> OutputRecord:
+    """A row of the ``outputs`` table (by column name) as a record."""
+    return OutputRecord(
+        path=row["path"],
+        filename=row["filename"],
+        created=row["created"],
+        size_bytes=row["size_bytes"],
+        mtime_ns=row["mtime_ns"],
+        entry=json.loads(row["entry"]),
+        job_id=row["job_id"],
+        prompt=row["prompt"],
+        negative_prompt=row["negative_prompt"],
+        model=row["model"],
+        width=row["width"],
+        height=row["height"],
+        source=row["source"],
+        favourite=bool(row["favourite"]),
+        trashed_at=row["trashed_at"],
+    )
+
+
+def put_outputs_sql(mark: str) -> str:
+    """The upsert of :meth:`Store.put_outputs` with ``mark`` as the parameter placeholder
+    (both stores speak this SQL): what the file says is replaced, what only the index knows
+    (name listed under, favourite, time trashed) is kept."""
+    kept = {"path", "filename", "name", "favourite", "trashed_at"}
+    updated = ", ".join(f"{c} = EXCLUDED.{c}" for c in OUTPUT_COLUMNS if c not in kept)
+    return (
+        f"INSERT INTO outputs ({', '.join(OUTPUT_COLUMNS)})"
+        f" VALUES ({', '.join([mark] * len(OUTPUT_COLUMNS))})"
+        f" ON CONFLICT (path) DO UPDATE SET {updated},"
+        " trashed_at = COALESCE(outputs.trashed_at, EXCLUDED.trashed_at)"
+    )
+
+
+def output_filters(
+    query: OutputQuery, before: str | None, *, mark: str, contains: str, true: str
+) -> tuple[str, list[Any]]:
+    """The ``WHERE`` clause (and its parameters) of :meth:`Store.list_outputs`: ``contains``
+    is the engine's substring test with ``{}`` for the placeholder, ``true`` its literal for
+    true (the partial index of favourites names it, and a parameter would not match it)."""
+    clauses, args = ["trashed_at IS NULL"], []
+    if before is not None:
+        clauses.append(f"(name, path) < ({mark}, {mark})")
+        args += [before.rsplit("/", 1)[-1], before]
+    if query.text:
+        clauses.append(contains.format(mark))
+        args.append(query.text.casefold())
+    for column in ("model", "source", "width", "height"):
+        value = getattr(query, column)
+        if value is not None:
+            clauses.append(f"{column} = {mark}")
+            args.append(value)
+    if query.favourite is not None:
+        clauses.append(f"favourite = {true}" if query.favourite else f"NOT favourite = {true}")
+    if query.since is not None:
+        clauses.append(f"created >= {mark}")
+        args.append(query.since)
+    if query.until is not None:
+        clauses.append(f"created <= {mark}")
+        args.append(query.until)
+    return " AND ".join(clauses), args
+
+
+def latest_trashed(records: Sequence[OutputRecord]) -> dict[str, OutputRecord]:
+    """By ``filename``, the record of each name that went to the trash last (a name may be
+    in the trash more than once: deleted, made again, deleted again)."""
+    found: dict[str, OutputRecord] = {}
+    for record in sorted(records, key=lambda r: (r.trashed_at or 0.0, r.path)):
+        found[record.filename] = record
+    return found
 
 
 @runtime_checkable
@@ -474,6 +649,57 @@ class Store(Protocol):
     def claims_with_jobs(self, claim_ids: Sequence[int]) -> list[tuple[dict | None, list[Job]]]:
         """:meth:`get_claim` and :meth:`claim_jobs` of many claims, in two queries (a
         burst's receipts); ``(None, [])`` for an unknown id."""
+        ...
+
+    # -- the gallery index: one row per PNG of the outputs folder ---------------------------
+    # Several nodes may share the outputs folder and this index, and each reconciles the
+    # folder with it: every write is an idempotent upsert or delete by path.
+    def put_outputs(self, records: Sequence[OutputRecord]) -> None:
+        """Insert or update rows by ``path``, in one transaction. A row there already keeps
+        its ``filename``, its ``favourite`` and its ``trashed_at`` (when it has one): what a
+        file's metadata cannot say."""
+        ...
+
+    def move_output(self, old_path: str, record: OutputRecord) -> OutputRecord:
+        """A file moved (into the trash, or back out of it), in one transaction: the row at
+        ``old_path`` goes and ``record`` takes its place (replacing any row at its path),
+        with the old row's ``favourite`` when there was one. Returns the row as stored."""
+        ...
+
+    def drop_outputs(self, paths: Sequence[str]) -> int:
+        """Delete the rows at ``paths`` (files found gone, or purged); how many there were."""
+        ...
+
+    def output_stats(self) -> dict[str, tuple[int, int]]:
+        """``{path: (size_bytes, mtime_ns)}`` of every row, trashed ones included: what a
+        pass over the folder compares the files with."""
+        ...
+
+    def list_outputs(
+        self, query: OutputQuery, *, limit: int, before: str | None = None
+    ) -> list[OutputRecord]:
+        """Rows not in the trash that match ``query``, newest first: by :attr:`OutputRecord.
+        name` then ``path``, both descending; ``before`` (a filename from a previous page)
+        pages on."""
+        ...
+
+    def find_outputs(
+        self, filenames: Sequence[str], *, trashed: bool = False
+    ) -> dict[str, OutputRecord]:
+        """By filename, the rows of those names that are listed, or with ``trashed`` those
+        in the trash (of a name there more than once, the one trashed last). Unknown names
+        are left out."""
+        ...
+
+    def set_favourite(self, filename: str, favourite: bool) -> OutputRecord | None:
+        """Mark a listed image a favourite or not; ``None`` if no such image is listed."""
+        ...
+
+    def trashed_outputs(
+        self, *, limit: int, trashed_before: float | None = None
+    ) -> list[OutputRecord]:
+        """Rows in the trash, the last trashed first; only those trashed before
+        ``trashed_before`` (Unix seconds) when given (what is due to be purged)."""
         ...
 
     def close(self) -> None:

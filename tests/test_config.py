@@ -21,6 +21,8 @@ DATA = Path(__file__).parent / "data"
 #: after a few changes (token, port, CORS origin, model, generation defaults, presets, ...).
 RELEASE_SHIPPED = DATA / "config-b4dbb60-shipped.yaml"
 RELEASE_SAVED = DATA / "config-b4dbb60-saved-by-api.yaml"
+#: config.yaml as the release before the gallery index (7dabdcc) shipped it: no gallery:.
+RELEASE_7DABDCC = DATA / "config-7dabdcc-shipped.yaml"
 
 
 def load_text(tmp_path: Path, text: str) -> config_mod.Config:
@@ -67,6 +69,11 @@ def test_paths_are_relative_to_the_config_file(tmp_path: Path):
         ("inbox: {enabled: 'yes'}\n", "inbox.enabled", "true or false"),
         ("inbox: {settle_seconds: -1}\n", "inbox.settle_seconds", "number"),
         ("queue: {max_attempts: 0}\n", "queue.max_attempts", "1 to 100"),
+        ("gallery: {trash_days: -1}\n", "gallery.trash_days", "0 to 3650"),
+        ("gallery: {trash_days: 'a week'}\n", "gallery.trash_days", "number"),
+        ("gallery: {rescan_seconds: 0.5}\n", "gallery.rescan_seconds", "0 (only at start)"),
+        ("gallery: {rescan_seconds: true}\n", "gallery.rescan_seconds", "1 to 604800"),
+        ("gallery: {trash: 7}\n", "gallery.trash", "known keys"),
         ("modle: {name: x}\n", "modle", "known sections"),
         ("server: [1, 2]\n", "server", "mapping"),
     ],
@@ -189,6 +196,29 @@ def test_the_last_release_config_files_still_load_unchanged(tmp_path: Path):
     assert (saved["model"]["max_loaded"], saved["model"]["cpu_cache"]) == (1, 1)
     assert saved["generation"]["clip_skip"] == 1 and saved["inbox"]["orphan_seconds"] == 600
     assert saved["server"]["max_image_bytes"] == 32 << 20
+
+
+@pytest.mark.parametrize(
+    "fixture",
+    [RELEASE_SHIPPED, RELEASE_SAVED, RELEASE_7DABDCC],
+    ids=["b4dbb60", "saved", "7dabdcc"],
+)
+def test_a_config_from_before_the_gallery_index_loads_with_its_defaults(fixture: Path):
+    """Neither release had a gallery: section; their files load with its defaults."""
+    config = config_mod.load(fixture)
+    assert config["gallery"] == {"trash_days": 7.0, "rescan_seconds": 600.0}
+    if fixture != RELEASE_SAVED:
+        assert config.data == config_mod.DEFAULTS
+
+
+def test_a_gallery_setting_saved_into_the_last_release_config_adds_its_section(tmp_path: Path):
+    path = tmp_path / "config.yaml"
+    shutil.copy(RELEASE_7DABDCC, path)
+    before = path.read_text()
+    config_file.update_file(path, {"gallery": {"trash_days": 3}})
+    after = path.read_text()
+    assert after.startswith(before) and after[len(before) :] == "gallery:\n  trash_days: 3\n"
+    assert config_mod.load(path)["gallery"] == {"trash_days": 3.0, "rescan_seconds": 600.0}
 
 
 def test_a_new_key_saved_into_a_last_release_config_is_added_alone(tmp_path: Path):

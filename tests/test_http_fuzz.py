@@ -138,6 +138,11 @@ ROUTES = [
     "/api/config/generation",
     "/api/outputs",
     "/api/outputs/{}",
+    "/api/outputs/delete",
+    "/api/outputs/restore",
+    "/api/outputs/zip",
+    "/api/outputs/{}/{}",
+    "/api/trash",
     "/api/health",
     "/api/options",
     "/api/models",
@@ -171,7 +176,9 @@ segment = st.one_of(
     ),
 )
 queries = st.dictionaries(
-    st.sampled_from(["limit", "before", "thumb", "token", "last_event_id", "x", ""]),
+    st.sampled_from(
+        ["limit", "before", "thumb", "token", "last_event_id", "x", "", "q", "since", "favourite"]
+    ),
     st.one_of(st.integers(-10, 10**6).map(str), st.text(max_size=12)),
     max_size=3,
 )

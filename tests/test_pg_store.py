@@ -94,15 +94,66 @@ def test_a_database_of_a_newer_schema_is_refused_by_message_and_left_alone(pg_ur
     job = store.add(spec("kept"), submitted_at=T)
     store.close()
     with psycopg.connect(pg_url, autocommit=True) as db:
-        db.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
+        db.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
     with pytest.raises(ConfigError) as info:
         PostgresStore(pg_url)
     message = info.value.message
-    assert "schema version 5" in message and f"up to version {SCHEMA_VERSION}" in message
+    assert "schema version 6" in message and f"up to version {SCHEMA_VERSION}" in message
     assert "Upgrade imagineerd" in message and info.value.field == "queue.database"
     with psycopg.connect(pg_url) as db:
-        assert db.execute("SELECT value FROM meta").fetchone()[0] == "5"
+        assert db.execute("SELECT value FROM meta").fetchone()[0] == "6"
         assert db.execute("SELECT COUNT(*) FROM jobs WHERE id = %s", (job.id,)).fetchone()[0]
+
+
+def test_the_last_release_database_migrates_to_version_5_keeping_every_job(pg_url: str):
+    """tests/data/release-7dabdcc-v4-pg.sql is the database the last release (7dabdcc,
+    schema 4) wrote (tests/data/make-release-7dabdcc-v4.py): its schema and its rows. This
+    release adds the gallery index to it and changes no row."""
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute((DATA / "release-7dabdcc-v4-pg.sql").read_text())
+
+    def rows(table: str) -> list[tuple]:
+        with psycopg.connect(pg_url) as db:
+            return db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+
+    before = {t: rows(t) for t in ("jobs", "claims", "deliveries", "nodes", "settings")}
+    assert rows("meta") == [("schema_version", "4")]
+    store = PostgresStore(pg_url)
+    try:
+        assert {t: rows(t) for t in before} == before
+        assert store.schema_version() == SCHEMA_VERSION == 5
+        assert store.counts() == {QUEUED: 2, RUNNING: 1, COMPLETED: 3, FAILED: 2, CANCELLED: 1}
+        assert [j.output_path for j in store.history(10) if j.status == COMPLETED] == [
+            f"outputs/20260301_100000_a_fox_{i}_{i + 1}.png" for i in (2, 1, 0)
+        ]
+        assert len(store.deliveries(10)) == 3 and store.get_setting("generation") == {"steps": 20}
+        assert [j.spec.prompt for j in store.claim_jobs(1)] == ["from the inbox", "second line"]
+        (back,) = store.recover(max_attempts=3, completed_at=T, node="gpu-1")
+        assert back.id == 7 and [j.id for j in store.queued()] == [7, 8, 9]
+        # The sequences go on past the old rows, and the gallery index is there, empty.
+        assert store.add(spec("new"), submitted_at=T).id == 10
+        assert store.output_stats() == {}
+    finally:
+        store.close()
+    with psycopg.connect(pg_url) as db:
+        tables = {r[0] for r in db.execute("SELECT tablename FROM pg_tables")}
+        assert "outputs" in tables
+
+
+def test_the_last_release_refuses_a_version_5_database_by_its_own_message(pg_url, monkeypatch):
+    """A node of the last release (schema 4) on a database this one upgraded stops with its
+    own message: its check is this store's, at version 4."""
+    import imagineerd.pg_store as pg_store
+
+    PostgresStore(pg_url).close()
+    monkeypatch.setattr(pg_store, "SCHEMA_VERSION", 4)  # what the last release understood
+    with pytest.raises(ConfigError) as info:
+        PostgresStore(pg_url)
+    assert info.value.message == (
+        f"the job database {pg_store.where(pg_url)} has schema version 5, written by a newer "
+        "imagineerd; this one understands up to version 4. Upgrade imagineerd on this node, "
+        "or point queue.database at another database"
+    )
 
 
 # -- a server that goes away ------------------------------------------------------------------
@@ -375,6 +426,37 @@ def test_db_copy_moves_a_whole_sqlite_queue_into_postgres(tmp_path, pg_url, caps
     assert "has 6 jobs already" in capsys.readouterr().err
 
 
+def test_db_copy_takes_the_gallery_index_with_its_favourites_and_trash(tmp_path, pg_url):
+    """Favourites and trash marks live only in the index: a queue moved to PostgreSQL keeps
+    them (the rest of a row a pass over the folder could read again)."""
+    from imagineerd.store import OutputQuery, OutputRecord
+
+    source = tmp_path / "old.db"
+    make_source(source)
+    old = SQLiteStore(source)
+
+    def row(path: str, **fields) -> OutputRecord:
+        entry = {"filename": path.removeprefix(".trash/")}
+        return OutputRecord(path, entry["filename"], T, 1, 2, entry, prompt="p", **fields)
+
+    old.put_outputs([row("a.png"), row("b.png"), row(".trash/c.png", trashed_at=5.0)])
+    old.set_favourite("b.png", True)
+    old.close()
+    store = PostgresStore(pg_url)
+    try:
+        assert store.copy_from_sqlite(source)["outputs"] == 3
+        listed = store.list_outputs(OutputQuery(), limit=10)
+        assert [(r.path, r.favourite) for r in listed] == [("b.png", True), ("a.png", False)]
+        (trashed,) = store.trashed_outputs(limit=10)
+        assert (trashed.path, trashed.filename, trashed.trashed_at) == (
+            ".trash/c.png",
+            "c.png",
+            5.0,
+        )
+    finally:
+        store.close()
+
+
 def test_db_copy_reads_a_first_release_database_without_changing_it(tmp_path, pg_url, capsys):
     source = tmp_path / "imagineerd.db"
     shutil.copy(DATA / "release-0.1.0.db", source)
@@ -412,8 +494,8 @@ def test_db_copy_refuses_what_it_cannot_copy(tmp_path, pg_url, capsys):
     newer = tmp_path / "newer.db"
     SQLiteStore(newer).close()
     raw = sqlite3.connect(newer)
-    raw.execute("UPDATE meta SET value = '5'")
+    raw.execute("UPDATE meta SET value = '6'")
     raw.commit()
     raw.close()
     assert cli.main(["db", "copy", "--from", f"sqlite:{newer}", "--config", config]) == 1
-    assert "schema version 5" in capsys.readouterr().err
+    assert "schema version 6" in capsys.readouterr().err

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from imagineerd import config as config_mod
+from imagineerd import outputs
 from imagineerd.daemon import Daemon
 from imagineerd.inbox import Inbox
 from imagineerd.smb import smb_conf
@@ -173,3 +175,29 @@ def test_bad_file_over_smb_comes_back_with_a_note(samba, tmp_path: Path):
     got = smbclient("Imagineer-inbox", "get failed/oops.error.txt note.txt", tmp_path)
     assert got.returncode == 0
     assert "not UTF-8" in (tmp_path / "note.txt").read_text()
+
+
+def test_the_trash_is_never_seen_nor_fetched_through_the_share(samba, tmp_path: Path):
+    """An image deleted in the gallery waits in outputs/.trash/: the read-only share vetoes
+    every hidden name, so nobody on the network sees it, lists it or copies it."""
+    daemon, root = samba
+    folder = root / "outputs"
+    kept, gone = "20260101_000000_kept_1.png", "20260102_000000_trashed_2.png"
+    for name in (kept, gone):
+        outputs.save_png(Image.new("RGB", (8, 8)), folder, name, {})
+    trashed, _, _ = daemon.gallery_index.trash([gone])
+    assert trashed == [gone] and (folder / ".trash" / gone).is_file()
+
+    listing = smbclient("Imagineer", "ls outputs/*", tmp_path)
+    assert listing.returncode == 0, listing.stdout + listing.stderr
+    assert kept in listing.stdout
+    assert ".trash" not in listing.stdout and gone not in listing.stdout
+    inside = smbclient("Imagineer", "ls outputs/.trash/*", tmp_path)
+    assert gone not in inside.stdout and "NT_STATUS_" in inside.stdout + inside.stderr
+    got = smbclient("Imagineer", f"get outputs/.trash/{gone} stolen.png", tmp_path)
+    assert "NT_STATUS_" in got.stdout + got.stderr
+    assert not (tmp_path / "stolen.png").exists()
+    # The image left in place is still served, as before.
+    fetched = smbclient("Imagineer", f"get outputs/{kept} kept.png", tmp_path)
+    assert fetched.returncode == 0, fetched.stdout + fetched.stderr
+    assert (tmp_path / "kept.png").read_bytes() == (folder / kept).read_bytes()

@@ -13,6 +13,7 @@ import pytest
 from imagineerd import config as config_mod
 from imagineerd.errors import ConfigError, Unavailable
 from imagineerd.jobs import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, validate
+from imagineerd.sqlite_db import SQLiteDatabase
 from imagineerd.sqlite_store import SCHEMA_VERSION, SQLiteStore
 from imagineerd.store import (
     CLAIMING,
@@ -23,6 +24,7 @@ from imagineerd.store import (
     SUBMITTED,
     ClaimSubmission,
     Fenced,
+    OutputQuery,
     Store,
 )
 
@@ -91,8 +93,11 @@ def test_every_store_implements_the_whole_contract(store: Store):
 
 
 def test_the_contract_suite_exercises_every_store_method():
-    """A method added to the Store protocol must get a contract test here."""
-    source = Path(__file__).read_text()
+    """A method added to the Store protocol must get a contract test here (those of the
+    gallery index have theirs in test_gallery_index.py, over the same stores)."""
+    source = (
+        Path(__file__).read_text() + (Path(__file__).parent / "test_gallery_index.py").read_text()
+    )
     methods = [
         name for name, value in vars(Store).items() if callable(value) and not name.startswith("_")
     ]
@@ -968,28 +973,97 @@ def test_a_version_3_database_migrates_keeping_its_jobs_claims_and_deliveries(tm
     finally:
         store.close()
     raw = sqlite3.connect(path)
-    assert raw.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION) == "4"
+    assert raw.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION) == "5"
     indexes = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"claims_open_original", "jobs_running_node", "jobs_running_lease"} <= indexes
     raw.close()
     SQLiteStore(path).close()  # and it opens again as it is
 
 
-def test_a_version_5_database_is_refused_by_message_and_left_alone(tmp_path: Path):
+def test_a_version_6_database_is_refused_by_message_and_left_alone(tmp_path: Path):
     path = tmp_path / "imagineerd.db"
     make_v3_database(path)
     raw = sqlite3.connect(path)
-    raw.execute("UPDATE meta SET value = '5'")
+    raw.execute("UPDATE meta SET value = '6'")
     raw.commit()
     raw.close()
     with pytest.raises(ConfigError) as info:
         SQLiteStore(path)
     message = info.value.message
-    assert "schema version 5" in message and "up to version 4" in message
+    assert "schema version 6" in message and "up to version 5" in message
     assert "Upgrade imagineerd" in message and info.value.field == "paths.state"
     raw = sqlite3.connect(path)
     columns = {row[1] for row in raw.execute("PRAGMA table_info(jobs)")}
     assert "token" not in columns  # not migrated
+    raw.close()
+
+
+def test_the_last_release_database_migrates_to_version_5_keeping_every_job(tmp_path: Path):
+    """tests/data/release-7dabdcc-v4.db was written by the last release (7dabdcc, schema 4;
+    tests/data/make-release-7dabdcc-v4.py): 3 completed jobs with their deliveries, 2
+    failed, 1 cancelled, an inbox file's 2 jobs (one left running, as by a crash), 1 queued,
+    a node and settings. Version 5 adds the gallery index and changes no row."""
+    path = tmp_path / "imagineerd.db"
+    shutil.copy(DATA / "release-7dabdcc-v4.db", path)
+
+    def rows(table: str) -> list[tuple]:
+        raw = sqlite3.connect(path)
+        try:
+            return raw.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+        finally:
+            raw.close()
+
+    before = {t: rows(t) for t in ("jobs", "claims", "deliveries", "nodes", "settings")}
+    assert rows("meta") == [("schema_version", "4")]
+    SQLiteStore(path).close()
+    assert {t: rows(t) for t in before} == before  # every row as it was
+    assert rows("meta") == [("schema_version", "5")]
+    store = SQLiteStore(path)
+    try:
+        assert store.schema_version() == SCHEMA_VERSION == 5
+        assert store.counts() == {QUEUED: 2, RUNNING: 1, COMPLETED: 3, FAILED: 2, CANCELLED: 1}
+        done = [j for j in store.history(10) if j.status == COMPLETED]
+        assert [j.output_path for j in done] == [
+            f"outputs/20260301_100000_a_fox_{i}_{i + 1}.png" for i in (2, 1, 0)
+        ]
+        assert [(d.job_id, d.state) for d in store.deliveries(10)] == [
+            (3, PENDING),
+            (2, PENDING),
+            (1, PENDING),
+        ]
+        assert store.get_setting("generation") == {"steps": 20}
+        assert [n["name"] for n in store.nodes()] == ["gpu-1"]
+        assert store.get_claim(1)["state"] == DONE
+        assert [j.spec.prompt for j in store.claim_jobs(1)] == ["from the inbox", "second line"]
+        # The running job of the crash goes back to the head, as that release would have.
+        (back,) = store.recover(max_attempts=3, completed_at=T, node="gpu-1")
+        assert back.id == 7 and back.status == QUEUED
+        assert [j.id for j in store.queued()] == [7, 8, 9]
+        # The gallery index is there, empty until the daemon's first pass fills it.
+        assert store.list_outputs(OutputQuery(), limit=10) == []
+    finally:
+        store.close()
+    indexes = {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master")}
+    assert {"outputs", "outputs_listed", "outputs_trashed"} <= indexes
+
+
+def test_the_last_release_refuses_a_version_5_database_by_its_own_message(tmp_path: Path):
+    """What this release writes is refused by the last one (schema 4), unchanged: its check
+    is the generic one of SQLiteDatabase, which it opened at version 4."""
+    path = tmp_path / "imagineerd.db"
+    job = SQLiteStore(path)
+    job.add(spec("kept"), submitted_at=T)
+    job.close()
+    with pytest.raises(ConfigError) as info:
+        SQLiteDatabase(path, "", 4, timeout=1.0)
+    assert info.value.message == (
+        f"the job database {path} has schema version 5, written by a newer imagineerd; this "
+        "one understands up to version 4. Upgrade imagineerd, or point paths.state at another "
+        "folder"
+    )
+    raw = sqlite3.connect(path)
+    assert raw.execute("SELECT value FROM meta").fetchone()[0] == "5"
+    assert raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
     raw.close()
 
 

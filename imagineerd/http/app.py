@@ -164,7 +164,13 @@ def create_app(daemon: Daemon, config: Config, *, streams: Any = None) -> falcon
     app.add_route("/api/config", config_resource)
     app.add_route("/api/config/generation", config_resource, suffix="generation")
     app.add_route("/api/outputs", outputs)
+    # The literal routes before the images': Falcon tries literal segments first in any
+    # case, and no image can be named delete, restore or zip (image names end in .png).
+    app.add_route("/api/outputs/delete", outputs, suffix="delete")
+    app.add_route("/api/outputs/restore", outputs, suffix="restore")
+    app.add_route("/api/outputs/zip", outputs, suffix="zip")
     app.add_route("/api/outputs/{filename:path}", outputs, suffix="item")
+    app.add_route("/api/trash", resources.Trash(daemon))
     app.add_route("/api/health", resources.Health(daemon, auth_required=bool(token)))
     app.add_route("/api/session", resources.Session(auth))
     app.add_route("/api/options", resources.Options(daemon))

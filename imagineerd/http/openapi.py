@@ -14,6 +14,7 @@ from typing import Any
 import falcon
 
 from .. import __version__, jobs
+from ..gallery_index import MAX_FILES, SOURCES
 
 JSON = "application/json"
 ERROR_CODES = ("400", "401", "403", "404", "405", "409", "410", "413", "415", "421", "503")
@@ -215,6 +216,29 @@ def document() -> dict[str, Any]:
         infotext={"type": ["string", "null"]},
     )
     job_id = [_path_param("job_id", {"type": "integer", "minimum": 1})]
+    filename = [_path_param("filename", {"type": "string"})]
+    names = {"type": "array", "items": {"type": "string"}}
+    files_body = {
+        "type": "object",
+        "required": ["files"],
+        "properties": {
+            "files": {
+                "type": "array",
+                "items": {"type": "string"},
+                "minItems": 1,
+                "maxItems": MAX_FILES,
+                "description": "image names, as the gallery lists them",
+            }
+        },
+        "additionalProperties": False,
+    }
+    entry = _object(
+        ("filename", "favourite"),
+        filename={"type": "string"},
+        url={"type": "string"},
+        favourite={"type": "boolean"},
+        created={"type": "string"},
+    )
     anything = {"type": "object", "additionalProperties": True}
     config_body = {"type": "object", "additionalProperties": True}
     paths = {
@@ -375,14 +399,14 @@ def document() -> dict[str, Any]:
         },
         "/api/outputs": {
             "get": _operation(
-                "images, newest first",
+                "images, newest first, from the gallery index (with filters)",
                 (
                     "200",
                     _answer(
                         "a page",
                         _object(
                             ("outputs", "next_before"),
-                            outputs={"type": "array", "items": anything},
+                            outputs={"type": "array", "items": entry},
                             next_before={"type": ["string", "null"]},
                         ),
                     ),
@@ -390,7 +414,86 @@ def document() -> dict[str, Any]:
                 parameters=[
                     _query("limit", {"type": "integer", "minimum": 1, "maximum": 500}, "page size"),
                     _query("before", {"type": "string"}, "next_before of a page"),
+                    _query("q", {"type": "string"}, "a part of the prompt (case does not matter)"),
+                    _query("model", {"type": "string"}, "the model, as the entries name it"),
+                    _query(
+                        "source",
+                        {"type": "string", "enum": list(SOURCES)},
+                        "where the job came from",
+                    ),
+                    _query("favourite", {"type": "boolean"}, "only favourites, or only others"),
+                    _query(
+                        "width", {"type": "integer", "minimum": 1, "maximum": 65535}, "exact width"
+                    ),
+                    _query(
+                        "height",
+                        {"type": "integer", "minimum": 1, "maximum": 65535},
+                        "exact height",
+                    ),
+                    _query(
+                        "since",
+                        {"type": "string"},
+                        "created at or after: an ISO date or date and time (local time)",
+                    ),
+                    _query(
+                        "until",
+                        {"type": "string"},
+                        "created at or before: an ISO date (the whole day) or date and time",
+                    ),
                 ],
+            )
+        },
+        "/api/outputs/delete": {
+            "post": _operation(
+                "move images to the trash",
+                (
+                    "200",
+                    _answer(
+                        "what was moved, and what was not found",
+                        _object(
+                            ("trashed", "missing", "purge_after"),
+                            trashed=names,
+                            missing=names,
+                            purge_after={"type": ["string", "null"]},
+                        ),
+                    ),
+                ),
+                body=files_body,
+            )
+        },
+        "/api/outputs/restore": {
+            "post": _operation(
+                "move images back out of the trash (never over a file of the same name)",
+                (
+                    "200",
+                    _answer(
+                        "what came back; missing: not in the trash; conflicts: a file has that "
+                        "name again (the image stays in the trash)",
+                        _object(
+                            ("restored", "missing", "conflicts"),
+                            restored=names,
+                            missing=names,
+                            conflicts=names,
+                        ),
+                    ),
+                ),
+                body=files_body,
+            )
+        },
+        "/api/outputs/zip": {
+            "post": _operation(
+                "the images as one zip file (stored, not compressed)",
+                (
+                    "200",
+                    {
+                        "description": "an attachment, imagineerd-images.zip",
+                        "headers": {"Content-Disposition": {"schema": {"type": "string"}}},
+                        "content": {
+                            "application/zip": {"schema": {"type": "string", "format": "binary"}}
+                        },
+                    },
+                ),
+                body=files_body,
             )
         },
         "/api/outputs/{filename}": {
@@ -408,7 +511,59 @@ def document() -> dict[str, Any]:
                     "304": {"description": "not modified"},
                     **_errors(),
                 },
-            }
+            },
+            "patch": _operation(
+                "mark an image a favourite, or not",
+                ("200", _answer("its entry", entry)),
+                parameters=filename,
+                body={
+                    "type": "object",
+                    "required": ["favourite"],
+                    "properties": {"favourite": {"type": "boolean"}},
+                    "additionalProperties": False,
+                },
+            ),
+            "delete": _operation(
+                "move an image to the trash",
+                (
+                    "200",
+                    _answer(
+                        "moved; restorable until purge_after",
+                        _object(
+                            ("trashed", "purge_after"),
+                            trashed=names,
+                            purge_after={"type": "string"},
+                        ),
+                    ),
+                ),
+                parameters=filename,
+            ),
+        },
+        "/api/trash": {
+            "get": _operation(
+                "the images in the trash, the last trashed first",
+                (
+                    "200",
+                    _answer(
+                        "the trash",
+                        _object(
+                            ("trashed",),
+                            trashed={
+                                "type": "array",
+                                "items": _object(
+                                    ("filename", "trashed_at", "purge_after"),
+                                    filename={"type": "string"},
+                                    trashed_at={"type": "string"},
+                                    purge_after={"type": "string"},
+                                ),
+                            },
+                        ),
+                    ),
+                ),
+                parameters=[
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 5000}, "how many")
+                ],
+            )
         },
         "/api/models": {
             "get": _operation(

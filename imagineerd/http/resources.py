@@ -7,6 +7,7 @@ import binascii
 import copy
 import json
 import os
+from datetime import date, datetime
 from typing import Any
 
 import falcon
@@ -14,12 +15,15 @@ import falcon
 from .. import jobs
 from ..checks import check_tree
 from ..daemon import Daemon
-from ..errors import NotFound, ValidationError
+from ..errors import Conflict, NotFound, ValidationError
 from ..gallery import THUMBNAIL_SIZES
+from ..gallery_index import MAX_FILES, MAX_NAME, SOURCES
 from ..jobs import SCHEDULERS
 from ..outputs import PNG_SIGNATURE
 from ..png_info import PngInfoError
 from ..png_info import read as read_png_info
+from ..safefile import is_utf8_name
+from ..store import OutputQuery
 from ..stores import redact
 from .coalesce import Coalesced
 from .security import SESSION_COOKIE, SESSION_MAX_AGE, BearerAuth
@@ -90,6 +94,16 @@ def int_param(req: falcon.Request, name: str, default: int | None, lo: int, hi: 
     return value
 
 
+#: The header the web UI sends with the jobs it submits, so the gallery can tell them apart.
+SOURCE_HEADER = "X-Imagineerd-Source"
+
+
+def submit_source(req: falcon.Request) -> str:
+    """``ui`` for a job the web UI submits (``X-Imagineerd-Source: ui``), else ``api``: any
+    other value of the header is ignored, so the original API's contract is unchanged."""
+    return "ui" if (req.get_header(SOURCE_HEADER) or "").strip().lower() == "ui" else "api"
+
+
 class Generate:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
@@ -102,7 +116,7 @@ class Generate:
                 description=f"request body is {req.content_length} bytes; without images the "
                 f"limit is {limit} bytes (server.max_body_bytes)"
             )
-        job = self.daemon.submit(data, source="api")
+        job = self.daemon.submit(data, source=submit_source(req))
         view = self.daemon.job_view(job)
         resp.status = falcon.HTTP_201
         resp.location = f"/api/jobs/{job.id}"
@@ -313,18 +327,162 @@ class ConfigResource:
         self._answer(resp, self.daemon.update_generation(values))
 
 
+def text_param(req: falcon.Request, name: str, *, max_length: int = 1000) -> str | None:
+    """A query parameter as text the store can hold (no NUL, valid UTF-8, bounded)."""
+    raw = req.get_param(name)
+    if raw is None or raw == "":
+        return None
+    if len(raw) > max_length or "\x00" in raw or not is_utf8_name(raw):
+        raise ValidationError(
+            f"{name} must be text of up to {max_length} characters, without NUL", field=name
+        )
+    return raw
+
+
+def bool_param(req: falcon.Request, name: str) -> bool | None:
+    raw = req.get_param(name)
+    if raw is None or raw == "":
+        return None
+    value = raw.strip().lower()
+    if value in ("true", "1"):
+        return True
+    if value in ("false", "0"):
+        return False
+    raise ValidationError(f"{name} must be true or false, got {raw[:40]!r}", field=name)
+
+
+def time_param(req: falcon.Request, name: str, *, end_of_day: bool) -> str | None:
+    """An ISO date (``2026-03-01``) or date and time (``2026-03-01T14:30``, with seconds,
+    fractions and an offset as ISO 8601 writes them) as the gallery's ``created`` is written:
+    local time. A date alone is its first moment, or with ``end_of_day`` its last."""
+    raw = req.get_param(name)
+    if raw is None or raw == "":
+        return None
+    text = raw.strip()
+    try:
+        when = datetime.fromisoformat(text)
+        if when.tzinfo is not None:
+            when = when.astimezone().replace(tzinfo=None)
+    except (ValueError, OverflowError):  # not ISO, or beyond year 9999 once made local
+        raise ValidationError(
+            f"{name} must be an ISO date or date and time, such as 2026-03-01 or "
+            f"2026-03-01T14:30:00, got {raw[:40]!r}",
+            field=name,
+        ) from None
+    if end_of_day and _is_date(text):  # a date alone: the whole day
+        when = when.replace(hour=23, minute=59, second=59, microsecond=999999)
+    return jobs.iso(when)
+
+
+def _is_date(text: str) -> bool:
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def output_query(req: falcon.Request) -> OutputQuery:
+    """The filters of ``GET /api/outputs``; a 400 naming the parameter for a bad one."""
+    source = req.get_param("source")
+    if source not in (None, "") and source not in SOURCES:
+        raise ValidationError(
+            f"source must be one of {', '.join(SOURCES)}, got {source[:40]!r}", field="source"
+        )
+    return OutputQuery(
+        text=text_param(req, "q"),
+        model=text_param(req, "model"),
+        source=source or None,
+        favourite=bool_param(req, "favourite"),
+        width=int_param(req, "width", None, 1, 65535),
+        height=int_param(req, "height", None, 1, 65535),
+        since=time_param(req, "since", end_of_day=False),
+        until=time_param(req, "until", end_of_day=True),
+    )
+
+
+def file_names(req: falcon.Request) -> list[str]:
+    """``{"files": [<name>, ...]}``, 1 to MAX_FILES names, or a 400 saying what is wrong."""
+    data = read_json_object(req)
+    unknown = sorted(set(data) - {"files"})
+    if unknown:
+        name = unknown[0][:60]
+        raise ValidationError(f"unknown field {name!r}; send only files", field=name)
+    files = data.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise ValidationError(
+            'files is required: a list of image names, as {"files": ["a.png", "b.png"]}',
+            field="files",
+        )
+    if not 1 <= len(files) <= MAX_FILES:
+        raise ValidationError(
+            f"files must name 1 to {MAX_FILES} images, got {len(files)}", field="files"
+        )
+    return files
+
+
 class Outputs:
+    """``/api/outputs``: the gallery, listed from its index (``gallery_index``), with
+    favourites, the trash and zips; ``/api/outputs/<file>`` serves one image."""
+
     def __init__(self, daemon: Daemon, *, private: bool = False) -> None:
         self.daemon = daemon
         self.private = private
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         limit = int_param(req, "limit", 50, 1, 500)
-        before = req.get_param("before")
-        images = self.daemon.gallery.list(limit=limit + 1, before=before)
+        before = text_param(req, "before", max_length=MAX_NAME)
+        query = output_query(req)
+        images = self.daemon.gallery_index.list(query, limit=limit + 1, before=before)
         more = len(images) > limit
         images = images[:limit]
         resp.media = {"outputs": images, "next_before": images[-1]["filename"] if more else None}
+
+    def on_patch_item(self, req: falcon.Request, resp: falcon.Response, filename: str) -> None:
+        """``{"favourite": true | false}``: the image's entry, marked."""
+        data = read_json_object(req)
+        unknown = sorted(set(data) - {"favourite"})
+        if unknown:
+            name = unknown[0][:60]
+            raise ValidationError(f"unknown field {name!r}; send only favourite", field=name)
+        if not isinstance(data.get("favourite"), bool):
+            raise ValidationError(
+                'favourite is required: true or false, as {"favourite": true}', field="favourite"
+            )
+        resp.media = self.daemon.gallery_index.set_favourite(filename, data["favourite"])
+
+    def on_delete_item(self, req: falcon.Request, resp: falcon.Response, filename: str) -> None:
+        """Move one image to the trash (``POST /api/outputs/restore`` undoes it)."""
+        index = self.daemon.gallery_index
+        trashed, _, when = index.trash([filename])
+        if not trashed:
+            if index.is_link(filename):
+                raise Conflict(
+                    f"{filename[:200]!r} is a symbolic link, not an image file: links are not "
+                    "moved to the trash; remove it on the server"
+                )
+            raise NotFound(f"no image named {filename[:200]!r}")
+        resp.media = {"trashed": trashed, "purge_after": index.purge_after(when)}
+
+    def on_post_delete(self, req: falcon.Request, resp: falcon.Response) -> None:
+        index = self.daemon.gallery_index
+        trashed, missing, when = index.trash(file_names(req))
+        resp.media = {
+            "trashed": trashed,
+            "missing": missing,
+            "purge_after": index.purge_after(when) if trashed else None,
+        }
+
+    def on_post_restore(self, req: falcon.Request, resp: falcon.Response) -> None:
+        restored, missing, conflicts = self.daemon.gallery_index.restore(file_names(req))
+        resp.media = {"restored": restored, "missing": missing, "conflicts": conflicts}
+
+    def on_post_zip(self, req: falcon.Request, resp: falcon.Response) -> None:
+        handle, size = self.daemon.gallery_index.zip(file_names(req))
+        resp.content_type = "application/zip"
+        resp.set_header("Content-Disposition", f'attachment; filename="{ZIP_NAME}"')
+        resp.cache_control = ["no-store"]
+        resp.set_stream(handle, size)
 
     def on_get_item(self, req: falcon.Request, resp: falcon.Response, filename: str) -> None:
         raw = req.get_param("thumb")
@@ -363,6 +521,21 @@ class Outputs:
             return
         resp.content_type = "image/jpeg" if thumb else "image/png"
         resp.set_stream(handle, stat.st_size)
+
+
+#: The name a zip of gallery images is offered under.
+ZIP_NAME = "imagineerd-images.zip"
+
+
+class Trash:
+    """``GET /api/trash``: the images in the trash, the last trashed first."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        limit = int_param(req, "limit", 1000, 1, 5000)
+        resp.media = {"trashed": self.daemon.gallery_index.trashed(limit=limit)}
 
 
 class Options:

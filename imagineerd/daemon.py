@@ -125,7 +125,12 @@ class Daemon:
         self._work_pending = False
         self._lock = threading.Lock()
         self.views = JobViews(
-            self.store, self._capacity, paused=self.queue_paused, output_file=self._output_name
+            self.store,
+            self._capacity,
+            paused=self.queue_paused,
+            output_file=self._output_name,
+            # A page opened mid-run shows the last preview at once, not at the next one.
+            preview=lambda job_id: self.previews.latest(job_id),
         )
         self._interrupts: dict[int, str] = {}
         self._progress_sent: dict[int, float] = {}  # job id -> its last progress event's time

@@ -58,6 +58,10 @@ class _DictCache:
         return dict(body)
 
 
+#: What a running job's view shows of its latest ``job.preview`` event.
+PREVIEW_KEYS = ("step", "total", "width", "height", "image")
+
+
 class JobViews:
     """Builds the API's view of jobs. ``progress`` is the live step of each running job (a
     plain dict: the worker writes it every step and nothing there may slow a step);
@@ -77,12 +81,14 @@ class JobViews:
         clock: Callable[[], float] = time.monotonic,
         paused: Callable[[], bool] = lambda: False,
         output_file: Callable[[str], str] | None = None,
+        preview: Callable[[int], dict[str, Any] | None] | None = None,
     ) -> None:
         self.store = store
         self.progress: dict[int, tuple[int, int]] = {}
         self._capacity = capacity
         self._paused = paused
         self._output_file = output_file
+        self._preview = preview
         self._clock = clock
         # (width, height, steps) -> (read at, durations).
         self._durations: dict[tuple[int, int, int], tuple[float, list[float]]] = {}
@@ -121,13 +127,17 @@ class JobViews:
         return view
 
     def _add_progress(self, job: Job, view: dict[str, Any]) -> None:
-        """The live fields: progress, and the gallery's name of a finished job's image."""
+        """The live fields: progress, the latest live preview of a job running here, and the
+        gallery's name of a finished job's image."""
         if job.output_path and self._output_file is not None:
             # As /api/outputs/<file> serves it (output_path is relative to the config).
             view["output_file"] = self._output_file(job.output_path)
         if job.status == RUNNING:
             step, total = self.progress.get(job.id, (0, job.spec.steps))
             view["progress"] = progress_dict(step, total)
+            preview = self._preview(job.id) if self._preview is not None else None
+            if preview is not None:
+                view["preview"] = {k: preview[k] for k in PREVIEW_KEYS}
         elif job.progress_total:
             view["progress"] = progress_dict(job.progress_step, job.progress_total)
 

@@ -165,3 +165,23 @@ def test_every_steps_is_checked(make_config, value):
 
     with pytest.raises(ConfigError, match="previews.every_steps"):
         make_config(previews={"every_steps": value})
+
+
+def test_a_running_jobs_view_carries_its_latest_preview(start_api):
+    """A page opened mid-run shows the picture so far at once (GET /api/jobs and the job)."""
+    api = start_api(previews={"every_steps": 1})
+    job = api("POST", "/api/generate", json={"prompt": "slow", "steps": 150}).json()
+    try:
+        view = wait_for(
+            lambda: (v := api("GET", f"/api/jobs/{job['id']}").json()).get("preview") and v
+        )
+        assert view["status"] == "running"
+        preview = view["preview"]
+        assert 0 < preview["step"] < preview["total"] == 150
+        assert preview["image"].startswith("data:image/jpeg;base64,")
+        listed = api("GET", "/api/jobs").json()
+        assert any(j["id"] == job["id"] and "preview" in j for j in listed["running"])
+    finally:
+        api("POST", f"/api/jobs/{job['id']}/interrupt", json={})
+    done = api.wait_job(job["id"])
+    assert done["status"] == "cancelled" and "preview" not in done

@@ -16,7 +16,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 from .conftest import Api, wait_for
 
 # test_ui skips the module where Debian's chromium is missing (and fails in CI).
-from .test_ui import ARGS, CHROMIUM, _generate_bodies, _width
+from .test_ui import ARGS, CHROMIUM, _generate_bodies, _width, shot
 
 DEVICES = ["desktop", "phone"]
 
@@ -485,6 +485,333 @@ def test_recent_jobs_open_rerun_and_lend_their_settings(start_api, page: Page):
     expect(page.locator("#steps")).to_have_value("3")
 
 
+# -- Queue: steering it, pausing it ------------------------------------------------------------
+QUEUE_ORDER = (
+    "() => [...document.querySelectorAll('#queued li')].map((li) => Number(li.dataset.job))"
+)
+
+
+def queue_order(page: Page) -> list[int]:
+    return page.evaluate(QUEUE_ORDER)
+
+
+def test_steer_the_queue_live_in_every_page(start_api, browser, page: Page, device: str):
+    api = start_api(workers=False)  # nothing runs: the jobs stay queued
+    for n in (1, 2, 3):
+        api("POST", "/api/generate", json={"prompt": f"job number {n}"})
+    page.goto(api.url + "/#queue")
+    other_context = new_context(browser, "desktop")
+    other = other_context.new_page()
+    try:
+        other.goto(api.url + "/#queue")
+        for each in (page, other):
+            expect(each.locator("#queued li")).to_have_count(3)
+        expect(page.locator("#connection")).to_have_class("connection live")
+        expect(other.locator("#connection")).to_have_class("connection live")
+        # What makes no sense where a job is says so (and stays focusable).
+        first, last = (
+            page.locator('#queued li[data-job="1"]'),
+            page.locator('#queued li[data-job="3"]'),
+        )
+        expect(first.get_by_role("button", name="Move job 1 to the top")).to_be_disabled()
+        expect(first.get_by_role("button", name="Move job 1 up")).to_be_disabled()
+        expect(first.get_by_role("button", name="Move job 1 down")).to_be_enabled()
+        expect(last.get_by_role("button", name="Move job 3 down")).to_be_disabled()
+        expect(last.get_by_role("button", name="Move job 3 up")).to_be_enabled()
+        # From the keyboard: the focus stays on the control pressed, in its moved card.
+        up = page.get_by_role("button", name="Move job 3 up")
+        up.focus()
+        page.keyboard.press("Enter")
+        wait_for(lambda: queue_order(page) == [1, 3, 2], 10)
+        expect(up).to_be_focused()
+        wait_for(lambda: queue_order(other) == [1, 3, 2], 10)  # the other page follows
+        page.keyboard.press("Enter")
+        wait_for(lambda: queue_order(page) == [3, 1, 2], 10)
+        expect(up).to_be_focused()
+        expect(up).to_be_disabled()  # first now: still focused, nothing more to do
+        page.keyboard.press("Enter")  # does nothing
+        expect(page.locator("#queued li .pos")).to_have_text(["1", "2", "3"])
+        assert [j.id for j in api.daemon.store.queued()] == [3, 1, 2]
+        # From the other page: this one follows.
+        other.get_by_role("button", name="Move job 2 to the top").click()
+        wait_for(lambda: queue_order(page) == [2, 3, 1], 10)
+        top = page.get_by_role("button", name="Move job 3 down")
+        top.click()
+        wait_for(lambda: queue_order(page) == [2, 1, 3], 10)
+        wait_for(lambda: queue_order(other) == [2, 1, 3], 10)
+        expect(top).to_be_focused()
+        expect(top).to_be_disabled()
+        assert [j.id for j in api.daemon.store.queued()] == [2, 1, 3]
+        # Pause: the toggle and its notice, here and in the other page.
+        notice = "Queue paused — the running batch finishes, nothing new starts."
+        page.click("#queue-pause")
+        expect(page.locator("#queue-pause")).to_have_text("Resume queue")
+        expect(page.locator("#queue-paused")).to_have_text(notice)
+        expect(page.locator("#queue-pause")).to_be_focused()
+        expect(other.locator("#queue-paused")).to_have_text(notice)
+        expect(other.locator("#queue-pause")).to_have_text("Resume queue")
+        assert api("GET", "/api/queue").json()["paused"] is True
+        if device == "phone":
+            controls = page.evaluate(CONTROLS)
+            assert not [c for c in controls if c["width"] < 44 or c["height"] < 44], controls
+            assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        # A reload keeps it (the server does); Create says it too.
+        page.goto(api.url + "/#create")
+        expect(page.locator("#create-paused")).to_contain_text("Queue paused")
+        other.click("#queue-pause")
+        expect(other.locator("#queue-pause")).to_have_text("Pause queue")
+        expect(page.locator("#create-paused")).to_have_text("")
+        expect(other.locator("#queue-paused")).to_be_hidden()
+        assert api("GET", "/api/queue").json()["paused"] is False
+    finally:
+        other_context.close()
+
+
+# -- a PNG's settings: dropped or pasted ---------------------------------------------------
+MAKE_TRANSFER = """([bytes, name, type]) => {
+  const data = new DataTransfer();
+  data.items.add(new File([new Uint8Array(bytes)], name, { type }));
+  return data;
+}"""
+
+
+def drop_file(page: Page, data: bytes, name: str, kind: str, zone: str = "#drop-settings"):
+    """Drag a file over the page (the overlay shows), then drop it on a zone of it."""
+    transfer = page.evaluate_handle(MAKE_TRANSFER, [list(data), name, kind])
+    page.dispatch_event("main", "dragenter", {"dataTransfer": transfer})
+    overlay = page.locator("#drop-overlay")
+    expect(overlay).to_be_visible()
+    page.dispatch_event(zone, "dragover", {"dataTransfer": transfer})
+    expect(page.locator(zone)).to_have_class(re.compile(r"\bover\b"))
+    page.dispatch_event(zone, "drop", {"dataTransfer": transfer})
+    expect(overlay).to_be_hidden()
+
+
+def paste_file(page: Page, data: bytes, name: str, kind: str) -> None:
+    transfer = page.evaluate_handle(MAKE_TRANSFER, [list(data), name, kind])
+    page.evaluate(
+        "data => (document.activeElement || document.body).dispatchEvent("
+        "new ClipboardEvent('paste', { clipboardData: data, bubbles: true }))",
+        transfer,
+    )
+
+
+def a1111_png(text: str) -> bytes:
+    """A PNG as A1111 writes one: its settings in a "parameters" text chunk."""
+    import io
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", text)
+    out = io.BytesIO()
+    Image.new("RGB", (64, 72), "teal").save(out, "PNG", pnginfo=info)
+    return out.getvalue()
+
+
+A1111_TEXT = (
+    "a castle on a hill at dawn\n"
+    "Negative prompt: fog, people\n"
+    "Steps: 12, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 4242, "
+    "Size: 64x72, Model hash: 0123abcd, Model: beta, VAE: soft.safetensors, Clip skip: 2, "
+    "Face restoration: CodeFormer, Version: v1.9.4"
+)
+
+
+def test_a_png_dropped_or_pasted_fills_the_form(
+    start_api, page: Page, device: str, model_files, tmp_path
+):
+    api = start_api(paths={"models": str(model_files)}, model={"name": "alpha"})
+    made = api(
+        "POST",
+        "/api/generate",
+        json={
+            "prompt": "a lighthouse in a storm",
+            "negative_prompt": "calm sea",
+            "seed": 9876,
+            "steps": 3,
+            "guidance_scale": 4.5,
+            "scheduler": "euler_a",
+            "loras": [{"name": "detail", "weight": 0.6}],
+        },
+    ).json()
+    job = api.wait_job(made["id"], timeout=120)
+    assert job["status"] == "completed", job
+    ours = (api.daemon.outputs_dir / job["output_file"]).read_bytes()
+    page.goto(api.url + "/#gallery")  # dropped anywhere: the form on Create is filled
+    expect(page.locator("#model option")).to_have_count(3)  # alpha, beta, gamma
+    drop_file(page, ours, "lighthouse.png", "image/png")
+    expect(page.locator("#view-create")).to_be_visible()
+    note = page.locator("#read-note-text")
+    expect(note).to_contain_text(
+        "Settings read from lighthouse.png: prompt, negative prompt, seed, steps, size 64×64, "
+        "guidance, sampler, model, LoRA, clip skip."
+    )
+    expect(page.locator("#prompt")).to_have_value("a lighthouse in a storm")
+    expect(page.locator("#negative_prompt")).to_have_value("calm sea")
+    expect(page.locator("#seed")).to_have_value("9876")
+    expect(page.locator("#steps")).to_have_value("3")
+    expect(page.locator("#guidance_scale")).to_have_value("4.5")
+    expect(page.locator("#scheduler")).to_have_value("euler_a")
+    expect(page.locator("#lora-list .lora-weight")).to_have_value("0.6")
+    # What the form now sends is that job again.
+    bodies = _generate_bodies(page)
+    page.click("#generate")
+    expect(status(page)).to_contain_text(re.compile(r"\b[Jj]ob #2\b"))
+    sent = bodies[0]
+    assert (sent["prompt"], sent["seed"], sent["steps"], sent["scheduler"]) == (
+        "a lighthouse in a storm",
+        9876,
+        3,
+        "euler_a",
+    )
+    assert sent["loras"] == [{"name": "detail", "weight": 0.6}]
+    # A1111's text: an installed model is chosen; what has no field here is named.
+    paste_file(page, a1111_png(A1111_TEXT), "castle.png", "image/png")
+    expect(note).to_contain_text(
+        "Settings read from castle.png: prompt, negative prompt, seed, steps, size 64×72, "
+        "guidance, sampler, model, VAE, clip skip."
+    )
+    expect(note).to_contain_text("Not used: Face restoration: CodeFormer (no such setting here).")
+    expect(page.locator("#input-panel")).to_be_hidden()  # settings, not an input
+    expect(page.locator("#model")).to_have_value("beta")
+    expect(page.locator("#vae")).to_have_value("soft")
+    expect(page.locator("#clip_skip")).to_have_value("2")
+    expect(page.locator("#scheduler")).to_have_value("dpmpp_2m_karras")
+    expect(page.locator("#height")).to_have_value("72")
+    expect(page.locator("#lora-list li")).to_have_count(0)
+    if device == "desktop":
+        page.evaluate("window.scrollTo(0, 0)")
+        shot(page, "png-settings-desktop", tmp_path)
+    # It can still be the input instead, from the note.
+    page.click("#read-note-input")
+    expect(page.locator("#input-name")).to_have_text("castle.png · 64×72")
+    page.click("#input-clear")
+    # A model that is not installed: said, and the one chosen stays.
+    missing = A1111_TEXT.replace("Model: beta", "Model: dreamshaper_8")
+    drop_file(page, a1111_png(missing), "dream.png", "image/png")
+    expect(note).to_contain_text(
+        "Not used: the model dreamshaper_8 is not in the models folder (the one chosen stays)"
+    )
+    expect(page.locator("#model")).to_have_value("beta")
+    # Plain messages, never silence: a PNG without settings, a file that is no PNG.
+    plain = _plain_png()
+    drop_file(page, plain, "plain.png", "image/png")
+    expect(note).to_have_text(
+        "plain.png carries no generation settings (no parameters from imagineerd, A1111 or "
+        "ComfyUI): nothing was filled in."
+    )
+    drop_file(page, b"just some words", "notes.txt", "text/plain")
+    expect(note).to_have_text(
+        "notes.txt is not a PNG (it is a text/plain file): settings can be read from PNG "
+        "images only."
+    )
+    drop_file(page, b"\x89PNG\r\n\x1a\n\x00\x00", "broken.png", "image/png")
+    expect(note).to_contain_text("Could not read broken.png: the PNG is truncated")
+    if device == "phone":
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        controls = [c for c in page.evaluate(CONTROLS) if c["what"].startswith("read-note")]
+        assert controls and not [c for c in controls if c["width"] < 44 or c["height"] < 44]
+    page.click("#read-note-close")
+    expect(note).to_have_text("")
+    # Pasted on Create without settings: the input image, as before, and it says so.
+    paste_file(page, plain, "image.png", "image/png")
+    expect(page.locator("#input-name")).to_have_text("image.png · 40×30")
+    expect(note).to_have_text(
+        "image.png carries no generation settings, so it is the input image now."
+    )
+    # Dropped on the input target: the input, whatever it carries.
+    page.click("#input-clear")
+    drop_file(page, ours, "lighthouse.png", "image/png", zone="#drop-input")
+    expect(page.locator("#input-name")).to_have_text("lighthouse.png · 64×64")
+
+
+def _plain_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (40, 30), "orange").save(out, "PNG")
+    return out.getvalue()
+
+
+# -- live previews ------------------------------------------------------------------------
+# Every preview the page showed (a short job's are on screen only for a moment on a CPU).
+RECORD_PREVIEWS = """
+window.__previews = [];
+new MutationObserver(() => {
+  for (const img of document.querySelectorAll("img.preview")) {
+    const where = img.closest("#results") ? "results" : "running";
+    const seen = `${where}: ${img.alt}`;
+    const jpeg = img.getAttribute("src").startsWith("data:image/jpeg;base64,");
+    if (jpeg && !window.__previews.includes(seen)) window.__previews.push(seen);
+  }
+}).observe(document,
+  { subtree: true, childList: true, attributes: true, attributeFilter: ["src", "alt"] });
+"""
+
+
+def test_live_previews_show_in_the_running_cards(start_api, page: Page, device: str, tmp_path):
+    api = start_api(previews={"every_steps": 1})
+    page.add_init_script(RECORD_PREVIEWS)
+    page.goto(api.url)
+    page.fill("#prompt", "watch it appear")
+    page.fill("#steps", "12")
+    page.click("#generate")
+    card = page.locator('#results > li[data-job="1"]')
+    expect(card).to_have_attribute("data-status", "done", timeout=120000)
+    seen = page.evaluate("window.__previews")
+    steps = [
+        int(m.group(1))
+        for m in (re.match(r"results: Preview at step (\d+) of 12$", t) for t in seen)
+        if m
+    ]
+    assert steps and all(1 <= n <= 12 for n in steps), seen
+    # Done: the final image has taken the preview's place.
+    expect(card.locator("img.preview")).to_have_count(0)
+    image = card.locator(".result-thumb img")
+    wait_for(lambda: image.evaluate("img => img.naturalWidth") == 64, 10)
+    # A longer one, watched in the queue: the preview fills its frame, scaled up smoothly.
+    page.fill("#prompt", "a lighthouse on a cliff, storm clouds, oil painting")
+    page.fill("#steps", "150")
+    page.fill("#width", "96")
+    page.fill("#height", "96")
+    page.click("#generate")
+    mid_run = page.locator('#results > li[data-job="2"] img.preview')
+    expect(mid_run).to_have_attribute(
+        "alt", re.compile(r"^Preview at step \d+ of 150$"), timeout=60000
+    )
+    if device == "desktop":
+        shot(page, "preview-desktop", tmp_path)
+        # Two more behind it, the queue paused: what Queue shows with a preview running.
+        for prompt in ("a harbour at night, lanterns", "a fox in the snow, watercolour"):
+            api("POST", "/api/generate", json={"prompt": prompt, "steps": 20})
+        api("POST", "/api/queue/pause", json={})
+    page.click("#tab-queue")
+    preview = page.locator('#running .running-job[data-job="2"] .running-preview img')
+    expect(preview).to_have_attribute(
+        "alt", re.compile(r"^Preview at step \d+ of 150$"), timeout=60000
+    )
+    wait_for(lambda: preview.evaluate("img => img.complete && img.naturalWidth") > 0, 10)
+    frame = box(page, '#running .running-job[data-job="2"] .running-preview')
+    shown = box(page, '#running .running-job[data-job="2"] .running-preview img')
+    assert shown["width"] == frame["width"] >= 72, (shown, frame)
+    assert preview.evaluate("img => getComputedStyle(img).imageRendering") == "auto"
+    if device == "desktop":
+        expect(page.locator("#queued li")).to_have_count(2)
+        expect(page.locator("#queue-paused")).to_contain_text("Queue paused")
+        page.mouse.move(0, 0)
+        shot(page, "queue-paused-desktop", tmp_path)
+    # It keeps moving: a later step replaces it in the same element.
+    before = preview.get_attribute("alt")
+    expect(preview).not_to_have_attribute("alt", before or "", timeout=30000)
+    page.locator('#running .running-job[data-job="2"]').get_by_role("button", name="Stop").click()
+    expect(page.locator('#history li[data-job="2"] .state')).to_have_text("stopped", timeout=30000)
+    expect(page.locator("#running img.preview")).to_have_count(0)
+
+
 # -- failures are loud -----------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -652,6 +979,10 @@ AXE_VERSION = "4.14.1"
 
 @pytest.fixture(scope="session")
 def axe_source() -> str:
+    return load_axe()
+
+
+def load_axe() -> str:
     """axe-core's script, a test-only asset: installed with npm (by name, pinned) into a
     cache folder outside the repository the first time, never served by imagineerd."""
     import os
@@ -728,5 +1059,77 @@ def test_axe_finds_nothing_serious(start_api, browser, device, scheme, axe_sourc
         expect(page.locator("#viewer")).to_be_visible()
         found["viewer"] = page.evaluate(AXE_RUN)
         assert not any(found.values()), found
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_axe_and_tap_targets_in_the_queue_and_png_states(
+    start_api, browser, device, scheme, axe_source
+):
+    """The states the steering and the PNG drop add: a paused queue with jobs to move, the
+    drop overlay, and the note of what a PNG filled in."""
+    api = start_api(workers=False)
+    for n in (1, 2, 3):
+        api("POST", "/api/generate", json={"prompt": f"job number {n}"})
+    api("POST", "/api/queue/pause", json={})
+    context = new_context(browser, device, scheme)
+    page = context.new_page()
+    try:
+        page.goto(api.url + "/#queue")
+        expect(page.locator("#queue-paused")).to_contain_text("Queue paused")
+        expect(page.locator("#queued li")).to_have_count(3)
+        page.add_script_tag(content=axe_source)
+        found = {"queue": page.evaluate(AXE_RUN)}
+        tappable = {"queue": page.evaluate(CONTROLS)}
+        page.click("#tab-create")
+        paste_file(page, a1111_png(A1111_TEXT), "castle.png", "image/png")
+        expect(page.locator("#read-note-text")).to_contain_text("Settings read from castle.png")
+        found["png note"] = page.evaluate(AXE_RUN)
+        tappable["png note"] = page.evaluate(CONTROLS)
+        transfer = page.evaluate_handle(MAKE_TRANSFER, [[1, 2, 3], "x.png", "image/png"])
+        page.dispatch_event("main", "dragenter", {"dataTransfer": transfer})
+        expect(page.locator("#drop-overlay")).to_be_visible()
+        found["drop overlay"] = page.evaluate(AXE_RUN)
+        page.dispatch_event("main", "dragleave", {"dataTransfer": transfer})
+        expect(page.locator("#drop-overlay")).to_be_hidden()
+        assert not any(found.values()), found
+        for view, controls in tappable.items():
+            assert not [c["what"] for c in controls if not c["labelled"]], view
+            if device == "phone":
+                small = [c for c in controls if c["width"] < 44 or c["height"] < 44]
+                assert not small, (view, small)
+                assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_axe_and_tap_targets_with_a_live_preview(start_api, browser, device, scheme, axe_source):
+    api = start_api(previews={"every_steps": 1})
+    context = new_context(browser, device, scheme)
+    page = context.new_page()
+    try:
+        page.goto(api.url)
+        page.fill("#prompt", "a slow one")
+        page.fill("#steps", "150")
+        page.fill("#width", "96")
+        page.fill("#height", "96")
+        page.click("#generate")
+        expect(page.locator("#results img.preview")).to_have_count(1, timeout=60000)
+        page.add_script_tag(content=axe_source)
+        found = {"create": page.evaluate(AXE_RUN)}
+        controls = {"create": page.evaluate(CONTROLS)}
+        page.click("#tab-queue")
+        expect(page.locator("#running img.preview")).to_have_count(1, timeout=30000)
+        found["queue"] = page.evaluate(AXE_RUN)
+        controls["queue"] = page.evaluate(CONTROLS)
+        assert not any(found.values()), found
+        if device == "phone":
+            for view, shown in controls.items():
+                assert not [c for c in shown if c["width"] < 44 or c["height"] < 44], view
+            assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        page.locator("#running .running-job").get_by_role("button", name="Stop").click()
+        assert api.wait_job(1)["status"] == "cancelled"
     finally:
         context.close()

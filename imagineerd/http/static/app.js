@@ -36,6 +36,12 @@ const state = {
   viewerItems: [],        // what ← and → step through in the viewer
   viewerIndex: -1,
   doneUnseen: false,      // a job of ours finished while the tab was in the background
+  queuePaused: false,     // POST /api/queue/pause: nothing new starts until it is resumed
+  previews: new Map(),    // id -> the newest job.preview of a running job
+  galleryFilters: {},     // the filter bar as GET /api/outputs takes it
+  galleryGeneration: 0,   // counts filter changes: a page of older filters is dropped
+  selected: new Set(),    // select mode: the file names picked
+  undo: null,             // the toast's Undo
 };
 
 // What this browser keeps (never the token): the draft prompts and the recent prompts.
@@ -67,15 +73,23 @@ class ApiError extends Error {
 
 let tokenPrompt = null;
 
-async function api(method, path, body) {
+// The jobs this page sends say so: the gallery can then tell them from the API's, the
+// inbox's and the other front doors' (its source filter).
+const UI_SOURCE = { headers: { "X-Imagineerd-Source": "ui" } };
+
+// options: {type} sends body as it is (a Blob: a PNG's bytes) with that Content-Type;
+// {headers} adds headers; {blob: true} answers the body as a Blob (a zip), not JSON.
+async function api(method, path, body, options = {}) {
   for (;;) {
     // Every state change says it is JSON, body or not: the server refuses other types,
     // which is what keeps other sites' pages from posting forms to it.
-    const headers = method === "GET" ? {} : { "Content-Type": "application/json" };
+    const headers = method === "GET" ? {} : { "Content-Type": options.type || "application/json" };
+    Object.assign(headers, options.headers);
     let response;
     try {
       response = await fetch(path, {
-        method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+        method, headers,
+        body: body === undefined ? undefined : options.type ? body : JSON.stringify(body),
       });
     } catch {
       throw new ApiError(0, { error: "The server could not be reached." });
@@ -84,6 +98,7 @@ async function api(method, path, body) {
       await askToken("");
       continue;
     }
+    if (options.blob && response.ok) return { blob: await response.blob(), headers: response.headers };
     const data = response.status === 204 ? null : await response.json().catch(() => null);
     if (!response.ok) throw new ApiError(response.status, data);
     return data;
@@ -147,7 +162,8 @@ function showTab(name, { focus = false } = {}) {
     if (selected && focus) button.focus();
   }
   if (location.hash !== `#${name}`) history.replaceState(null, "", `#${name}`);
-  if (name === "gallery" && state.galleryCursor === undefined) loadGallery();
+  if (name === "gallery" && state.galleryCursor === undefined) loadGallery().catch((error) => showGalleryError(error));
+  placeToast();
   if (name === "settings") loadSettings();
 }
 
@@ -174,6 +190,23 @@ function el(tag, attrs = {}, ...children) {
     if (child !== null && child !== undefined) node.append(child);
   }
   return node;
+}
+
+// Small line icons, drawn inline: no icon font to load, and they look the same everywhere.
+const ICONS = {
+  top: '<path d="M5 4h14M12 20V9m-5.5 5.5L12 9l5.5 5.5"/>',
+  up: '<path d="M12 19V5m-6 6 6-6 6 6"/>',
+  down: '<path d="M12 5v14m-6-6 6 6 6-6"/>',
+  star: '<path d="m12 3.2 2.7 5.5 6 .9-4.35 4.25 1.03 6L12 17l-5.38 2.85 1.03-6L3.3 9.6l6-.9z"/>',
+  trash: '<path d="M4 7h16M10 11v6m4-6v6M6 7l1 13h10l1-13M9 7V4h6v3"/>',
+  check: '<path d="m5 12.5 4.5 4.5L19 7.5"/>',
+};
+
+function icon(name) {
+  const holder = document.createElement("span");
+  holder.innerHTML = `<svg class="icon" viewBox="0 0 24 24" width="18" height="18" aria-hidden="true" focusable="false"
+    fill="none" stroke="currentColor" stroke-width="2" stroke-linecap="round" stroke-linejoin="round">${ICONS[name]}</svg>`;
+  return holder.firstElementChild;
 }
 
 function showErrors(form, error, prefix = "") {
@@ -316,6 +349,7 @@ function renderModels() {
   select.value = others.some((c) => c.name === chosen) ? chosen : "";
   renderModelExtras();
   renderSizePresets();
+  galleryModels();
 }
 
 function renderModelExtras() {
@@ -794,7 +828,7 @@ async function submitCreate(event) {
       const body = { ...data };
       // N copies differ by seed: consecutive seeds from the one given, else random ones.
       if (body.seed !== undefined && typeof body.seed === "number") body.seed += i;
-      const job = await api("POST", "/api/generate", body);
+      const job = await api("POST", "/api/generate", body, UI_SOURCE);
       ids.push(job.id);
       state.lastSeed = job.seed;
       const shown = submittedJob(body, job);
@@ -1250,32 +1284,7 @@ function setupImageInputs() {
     clearInput();
     $("#input-pick").focus();
   });
-  // A dropped file anywhere on the Create view, a pasted one anywhere while it shows.
-  const view = $("#view-create");
-  const drop = $("#input-field");
-  const hasFiles = (event) => event.dataTransfer && [...event.dataTransfer.types].includes("Files");
-  view.addEventListener("dragover", (event) => {
-    if (!hasFiles(event)) return;
-    event.preventDefault();
-    event.dataTransfer.dropEffect = "copy";
-    drop.classList.add("dragging");
-  });
-  view.addEventListener("dragleave", (event) => {
-    if (!view.contains(event.relatedTarget)) drop.classList.remove("dragging");
-  });
-  view.addEventListener("drop", (event) => {
-    drop.classList.remove("dragging");
-    if (!hasFiles(event)) return;
-    event.preventDefault();
-    setInputFile(event.dataTransfer.files[0]);
-  });
-  document.addEventListener("paste", (event) => {
-    if (view.hidden || !event.clipboardData) return;
-    const image = [...event.clipboardData.files].find((f) => f.type.startsWith("image/"));
-    if (!image) return;  // text pastes into the prompt as always
-    event.preventDefault();
-    setInputFile(image);
-  });
+  setupDropAndPaste();
   $("#strength").addEventListener("input", () => setStrength($("#strength").value));
   $("#hires").addEventListener("change", renderHiresSize);
   $("#hires-scale").addEventListener("input", renderHiresSize);
@@ -1284,6 +1293,304 @@ function setupImageInputs() {
   });
   setupMaskBrush();
   renderInputMode();
+}
+
+// ------------------------------------------------------------ a PNG's settings, dropped
+// A file dragged over the page shows two targets: read the settings a PNG carries into the
+// form (POST /api/png-info: ours, A1111's "parameters", ComfyUI's graph), or use the image
+// as the input. A pasted image with settings fills the form; one without is the input.
+const PNG_MAGIC = [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a];
+const FILE_KINDS = { "image/jpeg": "a JPEG image", "image/webp": "a WebP image", "image/gif": "a GIF image",
+  "image/avif": "an AVIF image", "image/bmp": "a BMP image" };
+
+function fileName(file) {
+  return file.name || "the pasted image";
+}
+
+async function isPng(file) {
+  const head = new Uint8Array(await file.slice(0, 8).arrayBuffer());
+  return head.length === 8 && PNG_MAGIC.every((byte, i) => head[i] === byte);
+}
+
+// The note above the form: what was read from a file, and what could not be used.
+function showReadNote(lines, { bad = false, file = null } = {}) {
+  const note = $("#read-note");
+  const text = $("#read-note-text");
+  text.replaceChildren(...lines.filter(Boolean).map((line) => el("p", {}, line)));
+  note.classList.toggle("shown", lines.some(Boolean));
+  note.classList.toggle("bad", bad);
+  const useInput = $("#read-note-input");
+  useInput.hidden = !file;
+  useInput.onclick = file ? async () => {
+    hideReadNote();
+    await setInputFile(file);
+    $("#input-clear").focus();
+  } : null;
+  $("#read-note-close").hidden = !lines.some(Boolean);
+}
+
+function hideReadNote() {
+  showReadNote([]);
+}
+
+// Read a file's settings into the form; true when there were some.
+async function readSettingsFrom(file, { quietIfNone = false } = {}) {
+  const name = fileName(file);
+  let png;
+  try {
+    png = await isPng(file);
+  } catch (error) {
+    showReadNote([`Could not read ${name}: ${error.message}`], { bad: true });
+    return false;
+  }
+  if (!png) {
+    const kind = FILE_KINDS[file.type] || (file.type ? `a ${file.type} file` : "a file of unknown type");
+    showReadNote([`${name} is not a PNG (it is ${kind}): settings can be read from PNG images only.`],
+      { bad: true });
+    return false;
+  }
+  let info;
+  try {
+    info = await api("POST", "/api/png-info", file, { type: "image/png" });
+  } catch (error) {
+    showReadNote([error.status === 0 ? `Could not read ${name}: the server could not be reached.`
+      : `Could not read ${name}: ${error.message}`], { bad: true });
+    return false;
+  }
+  const found = info && info.format && info.parameters && Object.keys(info.parameters).length;
+  if (!found) {
+    if (!quietIfNone) {
+      showReadNote([`${name} carries no generation settings (no parameters from imagineerd, `
+        + "A1111 or ComfyUI): nothing was filled in."], { bad: true });
+    }
+    return false;
+  }
+  const { filled, unused } = fillFromParameters(info);
+  showReadNote([
+    filled.length ? `Settings read from ${name}: ${filled.join(", ")}.` : `${name} has settings, but none this form can use.`,
+    unused.length ? `Not used: ${unused.join("; ")}.` : "",
+  ], { bad: !filled.length, file });
+  return true;
+}
+
+// A1111 keys that only repeat what is filled in already (hashes of the files named).
+const QUIET_KEYS = new Set(["Model hash", "VAE hash", "Lora hashes", "TI hashes", "Hashes", "Version", "RNG",
+  "Schedule type", "Hires upscale", "Hires steps", "Hires upscaler", "VAE", "Mask blur"]);
+const UPSCALERS = { latent: "latent", lanczos: "lanczos" };
+
+function findListed(kind, name) {
+  const list = (state.models && state.models[kind]) || [];
+  const bare = modelLabel(name).replace(/\.(pt|bin)$/i, "");
+  const hit = list.find((item) => item.name === name) || list.find((item) => modelLabel(item.name) === bare);
+  return hit ? hit.name : null;
+}
+
+// The form takes a PNG's parameters (our job fields); answers what was filled, in the
+// form's words, and what could not be used and why.
+function fillFromParameters(info) {
+  const params = { ...info.parameters };
+  const extra = { ...(info.extra || {}) };
+  const form = $("#create-form");
+  const filled = [];
+  const unused = [];
+  const set = (name, value) => {
+    form.elements[name].value = value;
+    if (DEFAULT_FIELDS.includes(name)) touch(name);
+  };
+  if (typeof params.prompt === "string") {
+    set("prompt", params.prompt);
+    filled.push("prompt");
+  }
+  // Ours and A1111's leave a negative prompt out only when there was none.
+  if (typeof params.negative_prompt === "string" || info.format !== "comfyui") {
+    set("negative_prompt", params.negative_prompt || "");
+    if (params.negative_prompt) filled.push("negative prompt");
+  }
+  for (const [name, label] of [["seed", "seed"], ["steps", "steps"]]) {
+    if (Number.isInteger(params[name])) {
+      set(name, params[name]);
+      filled.push(label);
+    }
+  }
+  if (Number.isInteger(params.width) && Number.isInteger(params.height)) {
+    set("width", params.width);
+    set("height", params.height);
+    syncSizePreset();
+    filled.push(`size ${params.width}×${params.height}`);
+  }
+  if (typeof params.guidance_scale === "number") {
+    set("guidance_scale", params.guidance_scale);
+    filled.push("guidance");
+  }
+  if (params.scheduler) {
+    const known = state.options.schedulers.find((s) => s.id === params.scheduler);
+    if (known) {
+      set("scheduler", params.scheduler);
+      filled.push("sampler");
+    } else unused.push(`the sampler ${params.scheduler} (not one this server has)`);
+  } else if (extra.Sampler) {
+    unused.push(`the sampler ${extra.Sampler} (not one this server has)`);
+    delete extra.Sampler;
+  }
+  if (params.model) {
+    const select = $("#model");
+    if (!state.models) unused.push(`the model ${params.model} (this server lists no models)`);
+    else if (isDefaultModel(params.model)) {
+      select.value = "";
+      filled.push("model");
+    } else {
+      const name = findListed("checkpoints", params.model);
+      if (name) {
+        select.value = name;
+        filled.push("model");
+      } else {
+        unused.push(`the model ${displayModel(params.model)} is not in the models folder (the one chosen stays)`);
+      }
+    }
+    renderModelExtras();
+    renderSizePresets();
+  }
+  if (Array.isArray(params.loras)) {
+    const ok = [];
+    for (const lora of params.loras) {
+      const name = lora && findListed("loras", lora.name);
+      if (name) ok.push({ name, weight: lora.weight ?? 1 });
+      else if (lora) unused.push(`the LoRA ${lora.name} is not in the models folder`);
+    }
+    setLoras(ok);
+    if (ok.length) filled.push(ok.length === 1 ? "LoRA" : "LoRAs");
+  } else if (info.format === "a1111") {
+    setLoras([]);  // A1111 keeps its LoRAs as <lora:…> tags in the prompt, filled above
+  }
+  const vae = params.vae ?? extra.VAE;
+  if (vae && vae !== "default") {
+    const name = findListed("vaes", vae);
+    if (name) {
+      $("#vae").value = name;
+      filled.push("VAE");
+      $("#advanced").open = true;
+    } else unused.push(`the VAE ${vae} is not in the models folder`);
+  } else if (vae === "default") $("#vae").value = "default";
+  if (Number.isInteger(params.clip_skip)) {
+    set("clip_skip", params.clip_skip);
+    filled.push("clip skip");
+    if (params.clip_skip !== 1) $("#advanced").open = true;
+  }
+  // A1111 writes the hires fix as keys of its own, its denoising as "Denoising strength".
+  let hires = params.hires || null;
+  if (!hires && extra["Hires upscale"]) {
+    const upscaler = String(extra["Hires upscaler"] || "latent").toLowerCase();
+    hires = { scale: Number(extra["Hires upscale"]), steps: Number(extra["Hires steps"] || 0),
+      denoising_strength: params.strength ?? 0.5, upscaler: UPSCALERS[upscaler] || "latent" };
+    if (!UPSCALERS[upscaler]) unused.push(`the upscaler ${extra["Hires upscaler"]} (latent is chosen)`);
+    delete params.strength;
+  }
+  if (hires) {
+    if (state.input) unused.push("the hires fix (it is for text to image; an input image is set)");
+    else {
+      setHires(hires);
+      filled.push("hires fix");
+    }
+  } else if (info.format !== "comfyui" && !state.input) setHires(null);
+  // Image-to-image settings: kept for when an input is added (the PNG is not its input).
+  if (typeof params.strength === "number") setStrength(params.strength);
+  if (Number.isInteger(params.mask_blur)) $("#mask_blur").value = params.mask_blur;
+  else if (/^\d+$/.test(extra["Mask blur"] || "")) $("#mask_blur").value = extra["Mask blur"];
+  if (params.inpaint_area) $("#inpaint_area").value = params.inpaint_area;
+  for (const [key, value] of Object.entries(extra)) {
+    if (!QUIET_KEYS.has(key)) unused.push(`${key}: ${value} (no such setting here)`);
+  }
+  saveDraft();
+  return { filled, unused };
+}
+
+async function readDroppedSettings(file, { count = 1 } = {}) {
+  if ($("#viewer").open) $("#viewer").close();
+  const wasCreate = !$("#view-create").hidden;
+  showTab("create");
+  if (!wasCreate) $("#prompt").focus();
+  const found = await readSettingsFrom(file);
+  if (count > 1) {
+    const text = $("#read-note-text");
+    text.append(el("p", {}, `Only the first of the ${count} files was read.`));
+  }
+  $("#read-note").scrollIntoView({ block: "nearest" });
+  return found;
+}
+
+function setupDropAndPaste() {
+  const overlay = $("#drop-overlay");
+  const hasFiles = (event) => event.dataTransfer && [...event.dataTransfer.types].includes("Files");
+  let depth = 0;  // dragenter/dragleave pairs: the overlay goes when the drag leaves the window
+  const hide = () => {
+    depth = 0;
+    overlay.hidden = true;
+    for (const zone of overlay.querySelectorAll(".drop-zone")) zone.classList.remove("over");
+  };
+  document.addEventListener("dragenter", (event) => {
+    if (!hasFiles(event) || $("#token-dialog").open) return;
+    depth += 1;
+    if ($("#viewer").open) $("#viewer").close();
+    overlay.hidden = false;
+  });
+  document.addEventListener("dragleave", (event) => {
+    if (!hasFiles(event)) return;
+    depth = Math.max(0, depth - 1);
+    if (depth === 0) hide();
+  });
+  // Without this a file dropped anywhere would replace the page with itself.
+  document.addEventListener("dragover", (event) => {
+    if (!hasFiles(event)) return;
+    event.preventDefault();
+    event.dataTransfer.dropEffect = $("#token-dialog").open ? "none" : "copy";
+    for (const zone of overlay.querySelectorAll(".drop-zone")) {
+      zone.classList.toggle("over", zone.contains(event.target));
+    }
+  });
+  document.addEventListener("dragend", hide);
+  document.addEventListener("drop", (event) => {
+    if (!hasFiles(event)) return;
+    event.preventDefault();
+    hide();
+    if ($("#token-dialog").open) return;
+    const files = [...event.dataTransfer.files];
+    if (!files.length) return;
+    // The input field (and its target on the overlay) takes the image as the input; any
+    // other place reads its settings.
+    const zone = event.target.closest && event.target.closest("[data-drop]");
+    const asInput = zone ? zone.dataset.drop === "input" : Boolean(event.target.closest && event.target.closest("#input-field"));
+    if (asInput) {
+      hideReadNote();
+      showTab("create");
+      setInputFile(files[0]);
+    } else {
+      readDroppedSettings(files[0], { count: files.length });
+    }
+  });
+  document.addEventListener("paste", (event) => {
+    if (!event.clipboardData || $("#token-dialog").open) return;
+    const image = [...event.clipboardData.files].find((f) => f.type.startsWith("image/"));
+    if (!image) return;  // text pastes into the prompt as always
+    event.preventDefault();
+    if ($("#view-create").hidden || $("#viewer").open) {
+      readDroppedSettings(image);
+      return;
+    }
+    // On Create: a PNG with settings fills the form (its note offers it as the input
+    // instead); any other image is the input, as it always was.
+    (async () => {
+      if (image.type === "image/png" && await readSettingsFrom(image, { quietIfNone: true })) return;
+      hideReadNote();
+      await setInputFile(image);
+      if (image.type === "image/png" && state.input) {
+        showReadNote([`${fileName(image)} carries no generation settings, so it is the input image now.`]);
+      }
+    })().catch(() => {});
+  });
+  $("#read-note-close").addEventListener("click", () => {
+    hideReadNote();
+    $("#prompt").focus();
+  });
 }
 
 // --------------------------------------------------------------------------------- queue
@@ -1301,8 +1608,11 @@ async function refreshJobs() {
   state.running = body.running ?? (body.current ? [body.current] : []);
   state.queued = body.queued;
   state.history = body.history;
+  if (typeof body.queue_paused === "boolean") setPaused(body.queue_paused);
   const ids = new Set(state.running.map((j) => j.id));
   for (const id of state.stepClocks.keys()) if (!ids.has(id)) state.stepClocks.delete(id);
+  for (const id of state.previews.keys()) if (!ids.has(id)) state.previews.delete(id);
+  for (const job of state.running) if (job.preview) notePreview({ id: job.id, ...job.preview });
   for (const job of state.running) if (job.progress) noteStep(job.id, job.progress.step);
   for (const job of [...state.running, ...state.queued, ...state.history]) updateMine(job);
   renderQueue();
@@ -1351,18 +1661,65 @@ function progressText(job) {
 
 function runningCard(job) {
   const progress = progressOf(job);
-  return el("div", { class: "card running-job", "data-job": job.id },
-    el("div", { class: "sub" }, `Running · job #${job.id}${modeLabel(job) ? ` · ${modeLabel(job)}` : ""}`
-      + modelSummary(job)),
-    el("div", { class: "prompt-text" }, job.prompt),
-    el("div", { class: "progress", role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100",
-      "aria-valuenow": String(progress.percent), "aria-label": "progress" },
-    el("div", { style: `width:${progress.percent}%` })),
-    el("div", { class: "row" },
-      el("span", { class: "progress-text" }, progressText(job)),
-      el("span", { style: "flex:1" }),
-      el("button", { type: "button", class: "danger", "data-key": `stop-${job.id}`,
-        onclick: () => interrupt(job.id) }, "Stop")));
+  const card = el("div", { class: "card running-job", "data-job": job.id },
+    el("div", { class: "running-body" },
+      el("div", { class: "sub" }, `Running · job #${job.id}${modeLabel(job) ? ` · ${modeLabel(job)}` : ""}`
+        + modelSummary(job)),
+      el("div", { class: "prompt-text" }, job.prompt),
+      el("div", { class: "progress", role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100",
+        "aria-valuenow": String(progress.percent), "aria-label": "progress" },
+      el("div", { style: `width:${progress.percent}%` })),
+      el("div", { class: "row" },
+        el("span", { class: "progress-text" }, progressText(job)),
+        el("span", { style: "flex:1" }),
+        el("button", { type: "button", class: "danger", "data-key": `stop-${job.id}`,
+          onclick: () => interrupt(job.id) }, "Stop"))));
+  const preview = state.previews.get(job.id);
+  if (preview) card.prepend(el("div", { class: "running-preview" }, previewImage(preview)));
+  return card;
+}
+
+// ------------------------------------------------------------------------ live previews
+// job.preview: every few steps, a small JPEG of the picture so far (previews.every_steps).
+// The newest one shows in the job's running card and its card in Results, scaled up
+// smoothly, until the final image takes its place.
+function previewAlt(preview) {
+  return `Preview at step ${preview.step} of ${preview.total}`;
+}
+
+function previewImage(preview) {
+  return el("img", { class: "preview", src: preview.image, alt: previewAlt(preview), decoding: "async" });
+}
+
+function notePreview(preview) {
+  if (!preview || typeof preview.image !== "string" || !preview.image.startsWith("data:image/")) return;
+  const old = state.previews.get(preview.id);
+  // An older one overtaken on its way (a hires fix's second pass counts steps again).
+  if (old && old.total === preview.total && old.step > preview.step) return;
+  state.previews.set(preview.id, preview);
+  showPreview(preview.id);
+}
+
+// Updated in place (the img's src and alt), never rebuilt: the cards keep their focus.
+function showPreview(id) {
+  const preview = state.previews.get(id);
+  if (!preview) return;
+  const update = (img) => {
+    if (img.getAttribute("src") !== preview.image) img.src = preview.image;
+    img.alt = previewAlt(preview);
+  };
+  for (const card of document.querySelectorAll(`.running-job[data-job="${id}"]`)) {
+    const img = $(".running-preview img", card);
+    if (img) update(img);
+    else card.prepend(el("div", { class: "running-preview" }, previewImage(preview)));
+  }
+  const result = $(`#results > li[data-job="${id}"]`);
+  if (result && result.dataset.status === "running") {
+    const media = $(".result-media", result);
+    const img = $("img.preview", media);
+    if (img) update(img);
+    else media.replaceChildren(previewImage(preview));
+  }
 }
 
 function modelStatusCard() {
@@ -1395,6 +1752,15 @@ function keepingFocus(render) {
   }
 }
 
+// A thumbnail whose image was deleted (or is in the trash): an empty frame, not a broken icon.
+function imageGone(event) {
+  const img = event.target;
+  img.hidden = true;
+  const frame = img.parentElement;
+  frame.classList.add("gone");
+  frame.title = "This image is no longer in the gallery (deleted)";
+}
+
 function historyImages() {
   return state.history.filter((j) => j.status === "completed" && j.output_path).map(jobImage);
 }
@@ -1407,7 +1773,7 @@ function historyItem(job) {
   return el("li", { "data-job": job.id, class: "history-row" },
     image
       ? el("button", { type: "button", class: "history-thumb", "aria-label": `Open the image of job ${job.id}`, onclick: open },
-        el("img", { src: image.thumbnail_url, alt: "", loading: "lazy" }))
+        el("img", { src: image.thumbnail_url, alt: "", loading: "lazy", onerror: imageGone }))
       : el("span", { class: "history-thumb none", "aria-hidden": "true" }),
     el("div", { class: "text" }, el("div", { class: "prompt-text" }, job.prompt),
       el("div", { class: "sub" }, `#${job.id} · ${summary(job)}`
@@ -1437,17 +1803,17 @@ function renderQueue() {
     createRunning.hidden = others.length === 0 && !statusCard;
     createRunning.replaceChildren(...[statusCard, ...others.map(runningCard)].filter(Boolean));
 
-    $("#queued").replaceChildren(...state.queued.map((job, i) => el("li", { "data-job": job.id },
-      el("span", { class: "pos" }, String(i + 1)),
-      el("div", { class: "text" }, el("div", { class: "prompt-text" }, job.prompt),
-        el("div", { class: "sub" }, `#${job.id} · ${summary(job)}`)),
-      el("button", { type: "button", class: "danger", onclick: () => cancel(job.id), "data-key": `cancel-${job.id}`,
-        "aria-label": `Cancel job ${job.id}` }, "Cancel"))));
+    $("#queued").replaceChildren(...state.queued.map(queuedItem));
     $("#queued-empty").hidden = state.queued.length > 0;
     const count = state.queued.length + state.running.length;
     $("#queue-count").hidden = count === 0;
     $("#queue-count").textContent = String(count);
     $("#history").replaceChildren(...state.history.slice(0, 20).map(historyItem));
+  });
+  // Our queued jobs' places, as the queue now has them (moves, jobs ahead started).
+  state.queued.forEach((job, i) => {
+    const mine = state.mine.get(job.id);
+    if (mine && mine.status === "queued") mine.queue_position = i + 1;
   });
   renderResults();
   renderStatus();
@@ -1478,6 +1844,102 @@ async function cancel(id) {
   } catch (error) {
     alert(error.message);
     refreshJobs();
+  }
+}
+
+// ------------------------------------------------------------------- steering the queue
+// Move to top, up and down on every queued job. A control that makes no sense where its job
+// is (up on the first) says so with aria-disabled rather than disabled: a disabled button
+// drops the keyboard focus, and after a move the focus stays on the control just pressed.
+const MOVES = {
+  top: { icon: "top", title: "Move to top", label: (id) => `Move job ${id} to the top` },
+  up: { icon: "up", title: "Up", label: (id) => `Move job ${id} up` },
+  down: { icon: "down", title: "Down", label: (id) => `Move job ${id} down` },
+};
+
+function moveButton(job, to, off) {
+  const move = MOVES[to];
+  return el("button", { type: "button", class: `icon-button move-${to}`, "data-key": `${to}-${job.id}`,
+    "aria-label": move.label(job.id), title: move.title, "aria-disabled": off ? "true" : null,
+    onclick: () => { if (!off) moveJob(job.id, to); } }, icon(move.icon));
+}
+
+function queuedItem(job, i) {
+  const last = i === state.queued.length - 1;
+  return el("li", { "data-job": job.id, class: "queued-row" },
+    el("span", { class: "pos" }, String(i + 1)),
+    el("div", { class: "text" }, el("div", { class: "prompt-text" }, job.prompt),
+      el("div", { class: "sub" }, `#${job.id} · ${summary(job)}`)),
+    el("div", { class: "queue-actions" },
+      moveButton(job, "top", i === 0), moveButton(job, "up", i === 0), moveButton(job, "down", last),
+      el("button", { type: "button", class: "danger", onclick: () => cancel(job.id), "data-key": `cancel-${job.id}`,
+        "aria-label": `Cancel job ${job.id}` }, "Cancel")));
+}
+
+async function moveJob(id, to) {
+  let moved;
+  try {
+    moved = await api("POST", `/api/jobs/${id}/move`, { to });
+  } catch (error) {
+    // It started (or was cancelled) meanwhile: the lists are out of date, not the user.
+    if (error.status === 409 || error.status === 404) refreshJobs().catch(() => {});
+    else showNotice(`Could not move job #${id}: ${error.message}`);
+    return;
+  }
+  // The event stream brings the same move to every open page, in order; this page applies
+  // the answer itself only when the stream is down (two answers may overtake each other).
+  if (!state.events || state.events.readyState !== EventSource.OPEN) applyMove(moved);
+}
+
+// A move as the server tells it (job.moved, or its answer): the jobs now at places
+// first, first + 1, ... Anything that does not fit what this page shows reloads the lists.
+function applyMove(job) {
+  const move = job.move;
+  if (!move || !Array.isArray(move.order)) return;
+  const start = move.first - 1;
+  const slice = state.queued.slice(start, start + move.order.length);
+  const ids = new Set(slice.map((j) => j.id));
+  if (slice.length !== move.order.length || !move.order.every((id) => ids.has(id))) {
+    refreshJobs().catch(() => {});
+    return;
+  }
+  const byId = new Map(slice.map((j) => [j.id, j]));
+  state.queued.splice(start, move.order.length, ...move.order.map((id) => byId.get(id)));
+  const index = state.queued.findIndex((j) => j.id === job.id);
+  if (index >= 0) state.queued[index] = { ...state.queued[index], ...job, move: undefined };
+  renderQueue();
+}
+
+// Paused: the jobs running finish, no worker takes a new one until it is resumed.
+function setPaused(paused) {
+  state.queuePaused = Boolean(paused);
+  const button = $("#queue-pause");
+  const text = state.queuePaused ? "Resume queue" : "Pause queue";
+  if (button.textContent !== text) button.textContent = text;
+  button.classList.toggle("primary", state.queuePaused);
+  const notes = state.queuePaused
+    ? ["Queue paused — the running batch finishes, nothing new starts.",
+      "Queue paused: new jobs wait until it is resumed (on the Queue tab)."]
+    : ["", ""];
+  // Live regions: written only when the text changes, so nothing is read out twice.
+  [$("#queue-paused"), $("#create-paused")].forEach((slot, i) => {
+    if (slot.textContent !== notes[i]) slot.textContent = notes[i];
+  });
+  document.body.classList.toggle("queue-is-paused", state.queuePaused);
+}
+
+async function togglePause() {
+  const button = $("#queue-pause");
+  if (button.getAttribute("aria-busy") === "true") return;
+  button.setAttribute("aria-busy", "true");
+  try {
+    const answer = await api("POST", state.queuePaused ? "/api/queue/resume" : "/api/queue/pause");
+    setPaused(answer.paused);
+    renderQueue();
+  } catch (error) {
+    showNotice(`Could not ${state.queuePaused ? "resume" : "pause"} the queue: ${error.message}`);
+  } finally {
+    button.removeAttribute("aria-busy");
   }
 }
 
@@ -1514,7 +1976,7 @@ async function rerun(job) {
   const body = rerunBody(job);
   if (!body) return;
   try {
-    const queued = await api("POST", "/api/generate", body);
+    const queued = await api("POST", "/api/generate", body, UI_SOURCE);
     const shown = { ...job, ...submittedJob(body, queued), status: "queued", started_at: null, progress: null,
       output_path: null, error: null, completed_at: null, duration_seconds: null };
     addMine(shown);
@@ -1596,7 +2058,7 @@ function renderResult(job) {
   bar.firstElementChild.style.width = `${progress.percent}%`;
   let text = "";
   if (job.status === "running") text = progressText(job);
-  else if (job.status === "queued") text = "Waiting for its turn";
+  else if (job.status === "queued") text = state.queuePaused ? "Waiting: the queue is paused" : "Waiting for its turn";
   else if (word === "done") text = `${job.width}×${job.height} · seed ${job.seed}`
     + (job.duration_seconds ? ` · ${formatSeconds(job.duration_seconds)}` : "");
   else if (word === "stopped" && job.progress) text = `Stopped at step ${job.progress.step}/${job.progress.total}`;
@@ -1613,8 +2075,10 @@ function renderResult(job) {
       media.replaceChildren(el("button", { type: "button", class: "result-thumb", "data-key": `open-${job.id}`,
         "aria-label": `Open the image of job ${job.id}`,
         onclick: () => openViewer(jobImage(state.mine.get(job.id)), { list: resultImages() }) },
-      el("img", { src: image.thumbnail_url, alt: job.prompt })));
+      el("img", { src: image.thumbnail_url, alt: job.prompt, onerror: imageGone })));
     }
+  } else if (job.status === "running" && state.previews.has(job.id) && !$("img.preview", media)) {
+    media.replaceChildren(previewImage(state.previews.get(job.id)));
   }
   // The Stop or Cancel that had the focus is gone with its job: the card (or its image) takes it.
   const active = document.activeElement;
@@ -1766,8 +2230,10 @@ function connectEvents() {
     noteStep(p.id, p.step);
     renderProgress([job || mine]);  // a batch sends one event per job per step: redraw that one
   });
+  on("job.preview", notePreview);
   for (const type of ["job.completed", "job.failed", "job.cancelled"]) {
     on(type, (job) => {
+      state.previews.delete(job.id);
       state.queued = state.queued.filter((j) => j.id !== job.id);
       state.running = state.running.filter((j) => j.id !== job.id);
       state.stepClocks.delete(job.id);
@@ -1778,6 +2244,9 @@ function connectEvents() {
     });
   }
   on("job.requeued", () => refreshJobs());
+  on("job.moved", (job) => applyMove(job));
+  on("queue.paused", () => { setPaused(true); renderQueue(); });
+  on("queue.resumed", () => { setPaused(false); renderQueue(); });
   on("model.loading", (m) => {
     state.modelStatus = { name: m.name, phase: "loading", from: m.from };
     renderQueue();
@@ -1814,42 +2283,466 @@ function connectEvents() {
 }
 
 // ------------------------------------------------------------------------------- gallery
+// Tiles newest first, a page at a time, filtered by the server (GET /api/outputs with the
+// filter bar's values). Each tile opens the viewer, and has a star (favourite) and Delete;
+// select mode picks several for Delete or Download zip. Deleted images go to the server's
+// trash, and the toast's Undo brings them back.
+const GALLERY_PAGE = 24;
+const SOURCES = { ui: "this web page", api: "the REST API", inbox: "the inbox folder", a1111: "A1111's API",
+  openai: "OpenAI's API", cli: "the command line" };
+
+function shortPrompt(item) {
+  const text = (item.prompt || item.filename || "").trim();
+  return text.length > 60 ? `${text.slice(0, 57)}…` : text;
+}
+
+// A star toggle: aria-pressed says whether it is on; the name says what it is for.
+function setStar(button, on, name) {
+  button.setAttribute("aria-pressed", String(Boolean(on)));
+  if (name !== undefined) button.setAttribute("aria-label", name);
+  if (button.id !== "filter-favourite") {
+    button.title = on ? "A favourite (press to unmark it)" : "Mark as a favourite";
+  }
+  if (!button.querySelector("svg")) button.prepend(icon("star"));
+}
+
 function thumb(item) {
-  return el("button", { type: "button", class: "thumb", "data-file": item.filename,
-    title: item.prompt || item.filename, onclick: () => openViewer(item, { list: state.gallery }) },
-  el("img", { src: item.thumbnail_url, alt: item.prompt || item.filename, loading: "lazy" }));
+  const open = el("button", { type: "button", class: "thumb", "data-file": item.filename,
+    title: item.prompt || item.filename, onclick: () => tileClicked(item, open) },
+  el("img", { src: item.thumbnail_url, alt: item.prompt || item.filename, loading: "lazy" }),
+  el("span", { class: "tile-check", "aria-hidden": "true" }, icon("check")));
+  const star = el("button", { type: "button", class: "icon-button tile-star star-toggle", "data-key": `star-${item.filename}`,
+    onclick: () => toggleFavourite(item) });
+  setStar(star, item.favourite, `Favourite: ${shortPrompt(item)}`);
+  const remove = el("button", { type: "button", class: "icon-button tile-delete", "data-key": `delete-${item.filename}`,
+    "aria-label": `Delete: ${shortPrompt(item)}`, title: "Delete (Undo brings it back)",
+    onclick: () => deleteImages([item], { from: remove }) }, icon("trash"));
+  return el("div", { class: "tile", "data-file": item.filename, role: "group", "aria-label": shortPrompt(item) },
+    open, el("div", { class: "tile-actions" }, star, remove));
+}
+
+function tileOf(filename) {
+  return [...$("#gallery").children].find((tile) => tile.dataset.file === filename) || null;
+}
+
+// The filter bar as the API's query; only what is set.
+function galleryQuery() {
+  const filters = {};
+  const q = $("#filter-q").value.trim();
+  if (q) filters.q = q;
+  const model = $("#filter-model").value;
+  if (model) filters.model = model;
+  const source = $("#filter-source").value;
+  if (source) filters.source = source;
+  if ($("#filter-favourite").getAttribute("aria-pressed") === "true") filters.favourite = "true";
+  for (const name of ["width", "height"]) {
+    const value = $(`#filter-${name}`).value.trim();
+    if (value && Number.isInteger(Number(value)) && Number(value) > 0) filters[name] = value;
+  }
+  for (const name of ["since", "until"]) {
+    const value = $(`#filter-${name}`).value;
+    if (value) filters[name] = value;  // YYYY-MM-DD: an ISO date
+  }
+  return filters;
+}
+
+function queryString(params) {
+  return Object.entries(params).map(([k, v]) => `${k}=${encodeURIComponent(v)}`).join("&");
+}
+
+// What the filters say, in words, for the count line and the empty state.
+function filterWords(filters) {
+  const words = [];
+  if (filters.q) words.push(`“${filters.q}”`);
+  if (filters.favourite) words.push("favourites");
+  if (filters.model) words.push(`model ${filters.model}`);
+  if (filters.source) words.push(`made by ${SOURCES[filters.source] || filters.source}`);
+  if (filters.width || filters.height) words.push(`${filters.width || "any"}×${filters.height || "any"}`);
+  if (filters.since && filters.until) words.push(`${filters.since} to ${filters.until}`);
+  else if (filters.since) words.push(`from ${filters.since}`);
+  else if (filters.until) words.push(`up to ${filters.until}`);
+  return words;
+}
+
+function renderGalleryState() {
+  const filters = state.galleryFilters || {};
+  const words = filterWords(filters);
+  const count = state.gallery.length;
+  const loaded = state.galleryCursor !== undefined;
+  $("#gallery-empty").hidden = !loaded || count > 0;
+  $("#gallery-empty-text").textContent = words.length ? `No image matches ${words.join(", ")}.` : "No images yet.";
+  $("#gallery-empty-clear").hidden = !words.length;
+  const more = state.galleryCursor ? "+" : "";
+  const text = words.length && count ? `${count}${more} image${count === 1 && !more ? "" : "s"} match ${words.join(", ")}.` : "";
+  if ($("#gallery-status").textContent !== text) $("#gallery-status").textContent = text;
+  const active = Object.keys(filters).filter((k) => !["q", "favourite"].includes(k)).length;
+  $("#filter-more").textContent = active ? `Filters (${active})` : "Filters";
 }
 
 async function loadGallery() {
   if (state.galleryLoading || state.galleryCursor === null) return;
   state.galleryLoading = true;
+  const generation = state.galleryGeneration;
   try {
     const cursor = state.galleryCursor;
-    const body = await api("GET", `/api/outputs?limit=24${cursor ? `&before=${encodeURIComponent(cursor)}` : ""}`);
-    state.gallery.push(...body.outputs);
-    state.galleryCursor = body.next_before;
-    $("#gallery").append(...body.outputs.map(thumb));
-    $("#gallery-empty").hidden = state.gallery.length > 0;
+    const filters = state.galleryFilters || {};
+    const params = { limit: GALLERY_PAGE, ...filters };
+    if (cursor) params.before = cursor;
+    const body = await api("GET", `/api/outputs?${queryString(params)}`);
+    if (generation !== state.galleryGeneration) return;  // the filters changed meanwhile
+    const known = new Set(state.gallery.map((i) => i.filename));
+    const fresh = body.outputs.filter((i) => !known.has(i.filename));
+    state.gallery.push(...fresh);
+    state.galleryCursor = body.next_before ?? null;
+    $("#gallery").append(...fresh.map(thumb));
+    renderGalleryState();
   } finally {
-    state.galleryLoading = false;
+    if (generation === state.galleryGeneration) state.galleryLoading = false;
   }
+  // A short page can leave the end in sight: the observer only says when that changes.
+  const sentinel = $("#gallery-more").getBoundingClientRect();
+  if (state.galleryCursor && !$("#view-gallery").hidden && sentinel.top < innerHeight + 400) loadGallery();
+}
+
+// New filters: the gallery starts again from its newest image that matches them.
+function applyGalleryFilters() {
+  const filters = galleryQuery();
+  if (JSON.stringify(filters) === JSON.stringify(state.galleryFilters || {})) return;
+  state.galleryFilters = filters;
+  state.galleryGeneration += 1;
+  state.galleryLoading = false;
+  state.gallery.length = 0;  // the same array: the viewer's list is this one
+  state.galleryCursor = undefined;
+  state.selected.clear();
+  $("#gallery").replaceChildren();
+  renderSelection();
+  renderGalleryState();
+  loadGallery().catch((error) => showGalleryError(error));
+}
+
+function showGalleryError(error) {
+  $("#gallery-status").textContent = `Could not load the gallery: ${error.message}`;
 }
 
 async function refreshGalleryHead() {
   if (state.galleryCursor === undefined) return; // not opened yet: it loads fresh later
-  const body = await api("GET", "/api/outputs?limit=10");
+  const body = await api("GET", `/api/outputs?${queryString({ limit: 10, ...(state.galleryFilters || {}) })}`);
   const known = new Set(state.gallery.map((i) => i.filename));
   const fresh = body.outputs.filter((i) => !known.has(i.filename));
   state.gallery.unshift(...fresh);
   $("#gallery").prepend(...fresh.map(thumb));
-  $("#gallery-empty").hidden = state.gallery.length > 0;
+  renderGalleryState();
+}
+
+function galleryModels() {
+  const select = $("#filter-model");
+  const chosen = select.value;
+  const names = new Set();
+  if (state.models) {
+    if (state.models.default) names.add(modelLabel(state.models.default));
+    for (const c of state.models.checkpoints) names.add(modelLabel(c.name));
+  }
+  select.replaceChildren(el("option", { value: "" }, "Any model"),
+    ...[...names].sort().map((name) => el("option", { value: name }, name)));
+  if ([...names].includes(chosen)) select.value = chosen;
+}
+
+// ---------------------------------------------------------------------- favourites
+function sameImage(filename) {
+  return [state.gallery, state.viewerItems].flat().filter((i) => i && i.filename === filename);
+}
+
+async function toggleFavourite(item) {
+  const want = !item.favourite;
+  let entry;
+  try {
+    entry = await api("PATCH", `/api/outputs/${encodeFile(item.filename)}`, { favourite: want });
+  } catch (error) {
+    showToast(`Could not ${want ? "mark" : "unmark"} it as a favourite: ${error.message}`);
+    return;
+  }
+  const favourite = entry && typeof entry.favourite === "boolean" ? entry.favourite : want;
+  for (const each of sameImage(item.filename)) each.favourite = favourite;
+  item.favourite = favourite;
+  const tile = tileOf(item.filename);
+  if (tile) setStar($(".tile-star", tile), favourite);
+  if ($("#viewer").open && $("#viewer").dataset.file === item.filename) setStar($("#viewer-favourite"), favourite);
+}
+
+function encodeFile(name) {
+  return String(name).split("/").map(encodeURIComponent).join("/");
+}
+
+// ----------------------------------------------------------------- delete, and undo
+// Deleted images go to the server's trash (outputs/.trash) until purge_after; Undo
+// restores them where they were.
+async function deleteImages(items, { from = null } = {}) {
+  if (!items.length) return;
+  const files = items.map((i) => i.filename);
+  let answer;
+  try {
+    answer = files.length === 1
+      ? await api("DELETE", `/api/outputs/${encodeFile(files[0])}`)
+      : await api("POST", "/api/outputs/delete", { files });
+  } catch (error) {
+    showToast(`Could not delete ${files.length === 1 ? "the image" : `the ${files.length} images`}: ${error.message}`);
+    return;
+  }
+  const trashed = new Set((answer && answer.trashed) || files);
+  const missing = (answer && answer.missing) || [];
+  // The focus moves to the next tile's same control (or the one before), never to nothing.
+  let next = null;
+  if (from && from.closest && from.closest(".tile")) {
+    const tiles = [...$("#gallery").children];
+    const at = tiles.indexOf(from.closest(".tile"));
+    const after = tiles.slice(at + 1).concat(tiles.slice(0, at).reverse()).find((t) => !trashed.has(t.dataset.file));
+    if (after) next = $(`.${[...from.classList].find((c) => c.startsWith("tile-")) || "thumb"}`, after);
+  }
+  // Where each was, counted before any goes: Undo puts them back in the same places.
+  const removed = state.gallery.map((item, index) => ({ item, index })).filter(({ item }) => trashed.has(item.filename));
+  for (const { index } of [...removed].reverse()) state.gallery.splice(index, 1);
+  for (const file of trashed) {
+    const tile = tileOf(file);
+    if (tile) tile.remove();
+    state.selected.delete(file);
+  }
+  renderSelection();
+  renderGalleryState();
+  if (from && !document.contains(from)) (next || $("#filter-q")).focus();
+  const count = trashed.size;
+  const gone = missing.length ? ` (${missing.length} ${missing.length === 1 ? "was" : "were"} already gone)` : "";
+  showToast(`Deleted ${count === 1 ? "1 image" : `${count} images`}${gone}.`, {
+    undo: count ? () => restoreImages([...trashed], removed) : null });
+  return trashed;
+}
+
+async function restoreImages(files, removed) {
+  let answer;
+  try {
+    answer = await api("POST", "/api/outputs/restore", { files });
+  } catch (error) {
+    showToast(`Could not bring them back: ${error.message}`);
+    return;
+  }
+  const restored = new Set((answer && answer.restored) || files);
+  for (const { item, index } of removed) {
+    if (!restored.has(item.filename) || tileOf(item.filename)) continue;
+    const at = Math.min(index, state.gallery.length);
+    state.gallery.splice(at, 0, item);
+    const before = $("#gallery").children[at] || null;
+    $("#gallery").insertBefore(thumb(item), before);
+  }
+  renderGalleryState();
+  const missing = (answer && answer.missing) || [];
+  const conflicts = (answer && answer.conflicts) || [];
+  const count = restored.size;
+  const notes = [];
+  if (missing.length) notes.push(`${missing.length} no longer in the trash`);
+  if (conflicts.length) notes.push(`${conflicts.length} kept in the trash: a file has that name again`);
+  showToast(`Restored ${count === 1 ? "1 image" : `${count} images`}${notes.length ? `; ${notes.join("; ")}` : ""}.`);
+}
+
+// ---------------------------------------------------------------------- the toast
+let toastTimer = null;
+const TOAST_SECONDS = 8;
+
+function showToast(text, { undo = null } = {}) {
+  const toast = $("#toast");
+  // A modal viewer makes the rest of the page inert: the toast goes inside it then.
+  const host = $("#viewer").open ? $("#viewer") : document.body;
+  if (toast.parentElement !== host) host.append(toast);
+  $("#toast-text").textContent = text;
+  toast.classList.add("shown");
+  const button = $("#toast-undo");
+  button.hidden = !undo;
+  state.undo = undo;
+  $("#toast-close").hidden = false;
+  placeToast();
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(hideToast, TOAST_SECONDS * 1000);
+}
+
+// Above the select bar while it shows (it sticks to the bottom of the window too).
+function placeToast() {
+  const toast = $("#toast");
+  const bar = $("#select-bar");
+  const below = toast.parentElement === document.body && !bar.hidden && !$("#view-gallery").hidden;
+  toast.style.bottom = below ? `${bar.offsetHeight + 24}px` : "";
+}
+
+function hideToast() {
+  clearTimeout(toastTimer);
+  const toast = $("#toast");
+  const hadFocus = toast.contains(document.activeElement);
+  toast.classList.remove("shown");
+  $("#toast-text").textContent = "";
+  $("#toast-undo").hidden = true;
+  $("#toast-close").hidden = true;
+  state.undo = null;
+  if (toast.parentElement !== document.body) document.body.append(toast);
+  if (hadFocus) ($("#viewer").open ? $("#viewer-zoom") : $("#filter-q")).focus();
+}
+
+function undoLast() {
+  const undo = state.undo;
+  if (!undo) return;
+  hideToast();
+  undo();
+}
+
+// -------------------------------------------------------------------- select mode
+function selecting() {
+  return $("#select-mode").getAttribute("aria-pressed") === "true";
+}
+
+function setSelectMode(on) {
+  $("#select-mode").setAttribute("aria-pressed", String(on));
+  $("#select-bar").hidden = !on;
+  $("#gallery").classList.toggle("selecting", on);
+  if (!on) state.selected.clear();
+  renderSelection();
+  placeToast();
+}
+
+function tileClicked(item, button) {
+  if (!selecting()) {
+    openViewer(item, { list: state.gallery });
+    return;
+  }
+  if (state.selected.has(item.filename)) state.selected.delete(item.filename);
+  else state.selected.add(item.filename);
+  renderSelection();
+  button.focus();
+}
+
+function renderSelection() {
+  const on = selecting();
+  for (const tile of $("#gallery").children) {
+    const picked = on && state.selected.has(tile.dataset.file);
+    tile.classList.toggle("picked", picked);
+    const open = $(".thumb", tile);
+    if (on) open.setAttribute("aria-pressed", String(picked));
+    else open.removeAttribute("aria-pressed");
+  }
+  const count = state.selected.size;
+  const text = count ? `${count} selected` : "Pick images to delete or download.";
+  if ($("#select-count").textContent !== text) $("#select-count").textContent = text;
+  for (const id of ["#select-delete", "#select-zip"]) {
+    if (count) $(id).removeAttribute("aria-disabled");
+    else $(id).setAttribute("aria-disabled", "true");
+  }
+}
+
+function selectedItems() {
+  return state.gallery.filter((i) => state.selected.has(i.filename));
+}
+
+// The zip comes from a POST (the list is too long for a URL, and a URL would want the token):
+// fetched, then handed to the browser as a download of an object URL, never a link to us.
+async function downloadZip(items) {
+  const button = $("#select-zip");
+  if (!items.length || button.getAttribute("aria-busy") === "true") return;
+  button.setAttribute("aria-busy", "true");
+  const label = button.textContent;
+  button.textContent = "Preparing…";
+  try {
+    const { blob, headers } = await api("POST", "/api/outputs/zip", { files: items.map((i) => i.filename) },
+      { blob: true });
+    const match = /filename="?([^";]+)"?/i.exec(headers.get("Content-Disposition") || "");
+    const name = match ? match[1] : `imagineerd-${items.length}-images.zip`;
+    const url = URL.createObjectURL(blob);
+    const link = el("a", { href: url, download: name, hidden: true });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
+    showToast(`Downloading ${name} (${items.length === 1 ? "1 image" : `${items.length} images`}).`);
+  } catch (error) {
+    showToast(`Could not make the zip: ${error.message}`);
+  } finally {
+    button.textContent = label;
+    button.removeAttribute("aria-busy");
+  }
+}
+
+function setupGalleryTools() {
+  const form = $("#gallery-filters");
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    applyGalleryFilters();
+  });
+  let typing = null;  // the search waits for a pause in typing
+  $("#filter-q").addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(applyGalleryFilters, 300);
+  });
+  for (const id of ["#filter-model", "#filter-source", "#filter-since", "#filter-until"]) {
+    $(id).addEventListener("change", applyGalleryFilters);
+  }
+  for (const id of ["#filter-width", "#filter-height"]) {
+    $(id).addEventListener("change", applyGalleryFilters);
+  }
+  setStar($("#filter-favourite"), false);
+  setStar($("#viewer-favourite"), false);
+  $("#filter-favourite").addEventListener("click", () => {
+    const on = $("#filter-favourite").getAttribute("aria-pressed") !== "true";
+    $("#filter-favourite").setAttribute("aria-pressed", String(on));
+    applyGalleryFilters();
+  });
+  $("#filter-more").addEventListener("click", () => {
+    const open = $("#filter-extra").hidden;
+    $("#filter-extra").hidden = !open;
+    $("#filter-more").setAttribute("aria-expanded", String(open));
+  });
+  const clear = () => {
+    form.reset();
+    $("#filter-favourite").setAttribute("aria-pressed", "false");
+    applyGalleryFilters();
+    $("#filter-q").focus();
+  };
+  $("#filter-clear").addEventListener("click", clear);
+  $("#gallery-empty-clear").addEventListener("click", clear);
+  $("#select-mode").addEventListener("click", () => setSelectMode(!selecting()));
+  $("#select-done").addEventListener("click", () => {
+    setSelectMode(false);
+    $("#select-mode").focus();
+  });
+  $("#select-all").addEventListener("click", () => {
+    for (const item of state.gallery) state.selected.add(item.filename);
+    renderSelection();
+  });
+  $("#select-delete").addEventListener("click", async () => {
+    const items = selectedItems();
+    if (!items.length) return;
+    await deleteImages(items);
+    renderSelection();
+  });
+  $("#select-zip").addEventListener("click", () => downloadZip(selectedItems()));
+  $("#view-gallery").addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && selecting() && !$("#viewer").open) {
+      setSelectMode(false);
+      $("#select-mode").focus();
+    }
+  });
+  $("#toast-undo").addEventListener("click", undoLast);
+  $("#toast-close").addEventListener("click", hideToast);
+  // Ctrl/⌘ + Z undoes a delete while its toast shows (not inside a text field: that undoes typing).
+  document.addEventListener("keydown", (event) => {
+    if (!state.undo || !(event.ctrlKey || event.metaKey) || event.key.toLowerCase() !== "z") return;
+    if (event.target.closest("input, textarea, select")) return;
+    event.preventDefault();
+    undoLast();
+  });
 }
 
 function setupGallery() {
   const observer = new IntersectionObserver((entries) => {
-    if (entries.some((e) => e.isIntersecting) && !$("#view-gallery").hidden) loadGallery();
+    if (entries.some((e) => e.isIntersecting) && !$("#view-gallery").hidden) {
+      loadGallery().catch((error) => showGalleryError(error));
+    }
   }, { rootMargin: "400px" });
   observer.observe($("#gallery-more"));
+  setupGalleryTools();
   $("#viewer-copy").addEventListener("click", async () => {
     const text = $("#viewer").dataset.prompt || "";
     try {
@@ -2049,6 +2942,10 @@ function showInViewer(item) {
   imageExtras(item).then((extra) => {
     if (dialog.open && dialog.dataset.file === item.filename) viewerMeta(item, extra);
   });
+  const known = item.favourite ?? (state.gallery.find((i) => i.filename === item.filename) || {}).favourite;
+  setStar($("#viewer-favourite"), Boolean(known));
+  $("#viewer-favourite").onclick = () => toggleFavourite(item);
+  $("#viewer-delete").onclick = () => deleteFromViewer(item);
   $("#viewer-download").href = item.url;
   $("#viewer-download").setAttribute("download", item.filename.split("/").pop());
   $("#viewer-open").href = item.url;
@@ -2058,6 +2955,26 @@ function showInViewer(item) {
     showTab("create");
     if (await setInput({ name: item.filename, url: item.url, label: item.filename })) $("#prompt").focus();
   };
+}
+
+// Delete in the viewer: the next image shows (the one before at the end), or it closes.
+async function deleteFromViewer(item) {
+  const dialog = $("#viewer");
+  const list = state.viewerItems;
+  const trashed = await deleteImages([item]);
+  if (!trashed || !trashed.has(item.filename)) return;
+  if (list !== state.gallery) {
+    const index = list.findIndex((i) => i.filename === item.filename);
+    if (index >= 0) list.splice(index, 1);
+  }
+  if (!dialog.open) return;
+  if (!list.length) {
+    dialog.close();
+    return;
+  }
+  state.viewerIndex = Math.min(state.viewerIndex, list.length - 1);
+  showInViewer(list[state.viewerIndex]);
+  $("#viewer-delete").focus();
 }
 
 async function stepViewer(step) {
@@ -2082,6 +2999,11 @@ function setZoom(actual) {
 
 function setupViewer() {
   const dialog = $("#viewer");
+  // A toast shown inside the viewer (it was modal) stays in sight once the viewer closes.
+  dialog.addEventListener("close", () => {
+    const toast = $("#toast");
+    if (toast.parentElement === dialog) document.body.append(toast);
+  });
   $("#viewer-prev").addEventListener("click", () => stepViewer(-1));
   $("#viewer-next").addEventListener("click", () => stepViewer(1));
   $("#viewer-zoom").addEventListener("click", () => setZoom(!$("#viewer-stage").classList.contains("actual")));
@@ -2095,6 +3017,12 @@ function setupViewer() {
     if (step) {
       event.preventDefault();
       stepViewer(step);
+    } else if (event.key === "f" || event.key === "F") {
+      event.preventDefault();
+      $("#viewer-favourite").click();
+    } else if (event.key === "Delete") {
+      event.preventDefault();
+      $("#viewer-delete").click();
     }
   });
 }
@@ -2235,6 +3163,7 @@ async function main() {
   setupTokenDialog();
   $("#settings-form").addEventListener("submit", saveSettings);
   $("#logout").addEventListener("click", logout);
+  $("#queue-pause").addEventListener("click", togglePause);
   const options = await loadOptions();
   // Logged in by a cookie from an earlier visit: offer to log out.
   api("GET", "/api/session").then((session) => {

@@ -197,6 +197,28 @@ def test_favourite_from_a_tile_and_in_the_viewer(start_api, page: Page):
     assert [e["filename"] for e in listed] == [entries[1]["filename"]]
 
 
+def test_changes_made_elsewhere_show_in_an_open_gallery(start_api, page: Page, device: str):
+    """A star, a delete and a restore made by another page or a script (the API) reach an
+    open gallery over the event stream (output.favourite, output.trashed, output.restored)."""
+    if device == "phone":
+        pytest.skip("the same page logic on both; the layout is tested elsewhere")
+    api = start_api()
+    entries = make_images(api, ["kept", "starred elsewhere", "deleted elsewhere"])
+    page.goto(api.url + "/#gallery")
+    expect(tiles(page)).to_have_count(3)
+    starred, deleted = entries[1]["filename"], entries[0]["filename"]
+    star = page.locator(f'#gallery .tile[data-file="{starred}"] .tile-star')
+    expect(star).to_have_attribute("aria-pressed", "false")
+    assert api("PATCH", f"/api/outputs/{starred}", json={"favourite": True}).ok
+    expect(star).to_have_attribute("aria-pressed", "true")
+    assert api("DELETE", f"/api/outputs/{deleted}").ok
+    expect(tiles(page)).to_have_count(2)
+    assert deleted not in tile_files(page)
+    assert api("POST", "/api/outputs/restore", json={"files": [deleted]}).json()["restored"]
+    expect(tiles(page)).to_have_count(3)
+    assert tile_files(page) == [e["filename"] for e in entries]  # back in its place
+
+
 # -- delete with Undo, select mode -----------------------------------------------------------
 def test_delete_from_a_tile_and_the_viewer_with_undo(start_api, page: Page, device: str):
     api = start_api()

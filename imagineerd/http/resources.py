@@ -449,7 +449,12 @@ class Outputs:
             raise ValidationError(
                 'favourite is required: true or false, as {"favourite": true}', field="favourite"
             )
-        resp.media = self.daemon.gallery_index.set_favourite(filename, data["favourite"])
+        entry = self.daemon.gallery_index.set_favourite(filename, data["favourite"])
+        # Every open page (on any node) shows the star as it is now, not as it loaded it.
+        self.daemon.events.publish(
+            "output.favourite", {"filename": entry["filename"], "favourite": entry["favourite"]}
+        )
+        resp.media = entry
 
     def on_delete_item(self, req: falcon.Request, resp: falcon.Response, filename: str) -> None:
         """Move one image to the trash (``POST /api/outputs/restore`` undoes it)."""
@@ -462,11 +467,14 @@ class Outputs:
                     "moved to the trash; remove it on the server"
                 )
             raise NotFound(f"no image named {filename[:200]!r}")
+        self.daemon.events.publish("output.trashed", {"files": trashed})
         resp.media = {"trashed": trashed, "purge_after": index.purge_after(when)}
 
     def on_post_delete(self, req: falcon.Request, resp: falcon.Response) -> None:
         index = self.daemon.gallery_index
         trashed, missing, when = index.trash(file_names(req))
+        if trashed:
+            self.daemon.events.publish("output.trashed", {"files": trashed})
         resp.media = {
             "trashed": trashed,
             "missing": missing,
@@ -475,6 +483,8 @@ class Outputs:
 
     def on_post_restore(self, req: falcon.Request, resp: falcon.Response) -> None:
         restored, missing, conflicts = self.daemon.gallery_index.restore(file_names(req))
+        if restored:
+            self.daemon.events.publish("output.restored", {"files": restored})
         resp.media = {"restored": restored, "missing": missing, "conflicts": conflicts}
 
     def on_post_zip(self, req: falcon.Request, resp: falcon.Response) -> None:

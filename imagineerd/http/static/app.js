@@ -38,6 +38,9 @@ const state = {
   doneUnseen: false,      // a job of ours finished while the tab was in the background
   queuePaused: false,     // POST /api/queue/pause: nothing new starts until it is resumed
   previews: new Map(),    // id -> the newest job.preview of a running job
+  // Images this page is starring, deleting or restoring right now: the events of its own
+  // changes may come before its answer, and the page itself does what they say.
+  ownOutputs: new Set(),
   galleryFilters: {},     // the filter bar as GET /api/outputs takes it
   galleryGeneration: 0,   // counts filter changes: a page of older filters is dropped
   selected: new Set(),    // select mode: the file names picked
@@ -2245,6 +2248,9 @@ function connectEvents() {
   }
   on("job.requeued", () => refreshJobs());
   on("job.moved", (job) => applyMove(job));
+  on("output.favourite", (o) => { if (othersOnly([o.filename]).length) applyFavourite(o.filename, o.favourite); });
+  on("output.trashed", (o) => dropTrashed(othersOnly(o.files || [])));
+  on("output.restored", (o) => noteRestored(othersOnly(o.files || [])));
   on("queue.paused", () => { setPaused(true); renderQueue(); });
   on("queue.resumed", () => { setPaused(false); renderQueue(); });
   on("model.loading", (m) => {
@@ -2409,6 +2415,11 @@ function applyGalleryFilters() {
   const filters = galleryQuery();
   if (JSON.stringify(filters) === JSON.stringify(state.galleryFilters || {})) return;
   state.galleryFilters = filters;
+  restartGallery();
+}
+
+// The gallery read again from its newest image that matches the filters.
+function restartGallery() {
   state.galleryGeneration += 1;
   state.galleryLoading = false;
   state.gallery.length = 0;  // the same array: the viewer's list is this one
@@ -2456,17 +2467,61 @@ async function toggleFavourite(item) {
   const want = !item.favourite;
   let entry;
   try {
-    entry = await api("PATCH", `/api/outputs/${encodeFile(item.filename)}`, { favourite: want });
+    entry = await ownChange([item.filename],
+      () => api("PATCH", `/api/outputs/${encodeFile(item.filename)}`, { favourite: want }));
   } catch (error) {
     showToast(`Could not ${want ? "mark" : "unmark"} it as a favourite: ${error.message}`);
     return;
   }
   const favourite = entry && typeof entry.favourite === "boolean" ? entry.favourite : want;
-  for (const each of sameImage(item.filename)) each.favourite = favourite;
   item.favourite = favourite;
-  const tile = tileOf(item.filename);
+  applyFavourite(item.filename, favourite);
+}
+
+// ``request()`` with ``files`` marked as this page's own change until its answer is in: the
+// event of the change may arrive first, and must not undo or redo what the answer does.
+async function ownChange(files, request) {
+  for (const file of files) state.ownOutputs.add(file);
+  try {
+    return await request();
+  } finally {
+    // After the answer's handling (a microtask later): an event queued meanwhile is ours.
+    setTimeout(() => { for (const file of files) state.ownOutputs.delete(file); }, 0);
+  }
+}
+
+function othersOnly(files) {
+  return files.filter((file) => !state.ownOutputs.has(file));
+}
+
+// A star set here, or in another page (output.favourite), shows everywhere the image does.
+function applyFavourite(filename, favourite) {
+  for (const each of sameImage(filename)) each.favourite = favourite;
+  const tile = tileOf(filename);
   if (tile) setStar($(".tile-star", tile), favourite);
-  if ($("#viewer").open && $("#viewer").dataset.file === item.filename) setStar($("#viewer-favourite"), favourite);
+  if ($("#viewer").open && $("#viewer").dataset.file === filename) setStar($("#viewer-favourite"), favourite);
+}
+
+// Images deleted in another page leave this one's gallery too (their Undo is that page's).
+function dropTrashed(files) {
+  const gone = new Set(files.filter((file) => tileOf(file) || state.gallery.some((i) => i.filename === file)));
+  if (!gone.size) return; // this page's own delete: done already, focus where it put it
+  for (let i = state.gallery.length - 1; i >= 0; i--) {
+    if (gone.has(state.gallery[i].filename)) state.gallery.splice(i, 1); // in place: the viewer shares it
+  }
+  for (const file of gone) {
+    const tile = tileOf(file);
+    if (tile) tile.remove();
+    state.selected.delete(file);
+  }
+  renderSelection();
+  renderGalleryState();
+}
+
+// Images restored in another page come back in their places: the gallery is read again.
+function noteRestored(files) {
+  if (state.galleryCursor === undefined) return; // not opened yet: it loads fresh later
+  if (files.some((file) => !tileOf(file))) restartGallery();
 }
 
 function encodeFile(name) {
@@ -2481,9 +2536,9 @@ async function deleteImages(items, { from = null } = {}) {
   const files = items.map((i) => i.filename);
   let answer;
   try {
-    answer = files.length === 1
-      ? await api("DELETE", `/api/outputs/${encodeFile(files[0])}`)
-      : await api("POST", "/api/outputs/delete", { files });
+    answer = await ownChange(files, () => files.length === 1
+      ? api("DELETE", `/api/outputs/${encodeFile(files[0])}`)
+      : api("POST", "/api/outputs/delete", { files }));
   } catch (error) {
     showToast(`Could not delete ${files.length === 1 ? "the image" : `the ${files.length} images`}: ${error.message}`);
     return;
@@ -2519,7 +2574,7 @@ async function deleteImages(items, { from = null } = {}) {
 async function restoreImages(files, removed) {
   let answer;
   try {
-    answer = await api("POST", "/api/outputs/restore", { files });
+    answer = await ownChange(files, () => api("POST", "/api/outputs/restore", { files }));
   } catch (error) {
     showToast(`Could not bring them back: ${error.message}`);
     return;

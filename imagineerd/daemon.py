@@ -171,10 +171,7 @@ class Daemon:
             )
         )
         self.metrics = Metrics(self)  # GET /metrics; read on scrape and from job hooks
-        # Only while a job runs here (it is in views.progress) is its preview still news.
-        self.previews = PreviewFeed(
-            self.events.publish, lambda job_id: job_id in self.views.progress
-        )
+        self.previews = PreviewFeed(self.events.publish)
 
     # -- life cycle ----------------------------------------------------------------------
     def now_iso(self) -> str:
@@ -781,6 +778,7 @@ class Daemon:
         error: str | None,
     ) -> Job:
         self._progress_sent.pop(job.id, None)
+        self.previews.forget(job.id)  # before its end is announced: no preview after it
         try:
             done = self.store.finish(
                 job.id,
@@ -866,6 +864,7 @@ class Daemon:
         for job in jobs:
             self.views.progress.pop(job.id, None)
             self._progress_sent.pop(job.id, None)
+            self.previews.forget(job.id)
         for job in self.store.requeue([job.id for job in jobs], count_attempt=False):
             self.events.publish("job.requeued", self.job_view(job))
 

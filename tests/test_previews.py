@@ -136,8 +136,7 @@ def test_previews_are_throttled_per_batch(make_config, monkeypatch):
 
 def test_the_feed_drops_a_preview_whose_job_finished_meanwhile():
     bus = EventBus()
-    running = {1}
-    feed = PreviewFeed(bus.publish, running.__contains__)
+    feed = PreviewFeed(bus.publish)
     gate = threading.Event()
 
     class Slow(PreviewPixels):
@@ -149,14 +148,29 @@ def test_the_feed_drops_a_preview_whose_job_finished_meanwhile():
         feed.start()
         try:
             feed.offer(1, 3, 12, Slow(torch.zeros(2, 2, 3, dtype=torch.uint8)))
-            running.discard(1)
+            wait_for(lambda: not feed._waiting, timeout=10)  # being encoded now
+            feed.forget(1)  # the job ends: its end is announced after this returns
             gate.set()
             feed.offer(2, 3, 12, PreviewPixels(torch.zeros(2, 2, 3, dtype=torch.uint8)))
-            running.add(2)
             event = wait_for(lambda: events.get(timeout=0.1), timeout=10)
         finally:
             feed.stop()
     assert event.type == "job.preview" and event.data["id"] == 2
+    assert feed.latest(1) is None and feed.latest(2) == event.data
+
+
+def test_every_job_gets_its_turn_when_encoding_falls_behind():
+    published: list[int] = []
+    feed = PreviewFeed(lambda type_, data: published.append(data["id"]))
+    pixels = PreviewPixels(torch.zeros(2, 2, 3, dtype=torch.uint8))
+    for job_id in (1, 2, 3, 1):  # job 1 sends a newer one before the encoder starts
+        feed.offer(job_id, 3, 12, pixels)
+    feed.start()
+    try:
+        wait_for(lambda: len(published) == 3, timeout=10)
+    finally:
+        feed.stop()
+    assert published == [2, 3, 1]  # the oldest waiting first; one each, the newest
 
 
 @pytest.mark.parametrize("value", [-1, 1001, "5", True])

@@ -76,14 +76,20 @@ class Previewer:
         device = latents.device
         if device not in self._on:  # where the model runs now (it may have been offloaded)
             self._on[device] = (self._weights.to(device), self._bias.to(device))
-        weights, bias = self._on[device]
         with torch.inference_mode():
-            rgb = torch.einsum("bchw,cr->bhwr", latents[:count].float(), weights)
-            rgb = ((rgb + bias + 1.0) * 127.5).clamp(0, 255).to(torch.uint8)
-            if device.type != "cuda":
-                return [PreviewPixels(item) for item in rgb.cpu()]
-            host = torch.empty(rgb.shape, dtype=torch.uint8, pin_memory=True)
-            host.copy_(rgb, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
+            if device.type != "cuda":  # (on MPS the copy to the host waits for the device)
+                return [PreviewPixels(item) for item in self._project(latents, count, device)]
+            # The worker thread's current device may be another GPU than this model's: the
+            # work and the event that marks its end go on this model's device and stream.
+            with torch.cuda.device(device):
+                rgb = self._project(latents, count, device)
+                host = torch.empty(rgb.shape, dtype=torch.uint8, pin_memory=True)
+                host.copy_(rgb, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(device))
         return [PreviewPixels(item, ready) for item in host]
+
+    def _project(self, latents: Any, count: int, device: Any) -> Any:
+        weights, bias = self._on[device]
+        rgb = self._torch.einsum("bchw,cr->bhwr", latents[:count].float(), weights)
+        return ((rgb + bias + 1.0) * 127.5).clamp(0, 255).to(self._torch.uint8)

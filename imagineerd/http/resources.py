@@ -363,6 +363,8 @@ def time_param(req: falcon.Request, name: str, *, end_of_day: bool) -> str | Non
         when = datetime.fromisoformat(text)
         if when.tzinfo is not None:
             when = when.astimezone().replace(tzinfo=None)
+        if when.year < 1000:  # written with fewer digits, it would sort after every real date
+            raise ValueError(when.year)
     except (ValueError, OverflowError):  # not ISO, or beyond year 9999 once made local
         raise ValidationError(
             f"{name} must be an ISO date or date and time, such as 2026-03-01 or "

@@ -107,6 +107,7 @@ class Daemon:
             trash_days=config["gallery"]["trash_days"],
             rescan_seconds=config["gallery"]["rescan_seconds"],
             spool=self.state_dir / "tmp",
+            node=self.node,
         )
         self.inputs = InputStore(
             self.state_dir / "inputs",

@@ -1,4 +1,4 @@
-"""The gallery: listing, safe lookup and thumbnails of the images in the outputs folder."""
+"""The gallery: safe lookup, metadata and thumbnails of the images in the outputs folder."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from PIL import Image
 
 from .errors import NotFound
 from .outputs import TEMP_PREFIX, NotAPng, open_png, parse_infotext
-from .safefile import is_utf8_name
 
 #: The thumbnail sizes served (longer side, pixels). A fixed few, so the cache cannot be
 #: filled with one file per size a client asks for.
@@ -29,13 +28,11 @@ MAX_THUMBNAIL_BYTES = 512 * 1024 * 1024
 
 
 class Gallery:
-    """Listing, safe lookup and thumbnails of the images in the outputs folder.
+    """Safe lookup, metadata and thumbnails of the images in the outputs folder.
 
-    Metadata is read from each PNG once and cached by (size, mtime), so listing a large
-    gallery reads only new files. Lookups accept only paths that stay inside the outputs
-    folder after resolving symlinks: no ``..``, no hidden names, no links pointing outside.
-    :meth:`list` scans the folder itself; the daemon lists from the index in the job store
-    (``gallery_index``), which reads the files through :meth:`read_own_entry`.
+    Lookups accept only paths that stay inside the outputs folder after resolving symlinks:
+    no ``..``, no hidden names, no links pointing outside. Listing is the index's in the job
+    store (``gallery_index``), which reads each file's entry through :meth:`read_own_entry`.
     """
 
     def __init__(
@@ -51,71 +48,13 @@ class Gallery:
         self.max_thumbnail_files = max_thumbnail_files
         self.max_thumbnail_bytes = max_thumbnail_bytes
         self._thumb_lock = threading.Lock()
-        self._cache: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
-        self._lock = threading.Lock()
-
-    def _files(self) -> list[str]:
-        found = []
-        for root, dirs, files in os.walk(self.directory):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            rel_root = os.path.relpath(root, self.directory)
-            for name in files:
-                if not is_utf8_name(name):  # could not travel in the answer
-                    continue
-                if name.lower().endswith(".png") and not name.startswith("."):
-                    found.append(name if rel_root == "." else f"{rel_root}/{name}")
-        return found
-
-    @staticmethod
-    def _order(relpath: str) -> tuple[str, str]:
-        # The file name starts with its timestamp: sorting by name is sorting by time.
-        return (relpath.rsplit("/", 1)[-1], relpath)
-
-    def list(self, limit: int = 50, before: str | None = None) -> list[dict[str, Any]]:
-        """Images newest first; ``before`` (a filename from a previous page) pages on."""
-        files = sorted(self._files(), key=self._order, reverse=True)
-        if before is not None:
-            cursor = self._order(before)
-            files = [f for f in files if self._order(f) < cursor]
-        entries = []
-        for relpath in files:
-            entry = self.entry(relpath)
-            if entry is not None:
-                entries.append(entry)
-            if len(entries) >= limit:
-                break
-        return entries
-
-    def entry(self, relpath: str) -> dict[str, Any] | None:
-        path = self.directory / relpath
-        try:
-            # Listed only if it can be served: a link pointing out of outputs/ is neither.
-            if not path.resolve().is_relative_to(self.directory.resolve()):
-                return None
-            stat = path.stat()
-        except (OSError, RuntimeError):  # RuntimeError: a symlink loop
-            return None
-        key = (stat.st_size, stat.st_mtime_ns)
-        with self._lock:
-            cached = self._cache.get(relpath)
-        if cached and cached[0] == key:
-            return cached[1]
-        try:
-            with open_png(path) as image:
-                size, text = image.size, _text_chunks(image)
-        except Exception:  # NotAPng, or damaged text chunks: not a readable PNG, left out
-            return None
-        entry = _entry(relpath, stat, size, text)
-        with self._lock:
-            self._cache[relpath] = (key, entry)
-        return entry
 
     @staticmethod
     def read_own_entry(path: Path, relpath: str) -> tuple[dict[str, Any], os.stat_result] | None:
         """The gallery entry of the PNG at ``path``, listed as ``relpath``, and the stat of
         the file read; ``None`` unless ``path`` itself is a regular file holding a readable
-        PNG. Unlike :meth:`entry`, a link is never followed, even to a file inside the
-        outputs folder: what the gallery index reads (``gallery_index``)."""
+        PNG. A link is never followed, even to a file inside the outputs folder: what the
+        gallery index reads (``gallery_index``)."""
         try:
             with _open_own_png(path) as (image, stat):
                 size, text = image.size, _text_chunks(image)

@@ -14,15 +14,25 @@ The index is kept true three ways:
   whose file is gone are dropped. It reads only regular files (a link is never followed),
   a bounded number per pass, and each file on its own: one bad PNG never stops it.
 
+A row is dropped only on proof that its file is gone: missing from a folder read in full,
+or below a folder found missing. A folder that cannot be read, a walk cut short, an outputs
+folder on another file system than at the last pass, or one suddenly holding none of the
+images (until a pass an hour later finds it so again) drops nothing: a share that is away
+must not cost the favourite marks.
+
 Deleting an image renames it to ``outputs/.trash/<the same path>`` (nothing is deleted on
 request) and marks its row trashed: listings leave it out and restoring renames it back.
 The same background pass deletes for good what has been in the trash longer than
 ``gallery.trash_days``. The trash is a hidden folder: never listed, never served, vetoed on
 the SMB share like every hidden name.
 
-Nodes sharing the outputs folder and a PostgreSQL index each reconcile it: every write is an
-idempotent upsert or delete by path. Within one process a lock orders the passes and the
-requests that move files, so neither sees the other half-done.
+Nodes of one PostgreSQL queue share this index, with one outputs folder or each with its
+own. Each row names the node that indexed it, and a node drops only its own rows: it cannot
+tell whether a file it does not see is gone or in another node's folder. In a shared folder
+a node that sees a file indexed by a node gone quiet (or renamed) takes the row over, so no
+row is left that nobody would drop. Every write is an idempotent upsert or delete by path.
+Within one process a lock orders the writes of the passes and the requests that move files,
+so neither sees the other half-done; the folders are walked without it.
 """
 
 from __future__ import annotations
@@ -41,18 +51,18 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import Conflict, NotFound, Unavailable
+from .errors import Conflict, ImagineerdError, NotFound, Unavailable
 from .fsutil import fsync_dir
 from .gallery import Gallery
 from .jobs import iso
 from .outputs import PNG_SIGNATURE, TEMP_PREFIX
-from .safefile import is_utf8_name
-from .store import OutputQuery, OutputRecord, Store
+from .safefile import NAME_MAX, cut_name, is_utf8_name
+from .store import OutputQuery, OutputRecord, OutputStat, Store
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +90,66 @@ REFRESH_SECONDS = 1.0
 #: purged this often.
 PURGE_SECONDS = 3600.0
 DAY = 86400.0
+#: An outputs folder (or trash) found holding none of this node's images is believed only
+#: when a background pass this much later finds it so again: a share away that long.
+EMPTY_CONFIRM_SECONDS = 3600
+#: A row indexed by a node that has not beaten for this long (or by a node the queue does
+#: not know: one renamed) is taken over by a node that sees its file.
+ADOPT_SECONDS = DAY
+#: The most a zip of images may hold (the PNGs' bytes), and how many zips are built at once.
+MAX_ZIP_BYTES = 2 * 1024**3
+MAX_ZIPS = 2
 #: Files seen not to be readable PNGs, remembered (by size and mtime) so that each pass does
 #: not open them again; forgotten past this many.
 MAX_UNREADABLE = 10_000
 
 
+class ZipTooLarge(ImagineerdError):
+    """The images asked for come to more than a zip may hold (MAX_ZIP_BYTES)."""
+
+    status = 413
+    code = "too_large"
+
+
+@dataclass
+class _Walk:
+    """What one walk of folders found: ``files`` (path -> size, mtime_ns), ``listed``
+    (each folder read in full -> its mtime from before it was read), ``folders`` (the real
+    folders seen in those listings, entered or not), ``gone`` (folders found missing, or no
+    folder any more), ``unsure`` (entries whose type or size could not be read) and whether
+    it ran to its end (``complete``: not stopped half-way)."""
+
+    files: dict[str, tuple[int, int]] = field(default_factory=dict)
+    listed: dict[str, int] = field(default_factory=dict)
+    folders: set[str] = field(default_factory=set)
+    gone: set[str] = field(default_factory=set)
+    unsure: set[str] = field(default_factory=set)
+    complete: bool = True
+
+    def shows_gone(self, path: str) -> bool:
+        """Whether this walk shows the file ``path`` gone, if it did not find it: its folder
+        was read in full, or a folder on its way was found missing (or, in the listing of the
+        folder above it, not a folder). A folder not read (unreadable, too deep, not entered)
+        says nothing about what is below it."""
+        if path in self.unsure:
+            return False
+        folder, below = path.rpartition("/")[0], None
+        while True:
+            if folder in self.gone:
+                return True
+            if folder in self.listed:
+                return below is None or (below not in self.folders and below not in self.unsure)
+            if not folder:
+                return False
+            folder, below = folder.rpartition("/")[0], folder
+
+
 class GalleryIndex:
     """The outputs folder's images as rows of ``store`` (see the module docstring).
 
-    ``clock`` gives Unix seconds: when an image went to the trash, and what has been there
-    long enough to purge.
+    ``node`` names this node on the rows it indexes: it drops only those. ``clock`` gives
+    Unix seconds: when an image went to the trash, what has been there long enough to
+    purge, and how long the outputs folder has been found empty.
     """
 
     def __init__(
@@ -100,10 +160,12 @@ class GalleryIndex:
         trash_days: float = 7.0,
         rescan_seconds: float = 600.0,
         spool: Path | None = None,
+        node: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.gallery = gallery
         self.store = store
+        self.node = node
         self.root = gallery.directory
         self.trash_days = float(trash_days)
         self.rescan_seconds = float(rescan_seconds)
@@ -115,9 +177,16 @@ class GalleryIndex:
         #: full; ``None`` while files of it wait to be read.
         self._dirs: dict[str, int | None] = {}
         self._unreadable: dict[str, tuple[int, int]] = {}
-        #: The last full pass found the folder empty while the index listed images.
-        self._seen_empty = False
+        #: ``""`` (the outputs folder) or TRASH -> when a background pass first found it
+        #: holding none of this node's images (see :meth:`_hold_if_all_gone`).
+        self._empty_since: dict[str, float] = {}
+        #: The outputs folder's st_dev at the last background pass, and whether it was the
+        #: same at the pass before (see :meth:`_note_device`).
+        self._root_dev: int | None = None
+        self._root_settled = True
+        self._refresh_lock = threading.Lock()
         self._next_refresh = 0.0
+        self._zips = threading.BoundedSemaphore(MAX_ZIPS)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -135,10 +204,6 @@ class GalleryIndex:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-
-    def wake(self) -> None:
-        """Run the next background pass now."""
-        self._wake.set()
 
     def _run(self) -> None:
         reconcile = True
@@ -189,6 +254,12 @@ class GalleryIndex:
         does not read it again). Never raises, as :meth:`write`."""
         try:
             rel = self._relative(Path(path))
+            if not self._listable(rel):
+                log.info(
+                    "gallery: %s is not listed (a hidden name, too deep, or a link on its way)",
+                    path,
+                )
+                return
             record = self._read(rel)
             with self._lock:
                 if record is not None:
@@ -209,27 +280,52 @@ class GalleryIndex:
         rel = path.relative_to(self.root).as_posix()
         return "" if rel == "." else rel
 
+    def _listable(self, rel: str) -> bool:
+        """Whether a pass would list the file ``rel``: a name the gallery takes, no deeper
+        than MAX_DEPTH, with no link on its way (an image reached through a linked folder is
+        not served, so it is not listed either)."""
+        try:
+            _check_name(rel)
+            self._check_no_links(rel.rpartition("/")[0])
+        except (NotFound, OSError):
+            return False
+        return rel.count("/") <= MAX_DEPTH
+
     def reconcile(self, budget: int = PASS_FILES) -> bool:
         """Bring the index in line with the whole outputs folder and its trash: add what is
-        missing, read again what changed, drop rows whose file is gone. Reads at most
-        ``budget`` files; whether more are waiting.
+        missing, read again what changed, drop this node's rows whose file is gone. Reads at
+        most ``budget`` files; whether more are waiting.
 
-        An outputs folder that cannot be read (gone, a file, unreadable) changes nothing,
-        and one found empty while the index lists images is believed only when the next look
-        (pass or listing) finds it empty too: a share that is not mounted yet must not cost
-        every favourite mark."""
-        if _mtime(self.root, "") is None:
+        Only a file missing from a folder read in full, or below a folder found missing
+        (or no folder any more), is gone: a folder that cannot be read (no permission, an
+        I/O error, a share that stopped answering) or was not reached (a stop, too deep)
+        says nothing, and its rows stay. An outputs folder that cannot be read changes
+        nothing; a pass in which it is on another file system than at the last pass (a
+        share mounted or unmounted) drops nothing; and one found holding none of the images
+        this node indexed is believed only when a background pass at least
+        ``EMPTY_CONFIRM_SECONDS`` later finds it so again: a share that is not mounted must
+        not cost every favourite mark."""
+        dev = _device(self.root)
+        if dev is None:
             log.warning("gallery: cannot read the outputs folder %s; the index is kept", self.root)
             return False
-        more = self._sync([""], full=True, budget=budget)
-        return self._sync_trash(budget) or more
+        steady = self._note_device(dev, record=True)
+        more = self._sync([""], full=True, budget=budget, dev=dev, steady=steady, background=True)
+        return self._sync_trash(budget, dev=dev, steady=steady) or more
 
     def refresh(self) -> None:
         """Read the folders that changed since they were last read, before a listing: a file
         copied in or removed by hand is listed (or gone) at once. Only a folder's own mtime is
-        compared, so an image rewritten in place waits for the background pass. Never raises
-        (the listing reads the index as it is)."""
+        compared, so an image rewritten in place waits for the background pass, and at most
+        once in REFRESH_SECONDS. A listing never confirms that every image vanished (only a
+        background pass does), nor takes a new file system for the outputs folder. Never
+        raises (the listing reads the index as it is)."""
         try:
+            with self._refresh_lock:
+                now = time.monotonic()
+                if now < self._next_refresh:
+                    return  # before any folder is looked at: a busy page costs no disk
+                self._next_refresh = now + REFRESH_SECONDS
             with self._lock:
                 known = dict(self._dirs)
             if known:
@@ -238,127 +334,246 @@ class GalleryIndex:
                 ]
             else:
                 changed = [""]  # nothing read yet: the first pass has not come so far
-            now = time.monotonic()
-            if not changed or now < self._next_refresh:
+            if not changed:
                 return
-            self._next_refresh = now + REFRESH_SECONDS
-            self._sync(changed, full=not known, budget=REFRESH_FILES)
+            dev = _device(self.root)
+            if dev is None:
+                return
+            steady = self._note_device(dev, record=False)
+            self._sync(changed, full=not known, budget=REFRESH_FILES, dev=dev, steady=steady)
         except Exception as exc:
             log.warning("gallery: could not look for new files in the outputs folder: %s", exc)
 
-    def _sync(self, tops: list[str], *, full: bool, budget: int) -> bool:
-        """Reconcile the folders ``tops`` (their files; with ``full`` everything below them,
-        else only folders not read before) with the index."""
+    def _note_device(self, dev: int, *, record: bool) -> bool:
+        """Whether the outputs folder is on the file system it was on at the last background
+        pass (or this is the first look), and was at the pass before that too: a new file
+        system is believed from the background pass after the one that first saw it, never
+        by a listing. A background pass (``record``) remembers it."""
         with self._lock:
-            # The index first, the folder second: a row another node adds in between is not
-            # taken for one whose file is gone.
-            known = self.store.output_stats()
-            files, mtimes, vanished = self._scan(tops, full=full)
+            before, settled = self._root_dev, self._root_settled
+            if record:
+                self._root_dev = dev
+                self._root_settled = before is None or before == dev
+        if before is None or before == dev:
+            return settled or record
+        if record:
+            log.warning(
+                "gallery: the outputs folder %s is on another file system than at the last pass "
+                "(a share mounted or unmounted?); this pass drops nothing from the index",
+                self.root,
+            )
+        return False
 
-            def covered(path: str) -> bool:
-                if path.startswith(TRASH + "/"):
-                    return False
-                if full:
-                    return True
-                folder = path.rpartition("/")[0]
-                return folder in mtimes or any(
-                    folder == v or folder.startswith(v + "/") for v in vanished
+    def _sync(
+        self,
+        tops: list[str],
+        *,
+        full: bool,
+        budget: int,
+        dev: int,
+        steady: bool,
+        background: bool = False,
+    ) -> bool:
+        """Reconcile the folders ``tops`` (their files; with ``full`` everything below them,
+        else only folders not read before) with the index. The folders are walked without
+        the lock (a listing or a delete does not wait for a slow share), which is taken only
+        to compare and write. ``steady``: the outputs folder is on the file system ``dev``
+        it was on before; if not (or it moves during the walk) nothing is dropped."""
+        # The index first, the folder second: a row added in between (the saver's, another
+        # node's) is not taken for one whose file is gone.
+        known = self.store.output_stats()
+        walk = self._walk(tops, full=full)
+        if not walk.complete:  # stopped half-way: what was not reached says nothing
+            return False
+        if "" in tops and "" not in walk.listed:  # the outputs folder itself: not read
+            return False
+        steady = steady and _device(self.root) == dev
+        alive = self._alive_nodes() if background else None
+        with self._lock:
+            if steady:
+                gone = self._hold_if_all_gone(
+                    "", self._gone(known, walk, trash=False), known, walk, background
                 )
-
-            if "" in vanished:  # the outputs folder itself: not read, nothing to conclude
-                return False
-            gone = [p for p in known if covered(p) and p not in files]
-            listed = sum(1 for p in known if not p.startswith(TRASH + "/"))
-            if gone and not files and len(gone) == listed:  # every image gone at once
-                if not self._seen_empty:
-                    self._seen_empty = True
-                    log.warning(
-                        "gallery: the outputs folder %s holds no image, yet the index lists "
-                        "%d; they are dropped if the next look finds it empty too (is its share "
-                        "mounted?)",
-                        self.root,
-                        len(gone),
-                    )
-                    return False
-            else:
-                self._seen_empty = False
-            if gone:
-                self.store.drop_outputs(gone)
-            todo = self._changed(files, known)
+                if gone:
+                    self.store.drop_outputs(gone)
+            todo = self._changed(walk.files, known, alive)
             pending = {p.rpartition("/")[0] for p in todo}
             waiting = {p.rpartition("/")[0] for p in todo[budget:]}
             if full:
                 self._dirs = {}
-            for folder in vanished:
+            for folder in walk.gone:
                 for d in [d for d in self._dirs if d == folder or d.startswith(folder + "/")]:
                     del self._dirs[d]
-            for folder, mtime in mtimes.items():
+            for folder, mtime in walk.listed.items():
                 # The mtime from before the folder was listed, so a change since then shows;
                 # a folder with files to read is not up to date until they are read.
                 self._dirs[folder] = None if folder in pending else mtime
         self._read_all(todo[:budget])
         with self._lock:
             for folder in pending - waiting:
-                if folder in mtimes:
-                    self._dirs[folder] = mtimes[folder]
+                if folder in walk.listed:
+                    self._dirs[folder] = walk.listed[folder]
         return len(todo) > budget
 
-    def _sync_trash(self, budget: int) -> bool:
-        """The trash's part of a pass: rows of files gone from it are dropped; files there
-        without a row (a crash between the rename and the store's commit, or an older
-        node) get one, trashed from now."""
+    def _sync_trash(self, budget: int, *, dev: int, steady: bool) -> bool:
+        """The trash's part of a pass: this node's rows of files gone from it are dropped;
+        files there without a row (a crash between the rename and the store's commit, or an
+        older node) get one, trashed from now. A trash that is missing, no folder any more
+        (a link) or cannot be read says nothing: its rows, and when they went to the trash,
+        stay (the purge drops the rows of files gone when they are due)."""
+        known = self.store.output_stats()
+        walk = self._walk([TRASH], full=True)
+        if not walk.complete or TRASH not in walk.listed:
+            return False
+        steady = steady and _device(self.root) == dev
+        alive = self._alive_nodes()
         with self._lock:
-            known = self.store.output_stats()
-            files, _, _ = self._scan([TRASH], full=True)
-            gone = [p for p in known if p.startswith(TRASH + "/") and p not in files]
-            if gone:
-                self.store.drop_outputs(gone)
-            # A file in the trash is read once: it is not listed, so its changes do not matter.
-            todo = [p for p in self._changed(files, known) if p not in known]
+            if steady:
+                gone = self._hold_if_all_gone(
+                    TRASH, self._gone(known, walk, trash=True), known, walk, True
+                )
+                if gone:
+                    self.store.drop_outputs(gone)
+            # A file in the trash is read once: it is not listed, so its changes do not
+            # matter; another node's row is read again to take it over, as in the folder.
+            todo = [
+                p
+                for p in self._changed(walk.files, known, alive)
+                if p not in known or known[p].node != self.node
+            ]
         self._read_all(todo[:budget], trashed_at=self.clock())
         return len(todo) > budget
 
-    def _changed(
-        self, files: dict[str, tuple[int, int]], known: dict[str, tuple[int, int]]
-    ) -> list[str]:
-        """The files not indexed as they are now (nor seen unreadable as they are), newest
-        first: the images people look for first."""
-        todo = [
-            p
-            for p, seen in files.items()
-            if known.get(p) != seen and self._unreadable.get(p) != seen
+    def _gone(self, known: dict[str, OutputStat], walk: _Walk, *, trash: bool) -> list[str]:
+        """This node's rows (of the trash, or of the folder) whose file the walk shows gone
+        and that is not back now either: the walk ran without the lock, so a restore may
+        have put a file back since. A folder whose mtime is still the one from before it was
+        listed has had nothing put in it; in any other each file is looked for again. Call
+        with the lock held."""
+        unchanged: dict[str, bool] = {}
+
+        def still_gone(path: str) -> bool:
+            folder = path.rpartition("/")[0]
+            if folder not in unchanged:
+                listed = walk.listed.get(folder)
+                unchanged[folder] = listed is not None and _mtime(self.root, folder) == listed
+            return unchanged[folder] or not os.path.lexists(self.root / path)
+
+        return [
+            path
+            for path, row in known.items()
+            if path.startswith(TRASH + "/") == trash
+            and row.node == self.node
+            and path not in walk.files
+            and walk.shows_gone(path)
+            and still_gone(path)
         ]
+
+    def _hold_if_all_gone(
+        self,
+        part: str,
+        gone: list[str],
+        known: dict[str, OutputStat],
+        walk: _Walk,
+        background: bool,
+    ) -> list[str]:
+        """``gone``, unless it is every row this node has in ``part`` (the outputs folder
+        ``""``, or the trash) while the walk found no file there at all: then nothing, until
+        a background pass at least EMPTY_CONFIRM_SECONDS after the first that saw it sees it
+        again (a listing never does). Call with the lock held."""
+        trash = part == TRASH
+        own = sum(
+            1
+            for p, r in known.items()
+            if p.startswith(TRASH + "/") == trash and r.node == self.node
+        )
+        found = any(p.startswith(TRASH + "/") == trash for p in walk.files)
+        if not gone or found or len(gone) < own:
+            if background:
+                self._empty_since.pop(part, None)
+            return gone
+        if not background:
+            return []
+        now = self.clock()
+        where = self.root / part if part else self.root
+        since = self._empty_since.get(part)
+        if since is None:
+            self._empty_since[part] = now
+            log.warning(
+                "gallery: %s holds none of the %d images this node indexed there; they are "
+                "dropped if a pass %d minutes from now finds it so too (is its share mounted?)",
+                where,
+                len(gone),
+                EMPTY_CONFIRM_SECONDS // 60,
+            )
+            return []
+        if now - since < EMPTY_CONFIRM_SECONDS:
+            return []
+        del self._empty_since[part]
+        log.warning("gallery: %s is still empty; dropping its %d rows", where, len(gone))
+        return gone
+
+    def _alive_nodes(self) -> set[str | None] | None:
+        """The nodes whose rows stay theirs: this one, and every node that beat within
+        ADOPT_SECONDS. A row of another node whose file this node sees (a shared folder) is
+        read again and so becomes this node's, which then drops it once the file is gone: a
+        node gone for good, or renamed, leaves no row that nobody would drop. ``None`` (take
+        nothing over) when the store cannot say."""
+        try:
+            nodes = self.store.nodes()
+        except Exception as exc:
+            log.warning("gallery: could not read the nodes of the queue: %s", exc)
+            return None
+        return {n["name"] for n in nodes if n["age"] < ADOPT_SECONDS} | {self.node}
+
+    def _changed(
+        self,
+        files: dict[str, tuple[int, int]],
+        known: dict[str, OutputStat],
+        alive: set[str | None] | None = None,
+    ) -> list[str]:
+        """The files not indexed as they are now (nor seen unreadable as they are), and with
+        ``alive`` those whose row is of a node not in it; newest first: the images people
+        look for first."""
+
+        def stale(path: str, seen: tuple[int, int]) -> bool:
+            row = known.get(path)
+            if row is not None and (row.size_bytes, row.mtime_ns) == seen:
+                return alive is not None and row.node not in alive
+            return self._unreadable.get(path) != seen
+
+        todo = [p for p, seen in files.items() if stale(p, seen)]
         todo.sort(key=lambda p: (p.rpartition("/")[2], p), reverse=True)
         return todo
 
-    def _scan(
-        self, tops: Iterable[str], *, full: bool
-    ) -> tuple[dict[str, tuple[int, int]], dict[str, int], list[str]]:
-        """``(files, folders, vanished)``: the PNGs under ``tops`` that may be listed, by
-        path, with their size and mtime; each folder read, with its mtime from before it was
-        listed; the tops that are no longer folders. Without ``full`` only subfolders not
-        read before are entered. The gallery's rules: regular files, and links to a regular
-        file inside the outputs folder (:meth:`_source`; a link out, a FIFO or a device is
-        left alone), no hidden names, names in UTF-8; a folder that is a link is not
-        entered."""
-        files: dict[str, tuple[int, int]] = {}
-        mtimes: dict[str, int] = {}
-        vanished: list[str] = []
+    def _walk(self, tops: Iterable[str], *, full: bool) -> _Walk:
+        """The PNGs under ``tops`` that may be listed, with what the walk learnt of the
+        folders on the way (:class:`_Walk`). Without ``full`` only subfolders not read
+        before are entered. The gallery's rules: regular files, and links to a regular file
+        inside the outputs folder (:meth:`_source`; a link out, a FIFO or a device is left
+        alone), no hidden names, names in UTF-8; a folder that is a link is not entered."""
+        walk = _Walk()
         stack = [(top, top.count("/") + 1 if top else 0) for top in tops]
         while stack:
-            rel, depth = stack.pop()
             if self._stopping.is_set():
+                walk.complete = False
                 break
+            rel, depth = stack.pop()
+            where = self.root / rel if rel else self.root
             try:
-                st = os.lstat(self.root / rel if rel else self.root)
-                if not stat.S_ISDIR(st.st_mode):  # gone, or a link: not followed
-                    raise FileNotFoundError(rel)
-                with os.scandir(self.root / rel if rel else self.root) as it:
+                st = os.lstat(where)
+                if not stat.S_ISDIR(st.st_mode):  # a file or a link now: not followed
+                    walk.gone.add(rel)
+                    continue
+                with os.scandir(where) as it:
                     entries = list(it)
-            except OSError:
-                vanished.append(rel)
+            except (FileNotFoundError, NotADirectoryError):
+                walk.gone.add(rel)
                 continue
-            mtimes[rel] = st.st_mtime_ns
+            except OSError as exc:  # no permission, an I/O error: unknown, not gone
+                log.warning("gallery: cannot read %s (its rows are kept): %s", where, exc)
+                continue
+            walk.listed[rel] = st.st_mtime_ns
             for entry in entries:
                 name = entry.name
                 if name.startswith(".") or not is_utf8_name(name):
@@ -366,18 +581,21 @@ class GalleryIndex:
                 child = f"{rel}/{name}" if rel else name
                 try:
                     if entry.is_dir(follow_symlinks=False):
+                        walk.folders.add(child)
                         if depth < MAX_DEPTH and (full or child not in self._dirs):
                             stack.append((child, depth + 1))
                     elif not name.lower().endswith(".png"):
                         continue
                     elif entry.is_file(follow_symlinks=False):
                         found = entry.stat(follow_symlinks=False)
-                        files[child] = (found.st_size, found.st_mtime_ns)
+                        walk.files[child] = (found.st_size, found.st_mtime_ns)
                     elif entry.is_symlink() and (seen := self._stat(child)) is not None:
-                        files[child] = seen
-                except OSError:  # gone meanwhile
+                        walk.files[child] = seen
+                except FileNotFoundError:  # gone meanwhile
                     continue
-        return files, mtimes, vanished
+                except OSError:  # cannot tell what it is now: nothing is concluded about it
+                    walk.unsure.add(child)
+        return walk
 
     def _read_all(self, paths: Sequence[str], *, trashed_at: float | None = None) -> None:
         """Read ``paths`` and put their rows, a batch per transaction; one file that cannot
@@ -497,6 +715,7 @@ class GalleryIndex:
             height=_whole(entry.get("height")),
             source=_text(entry.get("source")),
             trashed_at=trashed_at,
+            node=self.node,
         )
 
     def _touched(self, folder: str, before: int | None) -> None:
@@ -542,11 +761,16 @@ class GalleryIndex:
         times are written)."""
         return iso(datetime.fromtimestamp(trashed_at + self.trash_days * DAY))
 
-    def trash(self, filenames: Sequence[str]) -> tuple[list[str], list[str], float]:
+    def trash(
+        self, filenames: Sequence[str], *, failed: list[dict[str, Any]] | None = None
+    ) -> tuple[list[str], list[str], float]:
         """Move images to the trash: ``(trashed, missing, when)``. Each is renamed into
         ``.trash/`` under its own path (with ``-1``, ``-2``... before ``.png`` if that name
-        is taken there), then its row is marked; if the store cannot take the mark the file
-        is renamed back and the error raised."""
+        is taken there, the name cut to fit), then its row is marked; if the store cannot
+        take the mark the file is renamed back and the error raised. An image the file
+        system will not move (another file system, no permission, read-only...) stays where
+        it is: with ``failed``, as ``{filename, error, status}`` there, else raised at once
+        (``Conflict`` or ``Unavailable`` naming it and the cause)."""
         names = list(dict.fromkeys(filenames))
         now = self.clock()
         trashed: list[str] = []
@@ -568,23 +792,36 @@ class GalleryIndex:
                     continue
                 folder = rel.rpartition("/")[0]
                 before = _mtime(self.root, folder)
-                target = self._move_into_trash(rel)
+                try:
+                    target = self._move_into_trash(rel)
+                except OSError as exc:
+                    _failed(failed, name, _move_error(name, "to the trash", exc))
+                    continue
+                except Conflict as exc:  # a link or a file in the way in the trash
+                    where = f"could not move {name[:200]!r} to the trash: {exc.message}"
+                    _failed(failed, name, Conflict(where))
+                    continue
                 if target is None:
                     missing.append(name)
                     continue
+                moved = replace(record, path=target, trashed_at=now, node=self.node)
                 try:
-                    self.store.move_output(rel, replace(record, path=target, trashed_at=now))
+                    self.store.move_output(rel, moved)
                 except BaseException:
-                    self._rename(target, rel)
+                    self._put_back(target, rel)
                     raise
                 self._touched(folder, before)
             trashed.append(name)
         return trashed, [n for n in names if n in missing], now
 
-    def restore(self, filenames: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    def restore(
+        self, filenames: Sequence[str], *, failed: list[dict[str, Any]] | None = None
+    ) -> tuple[list[str], list[str], list[str]]:
         """Move images back out of the trash to the names they had: ``(restored, missing,
         conflicts)``. ``missing``: not in the trash; ``conflicts``: a file has that name
-        again, and is never overwritten (the image stays in the trash)."""
+        again, and is never overwritten (the image stays in the trash). One the file system
+        will not move back goes to ``failed`` (or is raised), as in :meth:`trash`. The
+        image keeps its favourite mark."""
         names = list(dict.fromkeys(filenames))
         records = self.store.find_outputs([n for n in names if _plausible(n)], trashed=True)
         restored: list[str] = []
@@ -604,20 +841,33 @@ class GalleryIndex:
                     continue
                 folder = name.rpartition("/")[0]
                 before = _mtime(self.root, folder)
+                made: list[Path] = []
                 try:
-                    self._make_parents(name)
+                    self._make_parents(name, made)
                     moved = self._rename(record.path, name)
                 except (FileExistsError, Conflict):  # taken again, or a link in the way
+                    _remove_folders(made)
                     conflicts.append(name)
                     continue
+                except OSError as exc:
+                    _remove_folders(made)
+                    _failed(failed, name, _move_error(name, "back out of the trash", exc))
+                    continue
                 if not moved:  # purged meanwhile
+                    _remove_folders(made)
                     missing.append(name)
                     continue
                 try:
                     back = self._read(name) or replace(record, path=name, filename=name)
-                    self.store.move_output(record.path, replace(back, trashed_at=None))
+                    # The mark is the trashed row's: a fresh read knows none, and the row
+                    # may be gone by now (another node's pass over a shared folder).
+                    back = replace(
+                        back, trashed_at=None, favourite=record.favourite, node=self.node
+                    )
+                    self.store.move_output(record.path, back)
                 except BaseException:
-                    self._rename(name, record.path)
+                    self._put_back(name, record.path)
+                    _remove_folders(made)
                     raise
                 self._touched(folder, before)
             restored.append(name)
@@ -637,43 +887,50 @@ class GalleryIndex:
 
     def purge(self) -> int:
         """Delete for good what has been in the trash longer than ``trash_days`` (with
-        ``0``: everything trashed before now), with its rows; how many files. A file that
-        cannot be deleted stays, with its row, for the next pass."""
+        ``0``: everything trashed before now), with its rows; how many rows went. A file that
+        cannot be deleted stays, with its row, for the next pass; the row of a file this
+        node does not see is left to the node that trashed it (its own outputs folder)."""
         cutoff = self.clock() - self.trash_days * DAY
         purged = 0
-        kept: set[str] = set()
+        after: tuple[float, str] | None = None
         while not self._stopping.is_set():
-            due = [
-                r
-                for r in self.store.trashed_outputs(limit=BATCH + len(kept), trashed_before=cutoff)
-                if r.path not in kept
-            ]
+            due = self.store.trashed_outputs(limit=BATCH, trashed_before=cutoff, after=after)
             if not due:
                 break
+            after = (due[-1].trashed_at or 0.0, due[-1].path)
             done = []
             with self._lock:
+                # Each row again, under the lock: an image restored and deleted again since
+                # the page was read has the same trash path, but is trashed now, not due.
+                now = self.store.outputs_at([r.path for r in due])
                 for record in due:
+                    row = now.get(record.path)
+                    if row is None or row.trashed_at is None or row.trashed_at >= cutoff:
+                        continue
                     try:
-                        self._delete_from_trash(record.path)
+                        deleted = self._delete_from_trash(record.path)
                     except OSError as exc:
                         log.warning("gallery: could not purge %s: %s", record.path, exc)
-                        kept.add(record.path)
                         continue
-                    done.append(record.path)
+                    if deleted or row.node == self.node:
+                        done.append(record.path)
                 if done:
                     self.store.drop_outputs(done)
             purged += len(done)
         return purged
 
-    def _delete_from_trash(self, path: str) -> None:
-        if not path.startswith(TRASH + "/"):
-            raise OSError(f"{path} is not in the trash")
+    def _delete_from_trash(self, path: str) -> bool:
+        """Delete the file ``path`` of the trash; whether there was one. Only a path
+        strictly inside the trash (no ``..``, no empty part) is ever deleted."""
+        parts = path.split("/")
+        if len(parts) < 2 or parts[0] != TRASH or any(p in ("", ".", "..") for p in parts[1:]):
+            raise OSError(f"{path!r} is not a file in the trash; left alone")
         full = self.root / path
         try:
             self._check_no_links(path.rpartition("/")[0])
             mode = os.lstat(full).st_mode
         except FileNotFoundError:
-            return  # gone already: only its row is left
+            return False  # gone already: only its row is left
         if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):  # unlinking a link: the link
             raise OSError(f"{path} is not a regular file; left where it is")
         os.unlink(full)
@@ -685,21 +942,36 @@ class GalleryIndex:
             except OSError:
                 break
             folder = folder.parent
+        return True
 
     # -- zip -----------------------------------------------------------------------------------
     def zip(self, filenames: Sequence[str]) -> tuple[IO[bytes], int]:
         """The images as one zip (stored, not compressed: PNGs are compressed already),
         built in an unnamed temporary file under ``spool``; ``(file at its start, size)``.
-        ``NotFound`` naming the first name that is not an image."""
-        names = list(dict.fromkeys(filenames))
-        paths = []
-        for name in names:
+        Names that are one image (``sub/a.png``, ``sub\\a.png``) are zipped once.
+        ``NotFound`` naming the first name that is not an image; ``ZipTooLarge`` past
+        MAX_ZIP_BYTES; ``Unavailable`` while MAX_ZIPS zips are being built."""
+        paths: dict[str, str] = {}  # path -> the name it was asked by
+        for name in filenames:
             try:
-                paths.append(self._live_path(name))
+                paths.setdefault(self._live_path(name), name)
             except NotFound:
                 raise NotFound(
                     f"no image named {name[:200]!r}; nothing was zipped", field="files"
                 ) from None
+        sizes = {rel: (self._stat(rel) or (0, 0))[0] for rel in paths}
+        if sum(sizes.values()) > MAX_ZIP_BYTES:
+            raise ZipTooLarge(_too_large(sizes), field="files")
+        if not self._zips.acquire(blocking=False):
+            raise Unavailable(
+                f"the server is busy building {MAX_ZIPS} zips already; try again in a moment"
+            )
+        try:
+            return self._build_zip(paths)
+        finally:
+            self._zips.release()
+
+    def _build_zip(self, paths: dict[str, str]) -> tuple[IO[bytes], int]:
         folder = self.spool or Path(tempfile.gettempdir())
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -710,7 +982,7 @@ class GalleryIndex:
             raise Unavailable(f"could not make a temporary file in {folder}: {exc}") from None
         try:
             with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
-                for name, rel in zip(names, paths, strict=True):
+                for rel, name in paths.items():
                     self._add_to_zip(archive, name, rel)
             size = handle.tell()
             handle.seek(0)
@@ -781,9 +1053,11 @@ class GalleryIndex:
         if not os.path.isdir(expected):
             raise FileNotFoundError(folder)
 
-    def _make_parents(self, rel: str) -> None:
+    def _make_parents(self, rel: str, made: list[Path]) -> None:
         """Make the folders of ``rel`` one by one, each a real folder: a link or a file of
-        that name is never followed nor replaced (``Conflict`` naming it)."""
+        that name is never followed nor replaced (``Conflict`` naming it). Each folder made
+        is added to ``made`` as it is made, so a caller whose move then fails can remove
+        them (:func:`_remove_folders`); ``OSError`` when one cannot be made."""
         folder = rel.rpartition("/")[0]
         current = self.root
         for part in folder.split("/") if folder else ():
@@ -791,8 +1065,11 @@ class GalleryIndex:
             try:
                 mode = os.lstat(current).st_mode
             except FileNotFoundError:
-                with contextlib.suppress(FileExistsError):
+                try:
                     os.mkdir(current)
+                    made.append(current)
+                except FileExistsError:
+                    pass
                 mode = os.lstat(current).st_mode
             if not stat.S_ISDIR(mode):
                 where = current.relative_to(self.root).as_posix()
@@ -802,19 +1079,41 @@ class GalleryIndex:
                 )
 
     def _move_into_trash(self, rel: str) -> str | None:
-        """Rename ``rel`` into the trash; the trash path it took, or ``None`` if it was gone."""
+        """Rename ``rel`` into the trash; the trash path it took, or ``None`` if it was gone.
+        A name taken there gets ``-1``, ``-2``... before its extension, its stem cut so that
+        the name still fits the file system. Folders made for it go again if it is not
+        moved."""
         base = f"{TRASH}/{rel}"
-        self._make_parents(base)
-        stem, dot, suffix = base.rpartition(".")
-        for n in range(10_000):
-            target = base if n == 0 else f"{stem}-{n}{dot}{suffix}"
-            try:
-                if self._rename(rel, target):
-                    return target
-                return None
-            except FileExistsError:
-                continue
-        raise Conflict(f"the trash holds 10000 images named {rel[:200]!r}; empty it first")
+        made: list[Path] = []
+        try:
+            self._make_parents(base, made)
+            folder, _, last = base.rpartition("/")
+            stem, suffix = os.path.splitext(last)
+            room = NAME_MAX - len(os.fsencode(suffix))
+            for n in range(10_000):
+                counter = f"-{n}" if n else ""
+                target = f"{folder}/{cut_name(stem, room - len(counter))}{counter}{suffix}"
+                try:
+                    if self._rename(rel, target):
+                        return target
+                    break  # gone meanwhile
+                except FileExistsError:
+                    continue
+            else:
+                raise Conflict(f"the trash holds 10000 images named {rel[:200]!r}; empty it first")
+        except BaseException:
+            _remove_folders(made)
+            raise
+        _remove_folders(made)
+        return None
+
+    def _put_back(self, moved: str, original: str) -> None:
+        """Undo a rename whose row the store would not take; if even that fails the file
+        stays where it went, and the next pass indexes it there."""
+        try:
+            self._rename(moved, original)
+        except OSError as exc:
+            log.error("gallery: could not move %s back to %s: %s", moved, original, exc)
 
     def _rename(self, source: str, target: str) -> bool:
         """Rename, never over an existing file (``FileExistsError``); ``False`` when the
@@ -832,9 +1131,88 @@ class GalleryIndex:
         return True
 
 
+#: errno -> (what it means here, whether trying again may help: 503, else 409).
+_MOVE_ERRORS = {
+    errno.EXDEV: (
+        "outputs/.trash and the image's folder are on different file systems (a folder "
+        "mounted on its own); move the image on the server",
+        False,
+    ),
+    errno.EACCES: ("permission denied: the server may not change that folder", False),
+    errno.EPERM: ("not permitted: the server may not change that folder", False),
+    errno.EROFS: ("the file system is read-only", False),
+    errno.ENAMETOOLONG: ("the path is too long for the file system", False),
+    errno.ENOTDIR: ("a file is in the way of its folder", False),
+    errno.EISDIR: ("a folder is in the way", False),
+    errno.ELOOP: ("a link is in the way", False),
+    errno.EMLINK: ("the folder holds too many entries", False),
+    errno.ENOSPC: ("no space left on the device", True),
+    errno.EDQUOT: ("the disk quota is used up", True),
+}
+
+
+def _move_error(name: str, where: str, exc: OSError) -> ImagineerdError:
+    """The error answered for an image the file system would not move ``where``: a 409
+    when the server's folders must change first, else a 503 (try again)."""
+    cause, retry = _MOVE_ERRORS.get(exc.errno or 0, (exc.strerror or str(exc), True))
+    code = errno.errorcode.get(exc.errno or 0, "")
+    text = f"could not move {name[:200]!r} {where}: {cause}{f' ({code})' if code else ''}"
+    if retry:
+        return Unavailable(f"{text}; nothing was moved, try again")
+    return Conflict(f"{text}; nothing was moved")
+
+
+def _failed(failed: list[dict[str, Any]] | None, name: str, error: ImagineerdError) -> None:
+    """Note an image that could not be moved in ``failed``, or raise (no list: one image)."""
+    if failed is None:
+        raise error
+    log.warning("gallery: %s", error.message)
+    failed.append({"filename": name, "error": error.message, "status": error.status})
+
+
+def _remove_folders(made: list[Path]) -> None:
+    """Remove the folders a move made (the last made first), if they are still empty."""
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _too_large(sizes: dict[str, int]) -> str:
+    """Why a zip of files of ``sizes`` is refused, and what to leave out."""
+    total = sum(sizes.values())
+    largest = sorted(sizes, key=lambda p: (-sizes[p], p))
+    over, drop = total - MAX_ZIP_BYTES, []
+    for path in largest:
+        if over <= 0:
+            break
+        drop.append(path)
+        over -= sizes[path]
+    shown = ", ".join(repr(p[:200]) for p in drop[:5]) + (", ..." if len(drop) > 5 else "")
+    return (
+        f"the {len(sizes)} images come to {total:,} bytes, more than the {_gib(MAX_ZIP_BYTES)} "
+        f"a zip may hold; leave out at least {len(drop)} of them (the largest: {shown}), or "
+        "zip them in parts"
+    )
+
+
+def _gib(size: int) -> str:
+    return f"{size / 1024**3:g} GiB" if size >= 1024**3 else f"{size:,} bytes"
+
+
 def entry_of(record: OutputRecord) -> dict[str, Any]:
     """A row as the API shows it: its gallery entry, and whether it is a favourite."""
     return {**record.entry, "favourite": record.favourite}
+
+
+def _device(root: Path) -> int | None:
+    """The st_dev of the outputs folder, or ``None`` unless it is a folder."""
+    try:
+        st = os.lstat(root)
+    except OSError:
+        return None
+    return st.st_dev if stat.S_ISDIR(st.st_mode) else None
 
 
 def _mtime(root: Path, folder: str) -> int | None:
@@ -846,14 +1224,20 @@ def _mtime(root: Path, folder: str) -> int | None:
 
 
 def _plausible(name: Any) -> bool:
-    """Whether ``name`` may be looked up at all (the store takes no NUL, nor endless text)."""
-    return isinstance(name, str) and 0 < len(name) <= MAX_NAME and "\x00" not in name
+    """Whether ``name`` may be looked up at all (the store takes no NUL, nor endless text,
+    nor a lone surrogate a JSON escape may carry)."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= MAX_NAME
+        and "\x00" not in name
+        and is_utf8_name(name)
+    )
 
 
 def _check_name(filename: str) -> str:
     """``filename`` as a path inside the outputs folder, by the rules of ``Gallery.resolve``
     (no ``..``, no hidden part, a ``.png`` name), or ``NotFound``."""
-    if not _plausible(filename) or not is_utf8_name(filename):
+    if not _plausible(filename):
         raise NotFound(f"no image named {str(filename)[:200]!r}")
     parts = filename.replace("\\", "/").split("/")
     if any(p in ("", ".", "..") or p.startswith(".") for p in parts) or not parts[

@@ -57,6 +57,7 @@ from .store import (
     Moved,
     OutputQuery,
     OutputRecord,
+    OutputStat,
     latest_trashed,
     lost_error,
     move_target,
@@ -186,7 +187,8 @@ CREATE TABLE IF NOT EXISTS outputs (
     trashed_at      DOUBLE PRECISION,
     size_bytes      BIGINT NOT NULL,
     mtime_ns        BIGINT NOT NULL,
-    entry           TEXT NOT NULL
+    entry           TEXT NOT NULL,
+    node            TEXT
 );
 CREATE INDEX IF NOT EXISTS outputs_listed ON outputs (name, path) WHERE trashed_at IS NULL;
 CREATE INDEX IF NOT EXISTS outputs_favourite ON outputs (name, path)
@@ -247,6 +249,15 @@ _REPLACE_OUTPUT = (
     + " RETURNING *"
 )
 _FAVOURITE = OUTPUT_COLUMNS.index("favourite")
+#: ``db copy`` of a gallery row this database has already (a node's pass indexed the file
+#: before the copy): the file's metadata stays as that node read it, while what only the
+#: index knows comes from the copied row: the name it is listed and restored under, its
+#: favourite mark (kept if either has one) and when it went to the trash.
+_COPY_OUTPUT_CONFLICT = (
+    " ON CONFLICT (path) DO UPDATE SET filename = EXCLUDED.filename, name = EXCLUDED.name,"
+    " favourite = outputs.favourite OR EXCLUDED.favourite,"
+    " trashed_at = COALESCE(EXCLUDED.trashed_at, outputs.trashed_at)"
+)
 
 
 def _job(row: dict[str, Any]) -> Job:
@@ -1231,11 +1242,13 @@ class PostgresStore:
             lambda c: c.execute("DELETE FROM outputs WHERE path = ANY(%s)", (paths,)).rowcount
         )
 
-    def output_stats(self) -> dict[str, tuple[int, int]]:
+    def output_stats(self) -> dict[str, OutputStat]:
         rows = self._statement(
-            lambda c: c.execute("SELECT path, size_bytes, mtime_ns FROM outputs").fetchall()
+            lambda c: c.execute("SELECT path, size_bytes, mtime_ns, node FROM outputs").fetchall()
         )
-        return {row["path"]: (row["size_bytes"], row["mtime_ns"]) for row in rows}
+        return {
+            row["path"]: OutputStat(row["size_bytes"], row["mtime_ns"], row["node"]) for row in rows
+        }
 
     def list_outputs(
         self, query: OutputQuery, *, limit: int, before: str | None = None
@@ -1268,6 +1281,13 @@ class PostgresStore:
             return latest_trashed(records)
         return {record.filename: record for record in records}
 
+    def outputs_at(self, paths: Sequence[str]) -> dict[str, OutputRecord]:
+        paths = list(paths)
+        rows = self._statement(
+            lambda c: c.execute("SELECT * FROM outputs WHERE path = ANY(%s)", (paths,)).fetchall()
+        )
+        return {row["path"]: output_record(row) for row in rows}
+
     def set_favourite(self, filename: str, favourite: bool) -> OutputRecord | None:
         row = self._statement(
             lambda c: c.execute(
@@ -1279,15 +1299,22 @@ class PostgresStore:
         return output_record(row) if row else None
 
     def trashed_outputs(
-        self, *, limit: int, trashed_before: float | None = None
+        self,
+        *,
+        limit: int,
+        trashed_before: float | None = None,
+        after: tuple[float, str] | None = None,
     ) -> list[OutputRecord]:
-        due, args = (
-            ("", ()) if trashed_before is None else (" AND trashed_at < %s", (trashed_before,))
-        )
+        where, args = "trashed_at IS NOT NULL", []
+        if trashed_before is not None:
+            where += " AND trashed_at < %s"
+            args.append(trashed_before)
+        if after is not None:
+            where += " AND (trashed_at, path) < (%s, %s)"
+            args += list(after)
         rows = self._statement(
             lambda c: c.execute(
-                f"SELECT * FROM outputs WHERE trashed_at IS NOT NULL{due}"
-                " ORDER BY trashed_at DESC, path DESC LIMIT %s",
+                f"SELECT * FROM outputs WHERE {where} ORDER BY trashed_at DESC, path DESC LIMIT %s",
                 (*args, limit),
             ).fetchall()
         )
@@ -1299,7 +1326,9 @@ class PostgresStore:
         output), claim, delivery, setting and gallery index row (favourites and trash marks
         live only there) of the SQLite job database at ``path`` into this one, in one
         transaction, and move the id sequences past them. Refused (nothing copied) if this
-        database has a job already. Returns the number of rows per table."""
+        database has a job already. A gallery row this database holds already (a node indexed
+        the folder before the copy) takes the copied row's name, favourite and trash mark.
+        Returns the number of rows written per table."""
         source = _read_sqlite(Path(path))
 
         def work(c: psycopg.Connection) -> dict[str, int]:
@@ -1314,7 +1343,7 @@ class PostgresStore:
             counts = {}
             for table in ("claims", "jobs", "deliveries", "settings", "outputs"):
                 rows, columns = source[table]
-                counts[table] = len(rows)
+                counts[table] = 0
                 if not rows:
                     continue
                 if table == "outputs":  # SQLite keeps the flag as 0 or 1
@@ -1324,12 +1353,13 @@ class PostgresStore:
                 marks = ", ".join(["%s"] * len(columns))
                 conflict = {
                     "settings": " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                    "outputs": " ON CONFLICT (path) DO NOTHING",
+                    "outputs": _COPY_OUTPUT_CONFLICT,
                 }.get(table, "")
                 with c.cursor() as cur:
                     cur.executemany(
                         f"INSERT INTO {table} ({names}) VALUES ({marks}){conflict}", rows
                     )
+                    counts[table] = cur.rowcount  # the rows written, summed over the batch
             for table in ("claims", "jobs", "deliveries"):
                 c.execute(
                     f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"

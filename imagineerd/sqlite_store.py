@@ -36,6 +36,7 @@ from .store import (
     Moved,
     OutputQuery,
     OutputRecord,
+    OutputStat,
     latest_trashed,
     lost_error,
     move_target,
@@ -121,8 +122,10 @@ CREATE TABLE IF NOT EXISTS settings (
     value TEXT NOT NULL
 );
 -- The gallery index (imagineerd.gallery_index): one row per PNG of the outputs folder, by
--- its path there. The partial indexes serve newest-first pages of the listed images (none
--- in the trash), alone or with one filter, without reading the rows they skip.
+-- its path there, with the node that read it (nodes may each have a folder of their own,
+-- and a node drops only its own rows). The partial indexes serve newest-first pages of the
+-- listed images (none in the trash), alone or with one filter, without reading the rows
+-- they skip.
 CREATE TABLE IF NOT EXISTS outputs (
     path            TEXT PRIMARY KEY,
     filename        TEXT NOT NULL,
@@ -140,7 +143,8 @@ CREATE TABLE IF NOT EXISTS outputs (
     trashed_at      REAL,
     size_bytes      INTEGER NOT NULL,
     mtime_ns        INTEGER NOT NULL,
-    entry           TEXT NOT NULL
+    entry           TEXT NOT NULL,
+    node            TEXT
 );
 CREATE INDEX IF NOT EXISTS outputs_listed ON outputs (name, path) WHERE trashed_at IS NULL;
 CREATE INDEX IF NOT EXISTS outputs_favourite ON outputs (name, path)
@@ -745,9 +749,9 @@ class SQLiteStore(SQLiteDatabase):
                 dropped += gone.rowcount
         return dropped
 
-    def output_stats(self) -> dict[str, tuple[int, int]]:
-        rows = self._db().execute("SELECT path, size_bytes, mtime_ns FROM outputs")
-        return {path: (size, mtime) for path, size, mtime in rows}
+    def output_stats(self) -> dict[str, OutputStat]:
+        rows = self._db().execute("SELECT path, size_bytes, mtime_ns, node FROM outputs")
+        return {path: OutputStat(size, mtime, node) for path, size, mtime, node in rows}
 
     def list_outputs(
         self, query: OutputQuery, *, limit: int, before: str | None = None
@@ -779,6 +783,16 @@ class SQLiteStore(SQLiteDatabase):
             return latest_trashed(records)
         return {record.filename: record for record in records}
 
+    def outputs_at(self, paths: Sequence[str]) -> dict[str, OutputRecord]:
+        found: dict[str, OutputRecord] = {}
+        paths = list(dict.fromkeys(paths))
+        for start in range(0, len(paths), 500):
+            chunk = paths[start : start + 500]
+            sql = f"SELECT * FROM outputs WHERE path IN ({', '.join('?' * len(chunk))})"
+            for row in self._db().execute(sql, chunk):
+                found[row["path"]] = output_record(row)
+        return found
+
     def set_favourite(self, filename: str, favourite: bool) -> OutputRecord | None:
         with self._write() as db:
             row = db.execute(
@@ -789,14 +803,21 @@ class SQLiteStore(SQLiteDatabase):
         return output_record(row) if row else None
 
     def trashed_outputs(
-        self, *, limit: int, trashed_before: float | None = None
+        self,
+        *,
+        limit: int,
+        trashed_before: float | None = None,
+        after: tuple[float, str] | None = None,
     ) -> list[OutputRecord]:
-        due, args = (
-            ("", ()) if trashed_before is None else (" AND trashed_at < ?", (trashed_before,))
-        )
+        where, args = "trashed_at IS NOT NULL", []
+        if trashed_before is not None:
+            where += " AND trashed_at < ?"
+            args.append(trashed_before)
+        if after is not None:
+            where += " AND (trashed_at, path) < (?, ?)"
+            args += list(after)
         rows = self._db().execute(
-            f"SELECT * FROM outputs WHERE trashed_at IS NOT NULL{due}"
-            " ORDER BY trashed_at DESC, path DESC LIMIT ?",
+            f"SELECT * FROM outputs WHERE {where} ORDER BY trashed_at DESC, path DESC LIMIT ?",
             (*args, limit),
         )
         return [output_record(row) for row in rows]

@@ -24,7 +24,7 @@ import json
 import secrets
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from .jobs import QUEUED, RUNNING, Job, JobSpec
 
@@ -51,8 +51,8 @@ PENDING, DELIVERED, GAVE_UP = "pending", "delivered", "failed"
 #: ``settings`` tables, and one open claim per inbox file. The PostgreSQL store has the
 #: same number for the same schema (the tables the SQLite one has, in its types).
 #: 5: the gallery index, the ``outputs`` table (one row per PNG of the outputs folder, with
-#: its favourite and trash marks); created empty on a version 4 database, which changes no
-#: job, and filled by the daemon's first pass over the folder.
+#: its favourite and trash marks and the node that indexed it); created empty on a version 4
+#: database, which changes no job, and filled by the daemon's first pass over the folder.
 SCHEMA_VERSION = 5
 
 
@@ -181,8 +181,10 @@ class OutputRecord:
     ``path`` is where the file is now, relative to the outputs folder with ``/`` between
     folders: ``.trash/...`` once it was deleted. ``filename`` is the name it is listed (and
     restored) under; the two are equal outside the trash. ``entry`` is the gallery entry the
-    API answers with (``Gallery.entry``); the other fields are what listings filter on, and
-    ``size_bytes``/``mtime_ns`` tell a file changed since it was read."""
+    API answers with (``Gallery.read_own_entry``); the other fields are what listings filter on, and
+    ``size_bytes``/``mtime_ns`` tell a file changed since it was read. ``node`` is the node
+    that read the file last: nodes of one queue may each have an outputs folder of their own,
+    and a node drops only the rows it indexed (it cannot tell another node's file is gone)."""
 
     path: str
     filename: str
@@ -200,6 +202,7 @@ class OutputRecord:
     favourite: bool = False
     #: Unix seconds when it went to the trash; ``None`` while it is listed.
     trashed_at: float | None = None
+    node: str | None = None
 
     @property
     def name(self) -> str:
@@ -246,7 +249,17 @@ OUTPUT_COLUMNS = (
     "size_bytes",
     "mtime_ns",
     "entry",
+    "node",
 )
+
+
+class OutputStat(NamedTuple):
+    """What a pass compares a file with (:meth:`Store.output_stats`): the size and mtime it
+    had when it was read, and the node that read it."""
+
+    size_bytes: int
+    mtime_ns: int
+    node: str | None
 
 
 def output_row(record: OutputRecord) -> tuple[Any, ...]:
@@ -269,6 +282,7 @@ def output_row(record: OutputRecord) -> tuple[Any, ...]:
         record.size_bytes,
         record.mtime_ns,
         json.dumps(record.entry, ensure_ascii=False),
+        record.node,
     )
 
 
@@ -290,13 +304,15 @@ def output_record(row: Mapping[str, Any]) -> OutputRecord:
         source=row["source"],
         favourite=bool(row["favourite"]),
         trashed_at=row["trashed_at"],
+        node=row["node"],
     )
 
 
 def put_outputs_sql(mark: str) -> str:
     """The upsert of :meth:`Store.put_outputs` with ``mark`` as the parameter placeholder
-    (both stores speak this SQL): what the file says is replaced, what only the index knows
-    (name listed under, favourite, time trashed) is kept."""
+    (both stores speak this SQL): what the file says is replaced, and the node is the one
+    that read it now; what only the index knows (name listed under, favourite, time trashed)
+    is kept."""
     kept = {"path", "filename", "name", "favourite", "trashed_at"}
     updated = ", ".join(f"{c} = EXCLUDED.{c}" for c in OUTPUT_COLUMNS if c not in kept)
     return (
@@ -657,7 +673,8 @@ class Store(Protocol):
     def put_outputs(self, records: Sequence[OutputRecord]) -> None:
         """Insert or update rows by ``path``, in one transaction. A row there already keeps
         its ``filename``, its ``favourite`` and its ``trashed_at`` (when it has one): what a
-        file's metadata cannot say."""
+        file's metadata cannot say; its ``node`` becomes the record's (the node that read the
+        file last)."""
         ...
 
     def move_output(self, old_path: str, record: OutputRecord) -> OutputRecord:
@@ -670,9 +687,9 @@ class Store(Protocol):
         """Delete the rows at ``paths`` (files found gone, or purged); how many there were."""
         ...
 
-    def output_stats(self) -> dict[str, tuple[int, int]]:
-        """``{path: (size_bytes, mtime_ns)}`` of every row, trashed ones included: what a
-        pass over the folder compares the files with."""
+    def output_stats(self) -> dict[str, OutputStat]:
+        """``{path: (size_bytes, mtime_ns, node)}`` of every row, trashed ones included: what
+        a pass over the folder compares the files with."""
         ...
 
     def list_outputs(
@@ -691,15 +708,26 @@ class Store(Protocol):
         are left out."""
         ...
 
+    def outputs_at(self, paths: Sequence[str]) -> dict[str, OutputRecord]:
+        """By path, the rows at ``paths`` (listed or in the trash); unknown paths are left
+        out."""
+        ...
+
     def set_favourite(self, filename: str, favourite: bool) -> OutputRecord | None:
         """Mark a listed image a favourite or not; ``None`` if no such image is listed."""
         ...
 
     def trashed_outputs(
-        self, *, limit: int, trashed_before: float | None = None
+        self,
+        *,
+        limit: int,
+        trashed_before: float | None = None,
+        after: tuple[float, str] | None = None,
     ) -> list[OutputRecord]:
-        """Rows in the trash, the last trashed first; only those trashed before
-        ``trashed_before`` (Unix seconds) when given (what is due to be purged)."""
+        """Rows in the trash, the last trashed first (by ``trashed_at``, then ``path``, both
+        descending); only those trashed before ``trashed_before`` (Unix seconds) when given
+        (what is due to be purged); ``after`` (the ``(trashed_at, path)`` of the last row of
+        a previous page) pages on."""
         ...
 
     def close(self) -> None:

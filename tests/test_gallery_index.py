@@ -4,12 +4,16 @@ real SQLite file (and PostgreSQL for the store's part) behind a real HTTP server
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import os
 import threading
 import time
 import zipfile
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from PIL import Image
 
 from imagineerd import outputs
 from imagineerd.gallery import Gallery
-from imagineerd.gallery_index import DAY, TRASH, GalleryIndex
+from imagineerd.gallery_index import DAY, EMPTY_CONFIRM_SECONDS, TRASH, GalleryIndex
 from imagineerd.sqlite_store import SQLiteStore
 from imagineerd.store import OutputQuery, OutputRecord, Store
 
@@ -98,7 +102,7 @@ def test_rows_are_listed_newest_first_paged_and_kept_by_path(store: Store):
     ]
     rest = store.list_outputs(OutputQuery(), limit=10, before=page[-1].filename)
     assert [r.name for r in rest] == [f"2026010{i}_000000_p_{i}.png" for i in (2, 1, 0)]
-    assert store.output_stats()["20260101_000000_p_1.png"] == (10, 1)
+    assert store.output_stats()["20260101_000000_p_1.png"] == (10, 1, None)
     # A file read again (it changed) keeps what only the index knows: its favourite mark.
     assert store.set_favourite("20260101_000000_p_1.png", True).favourite is True
     store.put_outputs([record("20260101_000000_p_1.png", prompt="changed", size_bytes=20)])
@@ -167,6 +171,31 @@ def test_a_row_moved_to_the_trash_and_back_keeps_its_favourite(store: Store):
     assert [r.path for r in store.list_outputs(OutputQuery(), limit=10)] == ["y.png", "x.png"]
 
 
+def test_rows_name_the_node_that_read_them_and_are_found_by_path(store: Store):
+    store.put_outputs([record("a.png", node="gpu-1"), record(".trash/b.png", trashed_at=5.0)])
+    store.set_favourite("a.png", True)
+    # Read again by another node (a shared folder): the row is that node's now, its mark kept.
+    store.put_outputs([record("a.png", node="gpu-2", size_bytes=11)])
+    assert store.output_stats() == {"a.png": (11, 1, "gpu-2"), ".trash/b.png": (10, 1, None)}
+    found = store.outputs_at(["a.png", ".trash/b.png", "nope.png"])
+    assert set(found) == {"a.png", ".trash/b.png"}
+    assert found["a.png"].favourite and found["a.png"].node == "gpu-2"
+    assert found[".trash/b.png"].trashed_at == 5.0
+    moved = store.move_output("a.png", record(".trash/a.png", trashed_at=6.0, node="gpu-1"))
+    assert moved.node == "gpu-1" and moved.favourite
+
+
+def test_the_trash_pages_on_past_rows_trashed_at_the_same_time(store: Store):
+    """A bulk delete trashes every image at one time: pages go by time, then path."""
+    store.put_outputs([record(f".trash/{i}.png", trashed_at=7.0) for i in range(5)])
+    store.put_outputs([record(".trash/late.png", trashed_at=9.0)])
+    seen, after = [], None
+    while page := store.trashed_outputs(limit=2, trashed_before=8.0, after=after):
+        seen += [r.path for r in page]
+        after = (page[-1].trashed_at, page[-1].path)
+    assert seen == [f".trash/{i}.png" for i in (4, 3, 2, 1, 0)]
+
+
 def test_two_nodes_reconciling_one_folder_at_once_index_each_image_once(open_store, tmp_path):
     folder = tmp_path / "outputs"
     for i in range(60):
@@ -230,6 +259,8 @@ def test_listing_queries_walk_an_index_not_the_table(sqlite_store: SQLiteStore):
         sqlite_store.list_outputs(query, limit=50, before="00010.png")
     sqlite_store.trashed_outputs(limit=10)
     sqlite_store.trashed_outputs(limit=10, trashed_before=5.0)
+    sqlite_store.trashed_outputs(limit=10, trashed_before=5.0, after=(4.0, ".trash/a.png"))
+    sqlite_store.outputs_at([".trash/a.png"])
     sqlite_store.find_outputs(["a.png"], trashed=True)
     sqlite_store._db().set_trace_callback(None)
     selects = {sql for sql in ran if sql.lstrip().upper().startswith("SELECT")}
@@ -340,28 +371,31 @@ def test_a_bad_listing_parameter_is_a_400_naming_it(api: Api, params, field, wor
 def test_a_png_copied_in_by_hand_is_listed_and_one_removed_is_dropped(api: Api):
     folder = api.daemon.outputs_dir
     assert names(api("GET", "/api/outputs")) == []
+    stays = "20260100_000000_stays_0.png"
+    make_png(folder, stays)
     make_png(folder, "20260101_000000_by_hand_1.png")
     make_png(folder, "later/20260102_000000_in_a_new_folder_2.png")
     # The next listing reads the folders that changed (no waiting for the background pass).
-    wait_for(lambda: len(names(api("GET", "/api/outputs"))) == 2, 10)
+    wait_for(lambda: len(names(api("GET", "/api/outputs"))) == 3, 10)
     (folder / "20260101_000000_by_hand_1.png").unlink()
     wait_for(
         lambda: (
-            names(api("GET", "/api/outputs")) == ["later/20260102_000000_in_a_new_folder_2.png"]
+            names(api("GET", "/api/outputs"))
+            == ["later/20260102_000000_in_a_new_folder_2.png", stays]
         ),
         10,
     )
     # A folder removed with its images takes their rows with it.
     (folder / "later" / "20260102_000000_in_a_new_folder_2.png").unlink()
     (folder / "later").rmdir()
-    wait_for(lambda: names(api("GET", "/api/outputs")) == [], 10)
-    assert api.daemon.store.output_stats() == {}
+    wait_for(lambda: names(api("GET", "/api/outputs")) == [stays], 10)
+    assert set(api.daemon.store.output_stats()) == {stays}
 
 
 def test_an_outputs_folder_away_or_found_empty_keeps_the_index(api: Api, tmp_path: Path):
     """A share not mounted yet (the folder gone, then an empty mount point) must not cost
-    the favourite marks: an unreadable folder changes nothing, an empty one is believed at
-    the second look only."""
+    the favourite marks: an unreadable folder changes nothing, an empty one is believed only
+    by a background pass an hour after the first that found it so."""
     folder, index = api.daemon.outputs_dir, api.daemon.gallery_index
     name = "20260101_000000_kept_1.png"
     make_png(folder, name)
@@ -377,10 +411,17 @@ def test_an_outputs_folder_away_or_found_empty_keeps_the_index(api: Api, tmp_pat
     away.rename(folder)  # mounted again
     index.reconcile()
     assert api("GET", "/api/outputs").json()["outputs"][0]["favourite"] is True
-    (folder / name).unlink()  # emptied for real: gone at the second look
+    (folder / name).unlink()  # emptied for real: believed at a pass an hour later
     index.reconcile()
     assert api.daemon.store.output_stats() != {}
-    index.reconcile()
+    index.reconcile()  # a pass right after is no second look
+    assert api.daemon.store.output_stats() != {}
+    real = index.clock
+    index.clock = lambda: real() + EMPTY_CONFIRM_SECONDS + 1
+    try:
+        index.reconcile()
+    finally:
+        index.clock = real
     assert api.daemon.store.output_stats() == {}
 
 
@@ -533,7 +574,7 @@ def test_a_deleted_image_goes_to_the_trash_and_restore_brings_it_back(api: Api):
     ]
     error(api("DELETE", f"/api/outputs/{name}"), 404)  # not there any more
     restored = api("POST", "/api/outputs/restore", json={"files": [name]})
-    assert restored.json() == {"restored": [name], "missing": [], "conflicts": []}
+    assert restored.json() == {"restored": [name], "missing": [], "conflicts": [], "failed": []}
     assert (folder / name).read_bytes() == data and not (folder / TRASH / name).exists()
     listed = api("GET", "/api/outputs").json()["outputs"]
     assert [(o["filename"], o["favourite"]) for o in listed] == [
@@ -562,10 +603,16 @@ def test_deleting_and_restoring_many_at_once(api: Api):
     assert api("POST", "/api/outputs/delete", json={"files": ["nope.png"]}).json() == {
         "trashed": [],
         "missing": ["nope.png"],
+        "failed": [],
         "purge_after": None,
     }
     back = api("POST", "/api/outputs/restore", json={"files": [files[3], files[2], files[0]]})
-    assert back.json() == {"restored": [files[3], files[0]], "missing": [files[2]], "conflicts": []}
+    assert back.json() == {
+        "restored": [files[3], files[0]],
+        "missing": [files[2]],
+        "conflicts": [],
+        "failed": [],
+    }
     assert set(names(api("GET", "/api/outputs"))) == {files[0], files[2], files[3]}
     assert [t["filename"] for t in api("GET", "/api/trash").json()["trashed"]] == [files[1]]
 
@@ -579,7 +626,7 @@ def test_a_name_taken_again_is_a_conflict_and_the_trash_keeps_both(api: Api):
     api.daemon.gallery_index.reconcile()
     # Restoring would overwrite the new file: refused, the old one stays in the trash.
     refused = api("POST", "/api/outputs/restore", json={"files": [name]}).json()
-    assert refused == {"restored": [], "missing": [], "conflicts": [name]}
+    assert refused == {"restored": [], "missing": [], "conflicts": [name], "failed": []}
     assert "second" in json.dumps(api("GET", "/api/outputs").json())
     assert (folder / TRASH / name).is_file()
     # Deleted as well: a suffix keeps both in the trash; the last trashed comes back first.
@@ -671,6 +718,10 @@ def test_a_trash_folder_that_is_a_link_is_never_written_through(api: Api, tmp_pa
     make_png(folder, "20260101_000000_kept_1.png")
     error(api("DELETE", "/api/outputs/20260101_000000_kept_1.png"), 409)
     assert (folder / "20260101_000000_kept_1.png").is_file() and list(elsewhere.iterdir()) == []
+    bulk = api("POST", "/api/outputs/delete", json={"files": ["20260101_000000_kept_1.png"]})
+    (failed,) = bulk.json()["failed"]
+    assert failed["status"] == 409 and "not a plain folder" in failed["error"]
+    assert (folder / "20260101_000000_kept_1.png").is_file() and list(elsewhere.iterdir()) == []
 
 
 # -- zip -----------------------------------------------------------------------------------------
@@ -711,11 +762,12 @@ def test_the_literal_routes_come_before_image_names(api: Api):
     make_png(folder, "zip/20260102_000000_in_zip_2.png", job_id=2)
     api.daemon.gallery_index.reconcile()
     bulk = api("POST", "/api/outputs/delete", json={"files": ["nope.png"]})
-    assert set(bulk.json()) == {"trashed", "missing", "purge_after"}
+    assert set(bulk.json()) == {"trashed", "missing", "failed", "purge_after"}
     assert set(api("POST", "/api/outputs/restore", json={"files": ["x.png"]}).json()) == {
         "restored",
         "missing",
         "conflicts",
+        "failed",
     }
     for method in ("GET", "DELETE", "PATCH"):
         for route in ("delete", "restore", "zip"):
@@ -766,3 +818,609 @@ def test_the_gallery_settings_are_read_only_over_the_api(api: Api):
     config = api("GET", "/api/config").json()
     assert config["gallery"] == {"trash_days": 7.0, "rescan_seconds": 600.0}
     assert api("PUT", "/api/config", json=config).status_code == 200  # unchanged: fine
+
+
+# -- what a pass must never drop ----------------------------------------------------------------
+def index_of(folder: Path, store: Store, node: str | None = None, **options) -> GalleryIndex:
+    folder.mkdir(parents=True, exist_ok=True)
+    return GalleryIndex(Gallery(folder, folder.parent / "thumbs"), store, node=node, **options)
+
+
+def favourites(store: Store) -> list[str]:
+    return sorted(r.path for r in store.list_outputs(OutputQuery(favourite=True), limit=100))
+
+
+def scandir_failing(monkeypatch, failing: Callable[[str], OSError | None]) -> None:
+    """``os.scandir`` raising what ``failing(path)`` gives (``None``: the real listing)."""
+    real = os.scandir
+
+    def scandir(path):
+        exc = failing(os.fspath(path))
+        if exc is not None:
+            raise exc
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_a_pass_or_listing_stopped_half_way_drops_nothing_it_did_not_reach(
+    sqlite_store: SQLiteStore, tmp_path: Path, monkeypatch
+):
+    folder = tmp_path / "outputs"
+    files = [f"{d}/20260101_00000{i}_{d}_{i}.png" for i, d in enumerate("abc")] + ["top.png"]
+    for i, name in enumerate(files):
+        make_png(folder, name, job_id=i)
+    index = index_of(folder, sqlite_store)
+    index.reconcile()
+    for name in files:
+        sqlite_store.set_favourite(name, True)
+    real, calls, walking = os.scandir, [], [index]
+
+    def scandir(path):
+        calls.append(path)
+        if len(calls) == 2:  # the daemon stops while the walk is in its second folder
+            walking[0]._stopping.set()
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    index.reconcile()
+    assert favourites(sqlite_store) == sorted(files)
+    # A listing on a node just started (nothing read yet: it walks the whole folder), cut
+    # short the same way.
+    calls.clear()
+    fresh = walking[0] = index_of(folder, sqlite_store)
+    fresh.refresh()
+    assert fresh._stopping.is_set() and len(calls) >= 2
+    assert favourites(sqlite_store) == sorted(files)
+
+
+def test_nodes_with_their_own_folders_keep_each_others_rows(store: Store, tmp_path: Path):
+    """Two nodes of one queue, each with an outputs folder of its own: neither sees the
+    other's images, and neither drops them; each drops its own once their file is gone."""
+    one = index_of(tmp_path / "gpu-1" / "outputs", store, node="gpu-1")
+    two = index_of(tmp_path / "gpu-2" / "outputs", store, node="gpu-2")
+    a, b = "20260301_000000_on_one_1.png", "20260301_000001_on_two_2.png"
+    one.write(one.root, lambda: make_png(one.root, a))
+    two.write(two.root, lambda: make_png(two.root, b, job_id=2))
+    store.set_favourite(a, True)
+    store.set_favourite(b, True)
+    for _ in range(2):
+        two.reconcile()
+        one.reconcile()
+    assert favourites(store) == [a, b]
+    assert {p: row.node for p, row in store.output_stats().items()} == {a: "gpu-1", b: "gpu-2"}
+    third = "20260301_000002_third_3.png"
+    make_png(one.root, third, job_id=3)
+    one.reconcile()
+    (one.root / a).unlink()
+    two.reconcile()
+    assert favourites(store) == [a, b]
+    one.reconcile()
+    assert favourites(store) == [b] and set(store.output_stats()) == {b, third}
+    # The trash, and its purge, are each node's too: one node's purge leaves the other's
+    # trashed row (its file is in the other node's folder) to that node.
+    assert two.trash([b])[0] == [b]
+    one.trash_days = 0
+    one.reconcile()
+    one.purge()
+    assert [r.filename for r in store.trashed_outputs(limit=10)] == [b]
+    assert (two.root / TRASH / b).is_file()
+
+
+def test_in_a_shared_folder_a_row_of_a_node_gone_quiet_is_taken_over(store: Store, tmp_path):
+    """With one folder for all, a row stays its node's while that node beats (no churn);
+    one of a node gone quiet (or renamed) is taken over by a node that sees its file, which
+    then drops it when the file goes."""
+    folder = tmp_path / "outputs"
+    live, old = "20260301_000000_live_1.png", "20260301_000001_old_2.png"
+    make_png(folder, live)
+    make_png(folder, old, job_id=2)
+    index_of(folder, store, node="gpu-live").reconcile()
+    store.heartbeat("gpu-live", {})
+    store.put_outputs([replace(store.find_outputs([old])[old], node="gpu-renamed")])
+    store.set_favourite(old, True)
+    stays = "20260301_000002_stays_3.png"
+    make_png(folder, stays, job_id=3)
+    mine = index_of(folder, store, node="gpu-new")
+    mine.reconcile()
+    nodes = {p: row.node for p, row in store.output_stats().items()}
+    assert nodes == {live: "gpu-live", old: "gpu-new", stays: "gpu-new"}
+    assert favourites(store) == [old]  # taken over with its mark
+    (folder / old).unlink()
+    (folder / live).unlink()
+    mine.reconcile()
+    # The live node's row is the live node's to drop.
+    assert set(store.output_stats()) == {live, stays}
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EIO, errno.ESTALE])
+def test_a_folder_that_cannot_be_read_keeps_its_rows(
+    sqlite_store: SQLiteStore, tmp_path: Path, monkeypatch, code
+):
+    folder = tmp_path / "outputs"
+    make_png(folder, "sub/deeper/20260101_000000_in_sub_1.png")
+    make_png(folder, "20260102_000000_top_2.png", job_id=2)
+    index = index_of(folder, sqlite_store)
+    index.reconcile()
+    sqlite_store.set_favourite("sub/deeper/20260101_000000_in_sub_1.png", True)
+    broken = {"on": True}
+    scandir_failing(
+        monkeypatch,
+        lambda path: (
+            OSError(code, os.strerror(code), path)
+            if broken["on"] and path.endswith("/sub")
+            else None
+        ),
+    )
+    index.reconcile()
+    index._next_refresh = 0.0
+    index.refresh()
+    assert favourites(sqlite_store) == ["sub/deeper/20260101_000000_in_sub_1.png"]
+    broken["on"] = False
+    index.reconcile()
+    assert favourites(sqlite_store) == ["sub/deeper/20260101_000000_in_sub_1.png"]
+    # Gone for real (the folder removed): dropped.
+    (folder / "sub" / "deeper" / "20260101_000000_in_sub_1.png").unlink()
+    os.rmdir(folder / "sub" / "deeper")
+    os.rmdir(folder / "sub")
+    index.reconcile()
+    assert set(sqlite_store.output_stats()) == {"20260102_000000_top_2.png"}
+
+
+def test_a_pass_where_the_outputs_folder_changed_file_system_drops_nothing(
+    sqlite_store: SQLiteStore, tmp_path: Path, monkeypatch
+):
+    """A share unmounted under a daemon leaves the mount point (another file system) with
+    what the daemon wrote there since: the pass that first sees it drops nothing."""
+    from imagineerd import gallery_index
+
+    folder = tmp_path / "outputs"
+    kept = "20260101_000000_on_the_share_1.png"
+    make_png(folder, kept)
+    make_png(folder, "20260102_000000_also_2.png", job_id=2)
+    index = index_of(folder, sqlite_store)
+    index.reconcile()
+    sqlite_store.set_favourite(kept, True)
+    (folder / kept).unlink()
+    real = gallery_index._device
+    monkeypatch.setattr(gallery_index, "_device", lambda root: real(root) + 1)
+    index.reconcile()
+    index._next_refresh = 0.0
+    index.refresh()
+    assert favourites(sqlite_store) == [kept]
+    index.reconcile()  # the same file system as at the last pass: believed
+    assert favourites(sqlite_store) == []
+
+
+def test_an_empty_outputs_folder_is_believed_by_a_later_pass_not_by_a_listing(
+    sqlite_store: SQLiteStore, tmp_path: Path
+):
+    folder = tmp_path / "outputs"
+    make_png(folder, "20260101_000000_a_1.png")
+    make_png(folder, "sub/20260102_000000_b_2.png", job_id=2)
+    now = [1_000_000.0]
+    index = index_of(folder, sqlite_store, clock=lambda: now[0])
+    index.reconcile()
+    sqlite_store.set_favourite("20260101_000000_a_1.png", True)
+    away = tmp_path / "away"
+    folder.rename(away)
+    folder.mkdir()  # the empty mount point
+    index.reconcile()
+    now[0] += 1.0
+    index.reconcile()  # a catch-up pass a second later
+    assert len(sqlite_store.output_stats()) == 2
+    now[0] += EMPTY_CONFIRM_SECONDS
+    for _ in range(3):  # the page polls the gallery: a listing never confirms
+        index._next_refresh = 0.0
+        index.list(OutputQuery(), limit=10)
+    assert len(sqlite_store.output_stats()) == 2
+    folder.rmdir()
+    away.rename(folder)  # mounted again
+    index.reconcile()
+    assert favourites(sqlite_store) == ["20260101_000000_a_1.png"]
+
+
+@pytest.mark.parametrize("how", ["missing", "link", "unreadable", "empty"])
+def test_a_trash_that_is_away_keeps_its_rows_and_when_they_were_trashed(
+    sqlite_store: SQLiteStore, tmp_path: Path, monkeypatch, how
+):
+    folder = tmp_path / "outputs"
+    make_png(folder, "20260101_000000_a_1.png")
+    make_png(folder, "20260102_000000_b_2.png", job_id=2)
+    now = [1_000_000.0]
+    index = index_of(folder, sqlite_store, clock=lambda: now[0])
+    index.reconcile()
+    sqlite_store.set_favourite("20260101_000000_a_1.png", True)
+    assert index.trash(["20260101_000000_a_1.png"])[0] == ["20260101_000000_a_1.png"]
+    trash = folder / TRASH
+    away = tmp_path / "trash-away"
+    if how == "missing":
+        trash.rename(away)
+    elif how == "link":
+        trash.rename(away)
+        (tmp_path / "elsewhere").mkdir()
+        trash.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    elif how == "unreadable":
+        scandir_failing(
+            monkeypatch,
+            lambda path: (
+                PermissionError(errno.EACCES, "denied", path) if path.endswith(TRASH) else None
+            ),
+        )
+    else:  # an empty trash, as a fresh mount would show it
+        trash.rename(away)
+        trash.mkdir()
+    now[0] += 60.0
+    index.reconcile()
+    index.reconcile()
+    (row,) = sqlite_store.trashed_outputs(limit=10)
+    assert (row.path, row.filename, row.trashed_at, row.favourite) == (
+        ".trash/20260101_000000_a_1.png",
+        "20260101_000000_a_1.png",
+        1_000_000.0,
+        True,
+    )
+    monkeypatch.undo()
+    if how != "unreadable":
+        if trash.is_symlink():
+            trash.unlink()
+        elif trash.exists():
+            trash.rmdir()
+        away.rename(trash)
+    index.reconcile()
+    (row,) = sqlite_store.trashed_outputs(limit=10)
+    assert row.trashed_at == 1_000_000.0
+    restored, _, _ = index.restore(["20260101_000000_a_1.png"])
+    assert restored == ["20260101_000000_a_1.png"] and favourites(sqlite_store) == restored
+
+
+def test_the_purge_never_deletes_an_image_restored_and_deleted_again(
+    sqlite_store: SQLiteStore, tmp_path: Path
+):
+    folder = tmp_path / "outputs"
+    name = "20260101_000000_undo_1.png"
+    make_png(folder, name)
+    now = [1000.0]
+    index = index_of(folder, sqlite_store, clock=lambda: now[0], trash_days=1)
+    index.reconcile()
+    index.trash([name])  # trashed at t=1000
+    now[0] += 2 * DAY  # due
+    real = sqlite_store.trashed_outputs
+
+    def due_then_undone(**query):
+        rows = real(**query)
+        if rows and not getattr(due_then_undone, "done", False):
+            # After the purge read what is due: the image is restored (undo), and deleted
+            # again, to the same trash path.
+            due_then_undone.done = True
+            assert index.restore([name])[0] == [name] and index.trash([name])[0] == [name]
+        return rows
+
+    sqlite_store.trashed_outputs = due_then_undone
+    try:
+        assert index.purge() == 0
+    finally:
+        sqlite_store.trashed_outputs = real
+    assert (folder / TRASH / name).is_file()
+    assert [r.trashed_at for r in sqlite_store.trashed_outputs(limit=10)] == [now[0]]
+    assert index.restore([name])[0] == [name]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ".trash/../20260101_000000_victim_1.png",
+        ".trash/sub/../../20260101_000000_victim_1.png",
+        ".trash",
+        ".trash/",
+        "20260101_000000_victim_1.png",
+        ".trash//20260101_000000_victim_1.png",
+        ".trash/./../20260101_000000_victim_1.png",
+    ],
+)
+def test_the_purge_deletes_only_inside_the_trash(
+    sqlite_store: SQLiteStore, tmp_path: Path, path: str
+):
+    folder = tmp_path / "outputs"
+    victim = make_png(folder, "20260101_000000_victim_1.png")
+    make_png(folder / TRASH, "sub/x.png")
+    index = index_of(folder, sqlite_store, trash_days=0)
+    sqlite_store.put_outputs([record(path, filename="victim.png", trashed_at=1.0)])
+    index.purge()
+    assert victim.is_file()
+    with pytest.raises(OSError):
+        index._delete_from_trash(path)
+    assert victim.is_file()
+
+
+def test_deleting_a_longest_name_twice_cuts_the_trash_name_to_fit(api: Api):
+    folder = api.daemon.outputs_dir
+    name = "x" * 251 + ".png"
+    for _ in range(3):
+        make_png(folder, name)
+        api.daemon.gallery_index.reconcile()
+        deleted = api("DELETE", f"/api/outputs/{name}")
+        assert deleted.status_code == 200, deleted.text
+    in_trash = sorted(p.name for p in (folder / TRASH).iterdir())
+    assert in_trash == sorted([name, "x" * 249 + "-1.png", "x" * 249 + "-2.png"])
+    assert all(len(n.encode()) <= 255 for n in in_trash)
+    back = api("POST", "/api/outputs/restore", json={"files": [name]}).json()
+    assert back["restored"] == [name] and (folder / name).is_file()
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "words"),
+    [
+        (errno.EXDEV, 409, "different file systems"),
+        (errno.EACCES, 409, "permission denied"),
+        (errno.EROFS, 409, "read-only"),
+        (errno.ENAMETOOLONG, 409, "too long"),
+        (errno.ENOSPC, 503, "no space left"),
+        (errno.EIO, 503, "try again"),
+    ],
+)
+def test_a_move_the_file_system_refuses_is_a_clear_error_and_nothing_moves(
+    api: Api, monkeypatch, code, status, words
+):
+    from imagineerd import gallery_index
+
+    folder, index = api.daemon.outputs_dir, api.daemon.gallery_index
+    name, other = "sub/20260101_000000_a_1.png", "20260102_000000_b_2.png"
+    make_png(folder, name)
+    make_png(folder, other, job_id=2)
+    index.reconcile()
+    assert api("PATCH", f"/api/outputs/{name}", json={"favourite": True}).status_code == 200
+    real = gallery_index._rename_noreplace
+
+    def refusing(source, target):
+        if "a_1" in str(source):
+            raise OSError(code, os.strerror(code), str(source))
+        return real(source, target)
+
+    monkeypatch.setattr(gallery_index, "_rename_noreplace", refusing)
+    body = error(api("DELETE", f"/api/outputs/{name}"), status)
+    assert name in body["error"] and words in body["error"], body
+    assert (folder / name).is_file() and not (folder / TRASH / "sub").exists()
+    bulk = api("POST", "/api/outputs/delete", json={"files": [name, other]})
+    assert bulk.status_code == 200, bulk.text
+    (failed,) = bulk.json()["failed"]
+    assert bulk.json()["trashed"] == [other] and bulk.json()["missing"] == []
+    assert failed["filename"] == name and failed["status"] == status
+    assert words in failed["error"]
+    listed = api("GET", "/api/outputs").json()["outputs"]
+    assert [(o["filename"], o["favourite"]) for o in listed] == [(name, True)]
+    # Back out of the trash (to a folder that must be made again): refused the same way,
+    # and the images stay in the trash.
+    deep = "deep/20260103_000000_c_3.png"
+    make_png(folder, deep, job_id=3)
+    index.reconcile()
+    assert index.trash([deep])[0] == [deep]
+    os.rmdir(folder / "deep")
+
+    def refusing_all(source, target):
+        raise OSError(code, os.strerror(code), str(source))
+
+    monkeypatch.setattr(gallery_index, "_rename_noreplace", refusing_all)
+    back = api("POST", "/api/outputs/restore", json={"files": [other, deep]})
+    assert back.status_code == 200, back.text
+    assert back.json()["restored"] == [] and back.json()["conflicts"] == []
+    assert [(f["filename"], f["status"]) for f in back.json()["failed"]] == [
+        (other, status),
+        (deep, status),
+    ]
+    assert all(words in f["error"] for f in back.json()["failed"])
+    assert not (folder / "deep").exists()  # the folder made for it went again
+    assert len(api("GET", "/api/trash").json()["trashed"]) == 2
+
+
+def test_names_no_store_can_hold_are_missing_not_errors(store: Store, tmp_path: Path):
+    index = index_of(tmp_path / "outputs", store)
+    odd = ["\ud800.png", "a\x00.png", "x" * 5000 + ".png"]
+    assert index.trash(odd)[:2] == ([], odd)
+    assert index.restore(odd) == ([], odd, [])
+
+
+def test_a_trash_folder_that_cannot_be_made_is_a_clear_error(api: Api, monkeypatch):
+    folder = api.daemon.outputs_dir
+    name = "sub/20260101_000000_a_1.png"
+    make_png(folder, name)
+    real = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if TRASH in os.fspath(path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    body = error(api("DELETE", f"/api/outputs/{name}"), 409)
+    assert name in body["error"] and "permission denied" in body["error"]
+    assert (folder / name).is_file() and names(api("GET", "/api/outputs")) == [name]
+
+
+def test_restoring_keeps_the_favourite_when_the_trashed_row_went_meanwhile(
+    store: Store, tmp_path: Path
+):
+    """In a shared folder another node's pass may drop or rewrite the trashed row between
+    this node's look-up and its move: the image still comes back a favourite."""
+    folder = tmp_path / "outputs"
+    name = "20260101_000000_fav_1.png"
+    make_png(folder, name)
+    index = index_of(folder, store)
+    index.reconcile()
+    store.set_favourite(name, True)
+    index.trash([name])
+    real = store.find_outputs
+
+    def then_dropped(*args, **kwargs):
+        found = real(*args, **kwargs)
+        store.drop_outputs([f".trash/{name}"])
+        return found
+
+    store.find_outputs = then_dropped
+    try:
+        assert index.restore([name])[0] == [name]
+    finally:
+        store.find_outputs = real
+    assert favourites(store) == [name]
+
+
+def test_an_image_written_through_a_linked_folder_is_not_indexed(
+    sqlite_store: SQLiteStore, tmp_path: Path
+):
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    (tmp_path / "bigdisk").mkdir()
+    (folder / "archive").symlink_to(tmp_path / "bigdisk", target_is_directory=True)
+    index = index_of(folder, sqlite_store)
+    index.write(folder / "archive", lambda: make_png(folder / "archive", "20260101_x_1.png"))
+    index.write(folder / ".hidden", lambda: make_png(folder / ".hidden", "20260101_y_2.png"))
+    index.write(folder, lambda: make_png(folder, "20260101_z_3.png"))
+    assert set(sqlite_store.output_stats()) == {"20260101_z_3.png"}
+
+
+def test_a_listing_and_a_delete_do_not_wait_for_the_walk_of_a_slow_share(
+    sqlite_store: SQLiteStore, tmp_path: Path, monkeypatch
+):
+    folder = tmp_path / "outputs"
+    for i in range(3):
+        make_png(folder, f"d{i}/20260101_00000{i}_x_{i}.png", job_id=i)
+    index = index_of(folder, sqlite_store)
+    index.reconcile()
+    inside, release = threading.Event(), threading.Event()
+    real = os.scandir
+
+    def slow(path):
+        if threading.current_thread().name == "slow-pass":
+            inside.set()
+            release.wait(20)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", slow)
+    walker = threading.Thread(target=index.reconcile, name="slow-pass")
+    walker.start()
+    try:
+        assert inside.wait(10)
+        started = time.monotonic()
+        index._next_refresh = 0.0
+        assert len(in_thread(lambda: index.list(OutputQuery(), limit=5), timeout=5)) == 3
+        assert in_thread(lambda: index.trash(["d0/20260101_000000_x_0.png"]), timeout=5)[0]
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()
+        walker.join(20)
+    assert set(sqlite_store.output_stats()) == {
+        ".trash/d0/20260101_000000_x_0.png",
+        "d1/20260101_000001_x_1.png",
+        "d2/20260101_000002_x_2.png",
+    }
+
+
+def test_a_listing_within_the_second_looks_at_no_folder(
+    sqlite_store: SQLiteStore, tmp_path: Path, monkeypatch
+):
+    from imagineerd import gallery_index
+
+    folder = tmp_path / "outputs"
+    for i in range(5):
+        make_png(folder, f"d{i}/20260101_00000{i}_x_{i}.png", job_id=i)
+    index = index_of(folder, sqlite_store)
+    index.reconcile()
+    looked: list[str] = []
+    real = gallery_index._mtime
+    monkeypatch.setattr(gallery_index, "_mtime", lambda root, d: looked.append(d) or real(root, d))
+    index.list(OutputQuery(), limit=10)
+    assert looked  # the first looks at each folder read so far
+    looked.clear()
+    for _ in range(5):
+        index.list(OutputQuery(), limit=10)
+    assert looked == []
+
+
+def test_a_zip_holds_each_image_once_by_its_normal_name(api: Api):
+    folder = api.daemon.outputs_dir
+    make_png(folder, "sub/20260101_000000_a_1.png")
+    api.daemon.gallery_index.reconcile()
+    asked = ["sub/20260101_000000_a_1.png", "sub\\20260101_000000_a_1.png"]
+    response = api("POST", "/api/outputs/zip", json={"files": asked})
+    assert response.status_code == 200, response.text
+    assert zipfile.ZipFile(io.BytesIO(response.content)).namelist() == [
+        "sub/20260101_000000_a_1.png"
+    ]
+
+
+def test_a_zip_too_large_is_a_413_naming_the_limit_and_what_to_leave_out(api: Api, monkeypatch):
+    from imagineerd import gallery_index
+
+    folder = api.daemon.outputs_dir
+    files = [f"20260101_00000{i}_z_{i}.png" for i in range(3)]
+    sizes = [make_png(folder, name, job_id=i).stat().st_size for i, name in enumerate(files)]
+    monkeypatch.setattr(gallery_index, "MAX_ZIP_BYTES", sum(sizes) - 1)
+    body = error(api("POST", "/api/outputs/zip", json={"files": files}), 413, "files")
+    assert f"{sum(sizes) - 1:,} bytes" in body["error"], body
+    assert "leave out at least 1 of them" in body["error"], body
+    monkeypatch.setattr(gallery_index, "MAX_ZIP_BYTES", sum(sizes))
+    assert api("POST", "/api/outputs/zip", json={"files": files}).status_code == 200
+
+
+def test_at_most_two_zips_are_built_at_once(api: Api):
+    make_png(api.daemon.outputs_dir, "20260101_000000_a_1.png")
+    index = api.daemon.gallery_index
+    assert index._zips.acquire(blocking=False) and index._zips.acquire(blocking=False)
+    try:
+        body = error(
+            api("POST", "/api/outputs/zip", json={"files": ["20260101_000000_a_1.png"]}), 503
+        )
+        assert "busy" in body["error"] and "try again" in body["error"]
+    finally:
+        index._zips.release()
+        index._zips.release()
+    assert (
+        api("POST", "/api/outputs/zip", json={"files": ["20260101_000000_a_1.png"]}).status_code
+        == 200
+    )
+
+
+def test_an_image_deleted_and_restored_while_a_pass_walks_keeps_its_row(
+    sqlite_store: SQLiteStore, tmp_path: Path, monkeypatch
+):
+    """The walk runs without the lock: an image in the trash while its folder was listed,
+    and back by the time the pass compares, is not taken for gone."""
+    folder = tmp_path / "outputs"
+    name = "20260101_000000_undo_1.png"
+    make_png(folder, name)
+    make_png(folder, "20260102_000000_other_2.png", job_id=2)
+    index = index_of(folder, sqlite_store)
+    index.reconcile()
+    sqlite_store.set_favourite(name, True)
+    read, trashed, listed, restored = (threading.Event() for _ in range(4))
+    real_stats, real_scandir = sqlite_store.output_stats, os.scandir
+
+    def stats():
+        found = real_stats()
+        if threading.current_thread().name == "pass":
+            read.set()
+            assert trashed.wait(10)
+        return found
+
+    def scandir(path):
+        entries = list(real_scandir(path))
+        if threading.current_thread().name == "pass" and os.fspath(path) == str(folder):
+            listed.set()
+            assert restored.wait(10)
+        return contextlib.nullcontext(iter(entries))
+
+    monkeypatch.setattr(sqlite_store, "output_stats", stats)
+    monkeypatch.setattr(os, "scandir", scandir)
+    walker = threading.Thread(target=lambda: index.reconcile(), name="pass")
+    walker.start()
+    try:
+        assert read.wait(10)
+        assert index.trash([name])[0] == [name]
+        trashed.set()
+        assert listed.wait(10)
+        assert index.restore([name])[0] == [name]
+    finally:
+        trashed.set()
+        restored.set()
+        walker.join(20)
+    assert favourites(sqlite_store) == [name]

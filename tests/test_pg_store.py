@@ -457,6 +457,42 @@ def test_db_copy_takes_the_gallery_index_with_its_favourites_and_trash(tmp_path,
         store.close()
 
 
+def test_db_copy_onto_rows_a_node_indexed_keeps_the_favourites_and_trash_marks(tmp_path, pg_url):
+    """A node started once on the new database indexed the folder before the copy: its rows
+    know no favourite and take a file found in the trash for one trashed now. The copied
+    rows' marks win, and the count says what was written."""
+    from imagineerd.store import OutputQuery, OutputRecord
+
+    def row(path: str, **fields) -> OutputRecord:
+        name = path.removeprefix(".trash/")
+        entry = {"filename": name}
+        return OutputRecord(path, fields.pop("filename", name), T, 1, 2, entry, **fields)
+
+    source = tmp_path / "old.db"
+    old = SQLiteStore(source)
+    old.put_outputs([row("a.png"), row("b.png"), row("c.png")])
+    old.set_favourite("a.png", True)
+    old.move_output("b.png", row(".trash/b-1.png", filename="b.png", trashed_at=1000.0))
+    old.close()
+    store = PostgresStore(pg_url)
+    try:
+        store.put_outputs(
+            [
+                row("a.png", node="gpu-1"),
+                row(".trash/b-1.png", trashed_at=9999.0, node="gpu-1"),
+            ]
+        )
+        assert store.copy_from_sqlite(source)["outputs"] == 3
+        (a,) = store.find_outputs(["a.png"]).values()
+        assert a.favourite and a.node == "gpu-1"
+        (b,) = store.trashed_outputs(limit=10)
+        assert (b.path, b.filename, b.trashed_at) == (".trash/b-1.png", "b.png", 1000.0)
+        assert [r.path for r in store.list_outputs(OutputQuery(), limit=10)] == ["c.png", "a.png"]
+        assert store.find_outputs(["b.png"], trashed=True)["b.png"].path == ".trash/b-1.png"
+    finally:
+        store.close()
+
+
 def test_db_copy_reads_a_first_release_database_without_changing_it(tmp_path, pg_url, capsys):
     source = tmp_path / "imagineerd.db"
     shutil.copy(DATA / "release-0.1.0.db", source)

@@ -14,7 +14,7 @@ from typing import Any
 import falcon
 
 from .. import __version__, jobs
-from ..gallery_index import MAX_FILES, SOURCES
+from ..gallery_index import MAX_FILES, MAX_ZIP_BYTES, MAX_ZIPS, SOURCES
 
 JSON = "application/json"
 ERROR_CODES = ("400", "401", "403", "404", "405", "409", "410", "413", "415", "421", "503")
@@ -218,6 +218,19 @@ def document() -> dict[str, Any]:
     job_id = [_path_param("job_id", {"type": "integer", "minimum": 1})]
     filename = [_path_param("filename", {"type": "string"})]
     names = {"type": "array", "items": {"type": "string"}}
+    failed = {
+        "type": "array",
+        "items": _object(
+            ("filename", "error", "status"),
+            filename={"type": "string"},
+            error={"type": "string", "description": "the cause, as an error would say it"},
+            status={
+                "type": "integer",
+                "enum": [409, 503],
+                "description": "409: the server's folders must change first; 503: try again",
+            },
+        ),
+    }
     files_body = {
         "type": "object",
         "required": ["files"],
@@ -449,11 +462,13 @@ def document() -> dict[str, Any]:
                 (
                     "200",
                     _answer(
-                        "what was moved, and what was not found",
+                        "what was moved, what was not found, and what the file system would "
+                        "not move (each left where it was, with why)",
                         _object(
-                            ("trashed", "missing", "purge_after"),
+                            ("trashed", "missing", "failed", "purge_after"),
                             trashed=names,
                             missing=names,
+                            failed=failed,
                             purge_after={"type": ["string", "null"]},
                         ),
                     ),
@@ -468,12 +483,14 @@ def document() -> dict[str, Any]:
                     "200",
                     _answer(
                         "what came back; missing: not in the trash; conflicts: a file has that "
-                        "name again (the image stays in the trash)",
+                        "name again (the image stays in the trash); failed: the file system "
+                        "would not move it back (it stays in the trash)",
                         _object(
-                            ("restored", "missing", "conflicts"),
+                            ("restored", "missing", "conflicts", "failed"),
                             restored=names,
                             missing=names,
                             conflicts=names,
+                            failed=failed,
                         ),
                     ),
                 ),
@@ -482,7 +499,9 @@ def document() -> dict[str, Any]:
         },
         "/api/outputs/zip": {
             "post": _operation(
-                "the images as one zip file (stored, not compressed)",
+                "the images as one zip file (stored, not compressed); 413 past "
+                f"{MAX_ZIP_BYTES // 1024**3} GiB of images, 503 while {MAX_ZIPS} zips are "
+                "being built",
                 (
                     "200",
                     {
@@ -524,7 +543,8 @@ def document() -> dict[str, Any]:
                 },
             ),
             "delete": _operation(
-                "move an image to the trash",
+                "move an image to the trash; 409 or 503 (naming the cause) when the file "
+                "system will not move it",
                 (
                     "200",
                     _answer(

@@ -459,7 +459,8 @@ class Outputs:
         resp.media = entry
 
     def on_delete_item(self, req: falcon.Request, resp: falcon.Response, filename: str) -> None:
-        """Move one image to the trash (``POST /api/outputs/restore`` undoes it)."""
+        """Move one image to the trash (``POST /api/outputs/restore`` undoes it). One the
+        file system will not move is a 409 or 503 naming it and the cause."""
         index = self.daemon.gallery_index
         trashed, _, when = index.trash([filename])
         if not trashed:
@@ -473,21 +474,33 @@ class Outputs:
         resp.media = {"trashed": trashed, "purge_after": index.purge_after(when)}
 
     def on_post_delete(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Each image to the trash; ``failed``: those the file system would not move, each
+        ``{filename, error, status}``, left where they were."""
         index = self.daemon.gallery_index
-        trashed, missing, when = index.trash(file_names(req))
+        failed: list[dict[str, Any]] = []
+        trashed, missing, when = index.trash(file_names(req), failed=failed)
         if trashed:
             self.daemon.events.publish("output.trashed", {"files": trashed})
         resp.media = {
             "trashed": trashed,
             "missing": missing,
+            "failed": failed,
             "purge_after": index.purge_after(when) if trashed else None,
         }
 
     def on_post_restore(self, req: falcon.Request, resp: falcon.Response) -> None:
-        restored, missing, conflicts = self.daemon.gallery_index.restore(file_names(req))
+        failed: list[dict[str, Any]] = []
+        restored, missing, conflicts = self.daemon.gallery_index.restore(
+            file_names(req), failed=failed
+        )
         if restored:
             self.daemon.events.publish("output.restored", {"files": restored})
-        resp.media = {"restored": restored, "missing": missing, "conflicts": conflicts}
+        resp.media = {
+            "restored": restored,
+            "missing": missing,
+            "conflicts": conflicts,
+            "failed": failed,
+        }
 
     def on_post_zip(self, req: falcon.Request, resp: falcon.Response) -> None:
         handle, size = self.daemon.gallery_index.zip(file_names(req))

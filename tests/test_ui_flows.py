@@ -356,8 +356,9 @@ def test_the_tab_title_says_done_for_a_background_tab(start_api, page: Page):
     page.goto(api.url)
     expect(page).to_have_title("imagineerd")
     page.fill("#prompt", "while away")
-    page.click("#generate")
+    # Hidden first: a two-step job can finish before a later hide reaches the page.
     page.evaluate("window.__setHidden(true)")
+    page.click("#generate")
     expect(page).to_have_title("✓ Done · imagineerd", timeout=120000)
     page.evaluate("window.__setHidden(false)")
     expect(page).to_have_title("imagineerd")

@@ -11,13 +11,13 @@ import threading
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from stat import S_ISREG
 from typing import Any
 
 from PIL import Image
 
 from .errors import NotFound
 from .outputs import TEMP_PREFIX, NotAPng, open_png, parse_infotext
+from .safefile import NotRegularFileError, open_own
 
 #: The thumbnail sizes served (longer side, pixels). A fixed few, so the cache cannot be
 #: filled with one file per size a client asks for.
@@ -25,6 +25,21 @@ THUMBNAIL_SIZES = (128, 256, 512)
 #: The thumbnail cache keeps at most this many files and bytes; the least recently used go.
 MAX_THUMBNAIL_FILES = 5000
 MAX_THUMBNAIL_BYTES = 512 * 1024 * 1024
+
+
+def image_path(relpath: str) -> str:
+    """A client's name of an image as a path inside the outputs folder, ``/``-separated:
+    no ``..``, no empty or hidden part (the trash and our temp files are hidden), a ``.png``
+    name, no NUL; otherwise ``NotFound``. Every lookup of an image by name checks this."""
+    parts = relpath.replace("\\", "/").split("/")
+    if (
+        not relpath
+        or "\x00" in relpath
+        or any(p in ("", ".", "..") or p.startswith(".") for p in parts)
+        or not parts[-1].lower().endswith(".png")
+    ):
+        raise NotFound(f"no image named {relpath[:200]!r}")
+    return "/".join(parts)
 
 
 class Gallery:
@@ -64,17 +79,10 @@ class Gallery:
 
     def resolve(self, relpath: str) -> Path:
         """The real path of an image inside the outputs folder, or ``NotFound``."""
-        parts = relpath.replace("\\", "/").split("/")
-        if (
-            not relpath
-            or "\x00" in relpath
-            or any(p in ("", ".", "..") or p.startswith(".") for p in parts)
-            or not parts[-1].lower().endswith(".png")
-        ):
-            raise NotFound(f"no image named {relpath!r}")
+        rel = image_path(relpath)
         root = self.directory.resolve()
         try:
-            real = (root / "/".join(parts)).resolve()
+            real = (root / rel).resolve()
             # A link into a hidden folder (the trash) leads to no image either.
             found = (
                 real.is_relative_to(root)
@@ -212,29 +220,18 @@ def _entry(
     return entry
 
 
-_OWN_FLAGS = (
-    os.O_RDONLY
-    | getattr(os, "O_NOFOLLOW", 0)
-    | getattr(os, "O_NONBLOCK", 0)
-    | getattr(os, "O_CLOEXEC", 0)
-)
-
-
 @contextlib.contextmanager
 def _open_own_png(path: Path) -> Iterator[tuple[Image.Image, os.stat_result]]:
     """``path`` as a PIL image with the stat of what was opened, only if ``path`` itself is
     a regular file holding a PNG: ``O_NOFOLLOW`` refuses a link (even one swapped in after
     the caller looked), ``O_NONBLOCK`` keeps a FIFO from blocking. Failures are ``NotAPng``."""
     try:
-        fd = os.open(path, _OWN_FLAGS)
+        handle, stat = open_own(path)
+    except NotRegularFileError as exc:
+        raise NotAPng(f"{path} is {exc.kind}, not a regular file") from None
     except OSError as exc:
         raise NotAPng(f"{path} cannot be read as an image: {exc}") from None
-    handle = os.fdopen(fd, "rb")
     with handle:
-        stat = os.fstat(fd)
-        if not S_ISREG(stat.st_mode):
-            raise NotAPng(f"{path} is not a regular file")
-        os.set_blocking(fd, True)
         try:
             image = Image.open(handle, formats=["PNG"])
         except Exception as exc:  # Pillow's errors for bad input are of many types

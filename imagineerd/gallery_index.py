@@ -58,10 +58,10 @@ from typing import IO, Any
 
 from .errors import Conflict, ImagineerdError, NotFound, Unavailable
 from .fsutil import fsync_dir
-from .gallery import Gallery
+from .gallery import Gallery, image_path
 from .jobs import iso
 from .outputs import PNG_SIGNATURE, TEMP_PREFIX
-from .safefile import NAME_MAX, cut_name, is_utf8_name
+from .safefile import NAME_MAX, cut_name, is_utf8_name, open_own
 from .store import OutputQuery, OutputRecord, OutputStat, Store
 
 log = logging.getLogger(__name__)
@@ -999,15 +999,13 @@ class GalleryIndex:
     def _add_to_zip(self, archive: zipfile.ZipFile, name: str, rel: str) -> None:
         source = self._source(rel) or rel
         try:
-            fd = os.open(self.root / source, _NOFOLLOW)
-        except OSError:
+            handle, st = open_own(self.root / source)
+        except OSError:  # gone, a link, a FIFO...
             raise NotFound(
                 f"no image named {name[:200]!r}; nothing was zipped", field="files"
             ) from None
-        with os.fdopen(fd, "rb") as source:
-            st = os.fstat(fd)
-            os.set_blocking(fd, True)
-            if not stat.S_ISREG(st.st_mode) or source.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+        with handle as source:
+            if source.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
                 raise NotFound(
                     f"{name[:200]!r} is not a PNG image; nothing was zipped", field="files"
                 )
@@ -1235,16 +1233,11 @@ def _plausible(name: Any) -> bool:
 
 
 def _check_name(filename: str) -> str:
-    """``filename`` as a path inside the outputs folder, by the rules of ``Gallery.resolve``
-    (no ``..``, no hidden part, a ``.png`` name), or ``NotFound``."""
+    """``filename`` as a path inside the outputs folder (:func:`image_path`), or
+    ``NotFound``; a name no store can hold is not one either."""
     if not _plausible(filename):
         raise NotFound(f"no image named {str(filename)[:200]!r}")
-    parts = filename.replace("\\", "/").split("/")
-    if any(p in ("", ".", "..") or p.startswith(".") for p in parts) or not parts[
-        -1
-    ].lower().endswith(".png"):
-        raise NotFound(f"no image named {filename[:200]!r}")
-    return "/".join(parts)
+    return image_path(filename)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -1268,12 +1261,6 @@ def _whole(value: Any) -> int | None:
     return value
 
 
-_NOFOLLOW = (
-    os.O_RDONLY
-    | getattr(os, "O_NOFOLLOW", 0)
-    | getattr(os, "O_NONBLOCK", 0)
-    | getattr(os, "O_CLOEXEC", 0)
-)
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 try:

@@ -142,6 +142,23 @@ def open_regular(path: Path | str) -> BinaryIO:
         raise
 
 
+def open_own(path: Path | str) -> tuple[BinaryIO, os.stat_result]:
+    """``path`` opened for reading, with the stat of what was opened, only if ``path``
+    itself is a regular file: a link is refused (even one swapped in after the caller
+    looked) and a FIFO or device never blocks. Raises ``NotRegularFileError`` or another
+    ``OSError``."""
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(path, kind_of(st.st_mode))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), st
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def ensure_directory(path: Path) -> Path | None:
     """Make ``path`` a real folder, not a file or a link to one (a link named ``done`` in a
     share would send what we write there to its target). Anything else of that name is

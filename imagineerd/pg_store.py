@@ -67,6 +67,7 @@ from .store import (
     positions_from,
     put_outputs_sql,
     reordered,
+    trashed_query,
 )
 
 log = logging.getLogger(__name__)
@@ -1305,19 +1306,10 @@ class PostgresStore:
         trashed_before: float | None = None,
         after: tuple[float, str] | None = None,
     ) -> list[OutputRecord]:
-        where, args = "trashed_at IS NOT NULL", []
-        if trashed_before is not None:
-            where += " AND trashed_at < %s"
-            args.append(trashed_before)
-        if after is not None:
-            where += " AND (trashed_at, path) < (%s, %s)"
-            args += list(after)
-        rows = self._statement(
-            lambda c: c.execute(
-                f"SELECT * FROM outputs WHERE {where} ORDER BY trashed_at DESC, path DESC LIMIT %s",
-                (*args, limit),
-            ).fetchall()
+        sql, args = trashed_query(
+            limit=limit, trashed_before=trashed_before, after=after, mark="%s"
         )
+        rows = self._statement(lambda c: c.execute(sql, args).fetchall())
         return [output_record(row) for row in rows]
 
     # -- moving a queue here -----------------------------------------------------------------

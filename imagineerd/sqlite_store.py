@@ -47,6 +47,7 @@ from .store import (
     positions_from,
     put_outputs_sql,
     reordered,
+    trashed_query,
 )
 
 _SCHEMA = """
@@ -809,18 +810,8 @@ class SQLiteStore(SQLiteDatabase):
         trashed_before: float | None = None,
         after: tuple[float, str] | None = None,
     ) -> list[OutputRecord]:
-        where, args = "trashed_at IS NOT NULL", []
-        if trashed_before is not None:
-            where += " AND trashed_at < ?"
-            args.append(trashed_before)
-        if after is not None:
-            where += " AND (trashed_at, path) < (?, ?)"
-            args += list(after)
-        rows = self._db().execute(
-            f"SELECT * FROM outputs WHERE {where} ORDER BY trashed_at DESC, path DESC LIMIT ?",
-            (*args, limit),
-        )
-        return [output_record(row) for row in rows]
+        sql, args = trashed_query(limit=limit, trashed_before=trashed_before, after=after, mark="?")
+        return [output_record(row) for row in self._db().execute(sql, args)]
 
     # -- queries -------------------------------------------------------------------------
     def get(self, job_id: int) -> Job | None:

@@ -352,6 +352,22 @@ def output_filters(
     return " AND ".join(clauses), args
 
 
+def trashed_query(
+    *, limit: int, trashed_before: float | None, after: tuple[float, str] | None, mark: str
+) -> tuple[str, list[Any]]:
+    """The ``SELECT`` (and its parameters) of :meth:`Store.trashed_outputs`, last trashed
+    first, paged by ``after``: the ``(trashed_at, path)`` of the previous page's last row."""
+    where, args = "trashed_at IS NOT NULL", []
+    if trashed_before is not None:
+        where += f" AND trashed_at < {mark}"
+        args.append(trashed_before)
+    if after is not None:
+        where += f" AND (trashed_at, path) < ({mark}, {mark})"
+        args += list(after)
+    sql = f"SELECT * FROM outputs WHERE {where} ORDER BY trashed_at DESC, path DESC LIMIT {mark}"
+    return sql, [*args, limit]
+
+
 def latest_trashed(records: Sequence[OutputRecord]) -> dict[str, OutputRecord]:
     """By ``filename``, the record of each name that went to the trash last (a name may be
     in the trash more than once: deleted, made again, deleted again)."""

@@ -192,7 +192,7 @@ class Worker(threading.Thread):
         timeout = host.job_timeout()
         every = host.preview_every()
         job_of = {id(job.spec): job.id for job in jobs}
-        last_preview = [0.0]
+        last_preview = 0.0
 
         def elapsed() -> float:
             return round(time.monotonic() - started, 3)
@@ -202,9 +202,10 @@ class Worker(threading.Thread):
             # (the image itself comes next): the projection is queued behind the step on
             # the device, so this thread does not wait for it.
             now = time.monotonic()
-            if step % every or step >= total or now - last_preview[0] < PREVIEW_INTERVAL:
+            nonlocal last_preview
+            if step % every or step >= total or now - last_preview < PREVIEW_INTERVAL:
                 return
-            last_preview[0] = now
+            last_preview = now
             for request, pixels in preview():
                 job_id = job_of.get(id(request))
                 if job_id in active:

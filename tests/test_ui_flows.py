@@ -62,6 +62,16 @@ def page(browser, device) -> Iterator[Page]:
     assert not errors, errors  # no uncaught JavaScript errors in any test
 
 
+def submit_long(page: Page, prompt: str) -> None:
+    """Submit from Create a job that runs a good while on the tiny model (150 steps at 96²,
+    twice the work a step of 64²), long enough to watch, stop or lose its server."""
+    page.fill("#prompt", prompt)
+    page.fill("#steps", "150")
+    page.fill("#width", "96")
+    page.fill("#height", "96")
+    page.click("#generate")
+
+
 def box(page: Page, selector: str) -> dict:
     found = page.locator(selector).bounding_box()
     assert found, f"{selector} is not shown"
@@ -118,11 +128,7 @@ def test_results_show_progress_then_the_image(start_api, page: Page, device: str
 def test_stop_keeps_the_focus_and_says_stopped(start_api, page: Page):
     api = start_api()
     page.goto(api.url)
-    page.fill("#prompt", "stop me")
-    page.fill("#steps", "150")
-    page.fill("#width", "96")
-    page.fill("#height", "96")
-    page.click("#generate")
+    submit_long(page, "stop me")
     card = page.locator('#results > li[data-job="1"]')
     stop = card.get_by_role("button", name="Stop job 1")
     expect(stop).to_be_visible(timeout=30000)
@@ -775,11 +781,7 @@ def test_live_previews_show_in_the_running_cards(start_api, page: Page, device: 
     image = card.locator(".result-thumb img")
     wait_for(lambda: image.evaluate("img => img.naturalWidth") == 64, 10)
     # A longer one, watched in the queue: the preview fills its frame, scaled up smoothly.
-    page.fill("#prompt", "a lighthouse on a cliff, storm clouds, oil painting")
-    page.fill("#steps", "150")
-    page.fill("#width", "96")
-    page.fill("#height", "96")
-    page.click("#generate")
+    submit_long(page, "a lighthouse on a cliff, storm clouds, oil painting")
     mid_run = page.locator('#results > li[data-job="2"] img.preview')
     expect(mid_run).to_have_attribute(
         "alt", re.compile(r"^Preview at step \d+ of 150$"), timeout=60000
@@ -839,11 +841,7 @@ def test_server_gone_and_back_is_told(make_config, page: Page):
     try:
         service = serve(first)
         page.goto(service.url)
-        page.fill("#prompt", "outlives its server")
-        page.fill("#steps", "150")
-        page.fill("#width", "96")  # twice the work a step: still running a while
-        page.fill("#height", "96")
-        page.click("#generate")
+        submit_long(page, "outlives its server")
         card = page.locator('#results > li[data-job="1"]')
         expect(card).to_have_attribute("data-status", "running", timeout=30000)
         page.fill("#prompt", "waits its turn")
@@ -1112,11 +1110,7 @@ def test_axe_and_tap_targets_with_a_live_preview(start_api, browser, device, sch
     page = context.new_page()
     try:
         page.goto(api.url)
-        page.fill("#prompt", "a slow one")
-        page.fill("#steps", "150")
-        page.fill("#width", "96")
-        page.fill("#height", "96")
-        page.click("#generate")
+        submit_long(page, "a slow one")
         expect(page.locator("#results img.preview")).to_have_count(1, timeout=60000)
         page.add_script_tag(content=axe_source)
         found = {"create": page.evaluate(AXE_RUN)}

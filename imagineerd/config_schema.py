@@ -80,7 +80,14 @@ def _device(key: str, value: Any) -> str | list[str]:
 
 def _auto_or(check: Callable) -> Callable:
     def wrapped(key: str, value: Any) -> Any:
-        return value if value == "auto" else check(key, value)
+        if value == "auto":
+            return value
+        try:
+            return check(key, value)
+        except ConfigError as exc:  # the error names auto too: it is one of the choices
+            must = f"{key} must be "
+            choices = "auto, " if exc.message.startswith(must + "true or false") else "auto or "
+            raise ConfigError(exc.message.replace(must, must + choices, 1), field=key) from None
 
     return wrapped
 

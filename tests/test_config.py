@@ -69,6 +69,8 @@ def test_paths_are_relative_to_the_config_file(tmp_path: Path):
         ("inbox: {enabled: 'yes'}\n", "inbox.enabled", "true or false"),
         ("inbox: {settle_seconds: -1}\n", "inbox.settle_seconds", "number"),
         ("queue: {max_attempts: 0}\n", "queue.max_attempts", "1 to 100"),
+        ("performance: {compile: 'yes'}\n", "performance.compile", "auto, true or false"),
+        ("performance: {max_batch: 0}\n", "performance.max_batch", "auto or a whole number"),
         ("gallery: {trash_days: -1}\n", "gallery.trash_days", "0 to 3650"),
         ("gallery: {trash_days: 'a week'}\n", "gallery.trash_days", "number"),
         ("gallery: {rescan_seconds: 0.5}\n", "gallery.rescan_seconds", "0 (only at start)"),

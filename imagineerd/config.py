@@ -94,6 +94,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "fuse_qkv": False,
         "vae_upcast": "auto",
         "job_timeout": 0,
+        "look_ahead": "auto",
     },
     "metrics": {"public": False},
     "previews": {"every_steps": 5},

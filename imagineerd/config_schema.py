@@ -387,6 +387,7 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "fuse_qkv": _bool,
         "vae_upcast": _auto_or(_bool),
         "job_timeout": _float(0, 86400),
+        "look_ahead": _auto_or(_bool),
     },
     "metrics": {"public": _bool},
     "previews": {"every_steps": _int(0, 1000)},

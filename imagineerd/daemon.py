@@ -189,8 +189,9 @@ class Daemon:
         self.webhooks.start()
         self.gallery_index.start()
         if workers:
+            performance = self.config["performance"]
             self.supervisor = Supervisor(
-                self, self.devices(), self.config["performance"]["max_batch"]
+                self, self.devices(), performance["max_batch"], performance["look_ahead"]
             )
             self.models.loaded_models = self.loaded_models
             self.previews.start()
@@ -205,6 +206,11 @@ class Daemon:
     @property
     def workers(self) -> list[Worker]:
         return self.supervisor.workers if self.supervisor is not None else []
+
+    def claimed_ahead(self) -> set[int]:
+        """Jobs running in the store's eyes that no step has touched yet: each worker's batch
+        claimed ahead (``performance.look_ahead``)."""
+        return {job.id for worker in self.workers for job in worker.claimed_ahead()}
 
     def devices(self) -> list[str]:
         return backends.devices(self.config["model"]["device"])

@@ -7,6 +7,12 @@ prompts, progress, output and metadata, and can be cancelled on its own: it ends
 step and the rest of the batch goes on. A batch that runs out of GPU memory is split in
 halves and retried, and later batches of that size are capped, instead of failing its jobs.
 
+With look-ahead (``performance.look_ahead``, on for GPUs) a worker claims its next batch at
+the current batch's last step and lets the backend prepare it (the diffusers backend encodes
+its prompts), while that step and the decode are still on the device: the device goes from
+one batch to the next without waiting for the store or the text encoders. Those jobs show as
+running a moment early; a stop puts them back at the head of the queue, in order.
+
 Workers know the daemon only through :class:`WorkerHost`: the few things a worker asks of
 the rest of the program. Nothing here reaches into the daemon, and the daemon reads worker
 state only through :meth:`Supervisor.states`.
@@ -94,12 +100,26 @@ class Worker(threading.Thread):
     batches in FIFO order until the host stops. A job's failure never stops the worker."""
 
     def __init__(
-        self, host: WorkerHost, *, device: str | None = None, max_batch: int = 1, index: int = 0
+        self,
+        host: WorkerHost,
+        *,
+        device: str | None = None,
+        max_batch: int = 1,
+        index: int = 0,
+        look_ahead: bool = False,
     ) -> None:
         super().__init__(name=f"imagineerd-worker-{index}", daemon=True)
         self.host = host
         self.device = device
         self.max_batch = max_batch
+        self.look_ahead = look_ahead
+        #: The batch claimed ahead (see the module's docs), run next; guarded by the lock, as
+        #: the supervisor takes it back from a worker it abandons.
+        self._next: list[Job] = []
+        self._next_lock = threading.Lock()
+        #: Batches claimed ahead so far, and the seconds their claims and preparing took.
+        self.looked_ahead = 0
+        self.look_ahead_seconds = 0.0
         self._backend: Backend | None = None
         self.backend_state = "not loaded"
         self.backend_error: str | None = None
@@ -161,7 +181,7 @@ class Worker(threading.Thread):
             log.error("backend not ready: %s", exc)
         while not host.stopping.is_set() and not self.abandoned:
             try:
-                batch = host.claim_batch(self.batch_limit, self.batch_key)
+                batch = self.take_next() or host.claim_batch(self.batch_limit, self.batch_key)
                 if not batch:
                     if self._backend is not None and self._backend.idle(host.has_queued_jobs):
                         continue  # the backend used the quiet time (e.g. to compile)
@@ -173,6 +193,7 @@ class Worker(threading.Thread):
                 # jobs it holds are finished or recovered; it tries again in a moment.
                 log.exception("%s: unexpected error; carrying on", self.name)
                 time.sleep(1.0)
+        self.put_back(self.take_next())
         # Background threads of the backend (compile threads) stop with the worker rather
         # than being cut off at exit, perhaps in the middle of GPU work.
         close = getattr(self._backend, "close", None)
@@ -182,6 +203,60 @@ class Worker(threading.Thread):
             except Exception:
                 log.exception("%s: closing the backend failed", self.name)
 
+    # -- the batch claimed ahead ------------------------------------------------------------
+    def take_next(self) -> list[Job]:
+        """The batch claimed ahead, no longer this worker's to run (empty if none)."""
+        with self._next_lock:
+            batch, self._next = self._next, []
+        return batch
+
+    def claimed_ahead(self) -> list[Job]:
+        """The batch claimed ahead, still this worker's to run next."""
+        with self._next_lock:
+            return list(self._next)
+
+    def _claim_next(self) -> None:
+        """At the last step: claim the next batch and have the backend prepare it. Nothing
+        here may fail the batch in hand; what is not prepared is done when the batch runs."""
+        host = self.host
+        if host.stopping.is_set() or self.abandoned:
+            return
+        began = time.monotonic()
+        try:
+            batch = host.claim_batch(self.batch_limit, self.batch_key)
+        except Exception:
+            log.exception("%s: claiming the next batch early failed", self.name)
+            return
+        if not batch:
+            return
+        with self._next_lock:
+            abandoned = self.abandoned  # then the supervisor no longer takes it back
+            if not abandoned:
+                self._next = batch
+        if abandoned:
+            self.put_back(batch)
+            return
+        prepare = getattr(self._backend, "prepare", None)
+        if callable(prepare):
+            try:
+                prepare([job.spec for job in batch])
+            except Exception:
+                log.exception("%s: preparing the next batch failed", self.name)
+        self.looked_ahead += 1
+        self.look_ahead_seconds += time.monotonic() - began
+
+    def put_back(self, jobs: list[Job]) -> None:
+        """Jobs claimed ahead that will not run here: back to the head of the queue."""
+        if not jobs:
+            return
+        try:
+            self.host.jobs_requeued(jobs)
+        except Exception:  # the store is away: the next start recovers them
+            log.exception("%s: putting back %d job(s) claimed ahead failed", self.name, len(jobs))
+        for job in jobs:
+            self.host.clear_interrupt(job.id)
+
+    # -- a batch -------------------------------------------------------------------------
     def process(self, jobs: list[Job]) -> None:
         """Run one batch to the end: every job completes, fails, is cancelled or requeued."""
         host = self.host
@@ -211,8 +286,12 @@ class Worker(threading.Thread):
                 if job_id in active:
                     host.report_preview(job_id, step, total, pixels)
 
-        def make_on_step(ids: list[int]) -> StepCallback:
+        def make_on_step(ids: list[int], last: bool = True) -> StepCallback:
+            # Only the batch's last part claims ahead (an out-of-memory split runs in parts).
+            ahead = self.look_ahead and last
+
             def on_step(step: int, total: int, preview: Callable[[], list] | None = None) -> None:
+                nonlocal ahead
                 if self.abandoned:  # the supervisor gave up on us: stop, touch nothing
                     raise JobInterrupted("abandoned")
                 if preview is not None and every:
@@ -236,6 +315,9 @@ class Worker(threading.Thread):
                         f"the job took longer than performance.job_timeout ({timeout:g} s) "
                         "and was stopped"
                     )
+                if ahead and step >= total:  # what is left of this batch is its decode
+                    ahead = False
+                    self._claim_next()
 
             on_step.takes_preview = True  # type: ignore[attr-defined]
             return on_step
@@ -249,7 +331,11 @@ class Worker(threading.Thread):
             if self.abandoned:
                 return
             if exc.message == SHUTDOWN:
-                host.jobs_requeued([job for job in jobs if job.id in active])
+                # With a batch claimed ahead behind them, in one go: the order is kept.
+                ahead = self.take_next()
+                host.jobs_requeued([job for job in jobs if job.id in active] + ahead)
+                for job in ahead:
+                    host.clear_interrupt(job.id)
         except Exception as exc:
             if self.abandoned:
                 return
@@ -276,14 +362,15 @@ class Worker(threading.Thread):
         backend: Backend,
         jobs: list[Job],
         active: dict[int, Job],
-        make_on_step: Callable[[list[int]], StepCallback],
+        make_on_step: Callable[[list[int], bool], StepCallback],
+        last: bool = True,
     ) -> dict[int, Image.Image]:
         live = [job for job in jobs if job.id in active]
         if not live:
             return {}
         try:
             images = backend.generate(
-                [job.spec for job in live], make_on_step([j.id for j in live])
+                [job.spec for job in live], make_on_step([j.id for j in live], last)
             )
         except Exception as exc:
             if not backend.is_out_of_memory(exc) or len(live) == 1:
@@ -302,8 +389,8 @@ class Worker(threading.Thread):
                 half,
             )
             free_gpu_memory()
-            result = self._generate(backend, live[:half], active, make_on_step)
-            result.update(self._generate(backend, live[half:], active, make_on_step))
+            result = self._generate(backend, live[:half], active, make_on_step, last=False)
+            result.update(self._generate(backend, live[half:], active, make_on_step, last))
             return result
         if len(images) != len(live):
             raise BackendError(
@@ -321,15 +408,27 @@ class Supervisor:
     stuck thread is abandoned and a new worker takes over the device's queue.
     """
 
-    def __init__(self, host: WorkerHost, devices: list[str], max_batch: int | str) -> None:
+    def __init__(
+        self,
+        host: WorkerHost,
+        devices: list[str],
+        max_batch: int | str,
+        look_ahead: bool | str = False,
+    ) -> None:
         self.host = host
         self.workers: list[Worker] = []
         for index, device in enumerate(devices):
+            gpu = device.startswith("cuda")
             batch = max_batch
             if batch == "auto":
                 # Batching pays where kernel launches dominate (GPUs), not on CPUs.
-                batch = 8 if device.startswith("cuda") else 1
-            self.workers.append(Worker(host, device=device, max_batch=int(batch), index=index))
+                batch = 8 if gpu else 1
+            # Claiming ahead pays where the device runs while the CPU claims and encodes (a
+            # GPU); on a CPU it only shows the next jobs as running for the whole decode.
+            ahead = gpu if look_ahead == "auto" else bool(look_ahead)
+            self.workers.append(
+                Worker(host, device=device, max_batch=int(batch), index=index, look_ahead=ahead)
+            )
         #: Workers given up on (their batch hung): each ends at its next step, if ever.
         self.abandoned: list[Worker] = []
         self._watchdog = threading.Thread(
@@ -396,8 +495,14 @@ class Supervisor:
                     f"(performance.job_timeout is {timeout:g} s); the job was stopped and "
                     "the worker restarted",
                 )
+            # Its batch claimed ahead never started: back to the head of the queue.
+            worker.put_back(worker.take_next())
             replacement = Worker(
-                self.host, device=worker.device, max_batch=worker.max_batch, index=len(self.workers)
+                self.host,
+                device=worker.device,
+                max_batch=worker.max_batch,
+                index=len(self.workers),
+                look_ahead=worker.look_ahead,
             )
             self.workers[index] = replacement
             replacement.start()

@@ -23,6 +23,8 @@ RELEASE_SHIPPED = DATA / "config-b4dbb60-shipped.yaml"
 RELEASE_SAVED = DATA / "config-b4dbb60-saved-by-api.yaml"
 #: config.yaml as the release before the gallery index (7dabdcc) shipped it: no gallery:.
 RELEASE_7DABDCC = DATA / "config-7dabdcc-shipped.yaml"
+#: config.yaml as the release before look-ahead (bb99e82) shipped it: no look_ahead.
+RELEASE_BB99E82 = DATA / "config-bb99e82-shipped.yaml"
 
 
 def load_text(tmp_path: Path, text: str) -> config_mod.Config:
@@ -221,6 +223,28 @@ def test_a_gallery_setting_saved_into_the_last_release_config_adds_its_section(t
     after = path.read_text()
     assert after.startswith(before) and after[len(before) :] == "gallery:\n  trash_days: 3\n"
     assert config_mod.load(path)["gallery"] == {"trash_days": 3.0, "rescan_seconds": 600.0}
+
+
+@pytest.mark.parametrize(
+    "fixture", [RELEASE_SHIPPED, RELEASE_SAVED, RELEASE_7DABDCC, RELEASE_BB99E82]
+)
+def test_a_config_from_before_look_ahead_loads_with_its_default(fixture: Path):
+    assert "look_ahead" not in fixture.read_text()
+    config = config_mod.load(fixture)
+    assert config["performance"]["look_ahead"] == "auto"
+    if fixture != RELEASE_SAVED:
+        assert config.data == config_mod.DEFAULTS
+
+
+def test_look_ahead_saved_into_the_last_release_config_is_added_alone(tmp_path: Path):
+    path = tmp_path / "config.yaml"
+    shutil.copy(RELEASE_BB99E82, path)
+    before = path.read_text().splitlines()
+    config_file.update_file(path, {"performance": {"look_ahead": False}})
+    after = path.read_text().splitlines()
+    assert [line for line in after if line not in before] == ["  look_ahead: false"]
+    assert all(line in after for line in before)
+    assert config_mod.load(path)["performance"]["look_ahead"] is False
 
 
 def test_a_new_key_saved_into_a_last_release_config_is_added_alone(tmp_path: Path):

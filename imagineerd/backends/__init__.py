@@ -106,6 +106,13 @@ class BackendBase:
     def idle(self, busy: Callable[[], bool]) -> bool:
         return False
 
+    def prepare(self, batch: list[GenerationRequest]) -> None:
+        """Optional: the batch the worker will hand to :meth:`generate` next, claimed at the
+        current batch's last step (``performance.look_ahead``). Called on the worker thread
+        from inside the current ``generate``, so work queued here on the device runs behind
+        the current batch's; do what can be done ahead (the diffusers backend encodes the
+        prompts). It must not change the current batch's result, and may do nothing."""
+
 
 class BackendRegistry:
     """Name -> factory. Filled by the ``imagineerd_register_backends`` hook."""

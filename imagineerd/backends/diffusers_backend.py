@@ -32,7 +32,7 @@ from .. import hookimpl
 from ..errors import BackendError, ConfigError
 from ..model_arch import checkpoint_arch, diffusers_arch, read_safetensors_header, tensor_shapes
 from ..model_choice import label
-from . import BackendBase, GenerationRequest, StepCallback
+from . import BackendBase, GenerationRequest, StepCallback, wants_previews
 from .embeddings import EmbeddingCache
 from .loading import load_pipeline, load_vae
 from .runtime import SCHEDULER_CLASSES, LoadedModel
@@ -132,6 +132,9 @@ class DiffusersBackend(BackendBase):
         self.embeddings = EmbeddingCache()
         self.loading: str | None = None
         self._lock = threading.Lock()  # status() is read from other threads
+        #: Conditioning encoded ahead by :meth:`prepare`: id(request) -> (request, model,
+        #: LoRAs, encoded), one batch's at most.
+        self._prepared: dict[int, tuple[GenerationRequest, LoadedModel, Any, Any]] = {}
         #: One per device, shared by every model on it: the worker holds it for a batch and
         #: each model's compile thread for its GPU work (a forward, a CUDA-graph capture),
         #: so no two of them ever overlap on the device.
@@ -358,6 +361,31 @@ class DiffusersBackend(BackendBase):
         with self.gpu_lock:
             return self._generate(model, batch, on_step)
 
+    def prepare(self, batch: list[GenerationRequest]) -> None:
+        """Encode the prompts of the next batch (see ``BackendBase.prepare``), queued on the
+        device behind the current batch. Only when it is for the model and LoRAs in use now
+        (a LoRA may change the text encoders): a batch that switches them is encoded when
+        it starts."""
+        first = batch[0]
+        model = self._models.get(self._key(first.model))
+        loras = first.active_loras()
+        self._prepared = {}
+        if model is None or model is not self.current or model.active_loras != loras:
+            return
+        self._prepared = {
+            id(request): (request, model, loras, self._encode(model, request)) for request in batch
+        }
+
+    def _encoded(self, model: LoadedModel, request: GenerationRequest) -> Any:
+        """The request's conditioning: encoded ahead by :meth:`prepare` for this very model
+        and these LoRAs, or now."""
+        ahead = self._prepared.pop(id(request), None)
+        if ahead is not None:
+            same_request, same_model, loras, encoded = ahead
+            if same_request is request and same_model is model and loras == model.active_loras:
+                return encoded
+        return self._encode(model, request)
+
     def _generate(
         self, model: LoadedModel, batch: list[GenerationRequest], on_step: StepCallback
     ) -> list[Image.Image]:
@@ -365,22 +393,24 @@ class DiffusersBackend(BackendBase):
         pipe = model.pipe
         pipe.vae = self._vae(model, first.vae)
         try:
-            encoded = [self._encode(model, r) for r in batch]
+            encoded = [self._encoded(model, r) for r in batch]
             # Only images with conditioning of one length run together: a shorter prompt
             # padded to a longer one's chunks would differ from the same job run alone. The
             # claim does not tokenize to tell (it looks at many jobs); the rare mixed batch
-            # runs as two calls here.
+            # runs as two calls here, one progress bar.
             groups: dict[int, list[int]] = {}
             for index, item in enumerate(encoded):
                 groups.setdefault(item.prompt_embeds.shape[1], []).append(index)
             images: list[Image.Image | None] = [None] * len(batch)
             inputs = [self._inputs(r) for r in batch] if first.init_image else None
-            for indices in groups.values():
+            bar = _OneBar(on_step, len(groups))
+            for number, indices in enumerate(groups.values()):
                 part = [batch[i] for i in indices]
                 part_inputs = [inputs[i] for i in indices] if inputs else None
+                steps = bar.call(number) if len(groups) > 1 else on_step
                 for i, image in zip(
                     indices,
-                    self._run(model, part, [encoded[i] for i in indices], on_step, part_inputs),
+                    self._run(model, part, [encoded[i] for i in indices], steps, part_inputs),
                     strict=True,
                 ):
                     used = encoded[i].embeddings_used
@@ -429,6 +459,29 @@ class DiffusersBackend(BackendBase):
             return model.run(batch, encoded, on_step, inputs=inputs)
         # Compiled buckets where they are ready, eager for the rest (LoRAs: all eager).
         return model.run_txt2img(batch, encoded, on_step)
+
+
+class _OneBar:
+    """Progress of a batch's several calls as one bar, so its last step is the last call's
+    (the worker claims the next batch there). Each call's own total stands for the calls
+    still to come until they report theirs."""
+
+    def __init__(self, on_step: StepCallback, calls: int) -> None:
+        self.on_step, self.calls = on_step, calls
+        self.done = 0  # the steps of the calls that ended
+        self.last = 0  # the total of the call in progress
+
+    def call(self, number: int) -> StepCallback:
+        if number:
+            self.done += self.last
+
+        def step(step: int, total: int, **preview: Any) -> None:
+            self.last = total
+            later = (self.calls - 1 - number) * total
+            self.on_step(self.done + step, self.done + total + later, **preview)
+
+        step.takes_preview = wants_previews(self.on_step)  # type: ignore[attr-defined]
+        return step
 
 
 def _factory(settings: dict[str, Any]) -> DiffusersBackend:

@@ -291,6 +291,11 @@ class LoadedModel:
             self._schedulers[key] = cls.from_config(self._base_scheduler_config, **extra)
         return self._schedulers[key]
 
+    @property
+    def active_loras(self) -> tuple[tuple[str, float], ...]:
+        """The LoRAs and weights the model runs with now (none: ``()``)."""
+        return self._active_loras
+
     def set_loras(self, loras: tuple[tuple[str, float], ...], path_of: Callable[[str], Path]):
         """Load (once) and activate exactly these LoRAs at these weights; none: all off.
 

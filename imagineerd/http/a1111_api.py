@@ -617,6 +617,9 @@ class A1111Api:
 
     def _stop(self, req: falcon.Request, resp: falcon.Response, *, rest: bool) -> None:
         running = self.daemon.store.running()
+        if not rest:  # skip stops the images in progress, not a batch claimed to run next
+            ahead = self.daemon.claimed_ahead()
+            running = [j for j in running if j.id not in ahead]
         ours = [j for j in running if j.source == SOURCE] or running
         interrupted, cancelled = [], []
         for job in ours:

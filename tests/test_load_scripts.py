@@ -1,4 +1,4 @@
-"""The load, burst and soak benchmarks run end to end at a small scale (their full-scale
+"""The load, burst, soak and A/B benchmarks run end to end at a small scale (their full-scale
 figures are in docs/RELIABILITY.md; no timing is asserted here, only correctness)."""
 
 from __future__ import annotations
@@ -91,3 +91,21 @@ def test_soak_completes_every_job(tmp_path):
     report = run("soak", tmp_path, "--jobs", "40", "--wave", "20")
     assert report["completed"] == 40 and report["failed"] == 0 and report["clean_exit"]
     assert report["rss_mib_at_end"] > 0
+
+
+def test_the_look_ahead_benchmark_runs_both_sides(tmp_path):
+    report = run("look_ahead", tmp_path, "--jobs", "6", "--batch", "2", "--rounds", "1")
+    rounds = {r["look_ahead"]: r for r in report["rounds"]}
+    # Three batches: the second and third are claimed at the last step of the one before.
+    assert rounds[False]["batches_claimed_ahead"] == 0
+    assert rounds[True]["batches_claimed_ahead"] == 2 and rounds[True]["ms_per_claim_ahead"] > 0
+    assert [row["look_ahead"] for row in report["summary"]] == [False, True]
+
+
+def test_the_previews_benchmark_runs_every_setting(tmp_path):
+    report = run("previews", tmp_path, "--jobs", "2", "--steps", "6", "--rounds", "1")
+    # Whether a preview arrives before its job ends depends on the machine's load (that
+    # previews come is tests/test_previews.py's); none ever comes with them off.
+    counted = {r["every_steps"]: r["counted"] for r in report["rounds"]}
+    assert set(counted) == {0, 5, 1} and counted[0] == 0
+    assert [row["every_steps"] for row in report["summary"]] == [0, 5, 1]

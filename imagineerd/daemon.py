@@ -309,7 +309,8 @@ class Daemon:
                 log.warning("stopping without the job database: %s", exc.message)
         with self._lock:
             for job_id in held:
-                self._interrupts[job_id] = SHUTDOWN
+                # An interrupt asked for already is still answered: that job ends cancelled.
+                self._interrupts.setdefault(job_id, SHUTDOWN)
         self.wake()
         if self.supervisor is not None:
             self.supervisor.join(timeout)

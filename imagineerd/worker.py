@@ -7,11 +7,13 @@ prompts, progress, output and metadata, and can be cancelled on its own: it ends
 step and the rest of the batch goes on. A batch that runs out of GPU memory is split in
 halves and retried, and later batches of that size are capped, instead of failing its jobs.
 
-With look-ahead (``performance.look_ahead``, on for GPUs) a worker claims its next batch at
-the current batch's last step and lets the backend prepare it (the diffusers backend encodes
-its prompts), while that step and the decode are still on the device: the device goes from
-one batch to the next without waiting for the store or the text encoders. Those jobs show as
-running a moment early; a stop puts them back at the head of the queue, in order.
+With look-ahead (``performance.look_ahead``, on for GPUs) a worker claims its next batch
+when the current batch's device work is all queued (at its last step, or when the backend
+says: the diffusers backend once its decode is queued) and lets the backend prepare it (the
+diffusers backend encodes its prompts) while the device works: the device goes from one
+batch to the next without waiting for the store or the text encoders. Those jobs show as
+running a moment early; a stop puts them back at the head of the queue, in order, and so
+does the watchdog when their worker has not started them within ``AHEAD_HOLD_SECONDS``.
 
 Workers know the daemon only through :class:`WorkerHost`: the few things a worker asks of
 the rest of the program. Nothing here reaches into the daemon, and the daemon reads worker
@@ -29,7 +31,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from .backends import Backend, BackendBase, StepCallback
+from .backends import Backend, BackendBase, StepCallback, calls_look_ahead
 from .errors import BackendError, ImagineerdError, JobInterrupted, JobTimeout
 from .jobs import CANCELLED, FAILED, Job, JobSpec
 
@@ -40,6 +42,10 @@ SHUTDOWN = "shutdown"
 
 #: At most this many seconds apart, a batch's previews (each image's every few steps).
 PREVIEW_INTERVAL = 0.25
+
+#: A batch claimed ahead and not started after this many seconds goes back to the queue
+#: (its worker is stuck): a decode takes a second or two, and other devices may be idle.
+AHEAD_HOLD_SECONDS = 30.0
 
 #: How a worker groups jobs before its backend is loaded (the same as the base backend's).
 _DEFAULT_BACKEND = BackendBase()
@@ -116,7 +122,11 @@ class Worker(threading.Thread):
         #: The batch claimed ahead (see the module's docs), run next; guarded by the lock, as
         #: the supervisor takes it back from a worker it abandons.
         self._next: list[Job] = []
+        self._next_since = 0.0
         self._next_lock = threading.Lock()
+        #: Whether the worker waits for the store's claim of a batch claimed ahead: the
+        #: supervisor does not count that against the batch in hand.
+        self.claiming = False
         #: Batches claimed ahead so far, and the seconds their claims and preparing took.
         self.looked_ahead = 0
         self.look_ahead_seconds = 0.0
@@ -215,24 +225,46 @@ class Worker(threading.Thread):
         with self._next_lock:
             return list(self._next)
 
+    def give_back_stale(self, max_age: float) -> None:
+        """Put back a batch claimed ahead more than ``max_age`` seconds ago (the worker is
+        stuck in its batch in hand): safe at any time, as the worker claims anew."""
+        with self._next_lock:
+            stale = bool(self._next) and time.monotonic() - self._next_since > max_age
+            batch, self._next = (self._next, []) if stale else ([], self._next)
+        if batch:
+            log.warning(
+                "%s: %d job(s) claimed ahead %.0f s ago have not started; putting them back",
+                self.name,
+                len(batch),
+                max_age,
+            )
+            self.put_back(batch)
+
     def _claim_next(self) -> None:
-        """At the last step: claim the next batch and have the backend prepare it. Nothing
-        here may fail the batch in hand; what is not prepared is done when the batch runs."""
+        """Once the batch in hand has queued all its device work: claim the next batch and
+        have the backend prepare it. Nothing here may fail the batch in hand; what is not
+        prepared is done when the batch runs."""
         host = self.host
-        if host.stopping.is_set() or self.abandoned:
+        if host.stopping.is_set() or self.abandoned or self.claimed_ahead():
             return
         began = time.monotonic()
+        self.claiming = True
         try:
             batch = host.claim_batch(self.batch_limit, self.batch_key)
         except Exception:
             log.exception("%s: claiming the next batch early failed", self.name)
             return
+        finally:
+            self.claiming = False
+            # The wait for the store is not the batch's time (its time limit is its own).
+            if self.batch_started is not None:
+                self.batch_started += time.monotonic() - began
         if not batch:
             return
         with self._next_lock:
             abandoned = self.abandoned  # then the supervisor no longer takes it back
             if not abandoned:
-                self._next = batch
+                self._next, self._next_since = batch, time.monotonic()
         if abandoned:
             self.put_back(batch)
             return
@@ -245,16 +277,22 @@ class Worker(threading.Thread):
         self.looked_ahead += 1
         self.look_ahead_seconds += time.monotonic() - began
 
-    def put_back(self, jobs: list[Job]) -> None:
-        """Jobs claimed ahead that will not run here: back to the head of the queue."""
-        if not jobs:
-            return
+    def put_back(self, jobs: list[Job], first: list[Job] | None = None) -> None:
+        """Jobs claimed ahead that will not run here: back to the head of the queue, after
+        ``first`` (running jobs a stop put back), in one go so the order is kept. One that
+        was interrupted meanwhile ends cancelled instead: the interrupt was answered."""
+        host = self.host
+        stopped = [j for j in jobs if host.interrupt_reason(j.id) not in (None, SHUTDOWN)]
+        again = (first or []) + [j for j in jobs if j not in stopped]
         try:
-            self.host.jobs_requeued(jobs)
+            for job in stopped:
+                host.job_finished(job, CANCELLED, duration_seconds=0.0)
+            if again:
+                host.jobs_requeued(again)
         except Exception:  # the store is away: the next start recovers them
-            log.exception("%s: putting back %d job(s) claimed ahead failed", self.name, len(jobs))
+            log.exception("%s: putting back %d job(s) failed", self.name, len(again))
         for job in jobs:
-            self.host.clear_interrupt(job.id)
+            host.clear_interrupt(job.id)
 
     # -- a batch -------------------------------------------------------------------------
     def process(self, jobs: list[Job]) -> None:
@@ -268,6 +306,7 @@ class Worker(threading.Thread):
         every = host.preview_every()
         job_of = {id(job.spec): job.id for job in jobs}
         last_preview = 0.0
+        ahead = self.look_ahead  # once per batch, whatever the parts it runs in
 
         def elapsed() -> float:
             return round(time.monotonic() - started, 3)
@@ -287,11 +326,14 @@ class Worker(threading.Thread):
                     host.report_preview(job_id, step, total, pixels)
 
         def make_on_step(ids: list[int], last: bool = True) -> StepCallback:
-            # Only the batch's last part claims ahead (an out-of-memory split runs in parts).
-            ahead = self.look_ahead and last
+            def look_ahead() -> None:
+                # Only the batch's last part claims (an out-of-memory split runs in parts).
+                nonlocal ahead
+                if ahead and last and any(job_id in active for job_id in ids):
+                    ahead = False
+                    self._claim_next()
 
             def on_step(step: int, total: int, preview: Callable[[], list] | None = None) -> None:
-                nonlocal ahead
                 if self.abandoned:  # the supervisor gave up on us: stop, touch nothing
                     raise JobInterrupted("abandoned")
                 if preview is not None and every:
@@ -315,11 +357,11 @@ class Worker(threading.Thread):
                         f"the job took longer than performance.job_timeout ({timeout:g} s) "
                         "and was stopped"
                     )
-                if ahead and step >= total:  # what is left of this batch is its decode
-                    ahead = False
-                    self._claim_next()
+                if step >= total and not calls_look_ahead(self._backend):
+                    look_ahead()  # what is left of this batch is its decode
 
             on_step.takes_preview = True  # type: ignore[attr-defined]
+            on_step.look_ahead = look_ahead  # type: ignore[attr-defined]
             return on_step
 
         try:
@@ -332,10 +374,7 @@ class Worker(threading.Thread):
                 return
             if exc.message == SHUTDOWN:
                 # With a batch claimed ahead behind them, in one go: the order is kept.
-                ahead = self.take_next()
-                host.jobs_requeued([job for job in jobs if job.id in active] + ahead)
-                for job in ahead:
-                    host.clear_interrupt(job.id)
+                self.put_back(self.take_next(), first=[j for j in jobs if j.id in active])
         except Exception as exc:
             if self.abandoned:
                 return
@@ -472,13 +511,15 @@ class Supervisor:
             timeout = self.host.job_timeout()
             if timeout:
                 self.check(timeout)
+            for worker in self.workers:
+                worker.give_back_stale(AHEAD_HOLD_SECONDS)
 
     def check(self, timeout: float) -> None:
         """Abandon and replace every worker whose batch is past ``timeout`` + grace."""
         grace = max(2.0, timeout * 0.25)
         for index, worker in enumerate(list(self.workers)):
             started = worker.batch_started
-            if started is None or worker.abandoned:
+            if started is None or worker.abandoned or worker.claiming:
                 continue
             waited = time.monotonic() - started
             if waited < timeout + grace:

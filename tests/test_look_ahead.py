@@ -5,15 +5,19 @@ the same images, the same order, nothing lost when the daemon stops or a worker 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from imagineerd import hookimpl
 from imagineerd import jobs as jobs_mod
+from imagineerd import worker as worker_mod
 from imagineerd.backends import BackendBase, settings, wants_previews
 from imagineerd.backends.diffusers_backend import DiffusersBackend
+from imagineerd.backends.runtime import LoadedModel
 from imagineerd.daemon import Daemon
 from imagineerd.errors import Conflict
 from imagineerd.jobs import CANCELLED, COMPLETED, FAILED, QUEUED
@@ -32,6 +36,7 @@ class Timeline:
         self.after_prepare: list = []  # called with the batch once prepare has encoded it
         real_generate, real_prepare = DiffusersBackend.generate, DiffusersBackend.prepare
         real_encode = DiffusersBackend._encode
+        real_decode = LoadedModel._vae_decode
         timeline = self
 
         def generate(backend, batch, on_step):
@@ -43,6 +48,7 @@ class Timeline:
                 on_step(step, total, **preview)
 
             step.takes_preview = wants_previews(on_step)
+            step.look_ahead = getattr(on_step, "look_ahead", None)
             try:
                 return real_generate(backend, batch, step)
             finally:
@@ -60,7 +66,13 @@ class Timeline:
 
         monkeypatch.setattr(DiffusersBackend, "generate", generate)
         monkeypatch.setattr(DiffusersBackend, "prepare", prepare)
+
+        def decode(model, vae, latents, *, upcast):
+            timeline.events.append(("decode", len(latents)))
+            return real_decode(model, vae, latents, upcast=upcast)
+
         monkeypatch.setattr(DiffusersBackend, "_encode", encode)
+        monkeypatch.setattr(LoadedModel, "_vae_decode", decode)
 
     def without_steps(self) -> list[tuple]:
         """The events with each batch's steps but its last left out."""
@@ -95,20 +107,23 @@ def test_the_next_batch_is_claimed_and_encoded_at_the_last_step(make_config, mon
         ("encode", 1),
         ("encode", 2),
         ("step", 3, 3),
-        # While the first batch's last step and decode are still to finish: the next batch
-        # is claimed and its prompts encoded, so its own call encodes nothing.
+        ("decode", 2),
+        # While the first batch's decode runs on the device: the next batch is claimed and
+        # its prompts encoded, so its own call encodes nothing.
         ("prepare", [3, 4]),
         ("encode", 3),
         ("encode", 4),
         ("end", [1, 2]),
         ("generate", [3, 4]),
         ("step", 3, 3),
+        ("decode", 2),
         ("prepare", [5, 6]),
         ("encode", 5),
         ("encode", 6),
         ("end", [3, 4]),
         ("generate", [5, 6]),
         ("step", 3, 3),
+        ("decode", 2),
         ("end", [5, 6]),  # nothing left to claim
     ]
     assert daemon.workers[0].looked_ahead == 2
@@ -144,11 +159,13 @@ def test_without_look_ahead_each_batch_is_claimed_and_encoded_when_it_starts(
         ("encode", 1),
         ("encode", 2),
         ("step", 3, 3),
+        ("decode", 2),
         ("end", [1, 2]),
         ("generate", [3, 4]),
         ("encode", 3),
         ("encode", 4),
         ("step", 3, 3),
+        ("decode", 2),
         ("end", [3, 4]),
     ]
 
@@ -172,8 +189,9 @@ def test_a_stop_puts_the_batch_claimed_ahead_back_at_the_head_in_order(make_conf
     ids = [daemon.submit(r).id for r in REQUESTS]
     stopper = threading.Thread(target=daemon.stop)
 
-    def stop_now(batch):  # the next batch is claimed: the daemon is told to stop
+    def stop_now(batch):  # the next batch is claimed: one of it interrupted, then a stop
         if not stopper.is_alive():
+            daemon.interrupt(ids[3])
             stopper.start()
             wait_for(daemon.stopping.is_set, 10)
 
@@ -185,16 +203,19 @@ def test_a_stop_puts_the_batch_claimed_ahead_back_at_the_head_in_order(make_conf
     again = Daemon(config)  # the stopped daemon's store is closed: the file, as restarted
     jobs = [again.job(i) for i in ids]
     # The batch in hand was past its last step: it ended. The one claimed ahead never
-    # started: queued again, ahead of the rest, without an attempt counted.
-    assert [j.status for j in jobs] == [COMPLETED, COMPLETED] + [QUEUED] * 4
-    assert [j.id for j in again.store.queued()] == ids[2:]
-    assert all(j.attempts == 0 for j in jobs[2:]), [j.attempts for j in jobs]
+    # started: queued again, ahead of the rest, without an attempt counted; but the job
+    # interrupted meanwhile ended as its interrupt was answered: cancelled.
+    statuses = [COMPLETED, COMPLETED, QUEUED, CANCELLED, QUEUED, QUEUED]
+    assert [j.status for j in jobs] == statuses
+    rest = [ids[2], ids[4], ids[5]]
+    assert [j.id for j in again.store.queued()] == rest
+    assert all(again.job(i).attempts == 0 for i in rest), [j.attempts for j in jobs]
     again.start()
     try:
-        finished = [wait_finished(again, i, 120) for i in ids[2:]]
+        finished = [wait_finished(again, i, 120) for i in rest]
     finally:
         again.stop()
-    assert [j.status for j in finished] == [COMPLETED] * 4
+    assert [j.status for j in finished] == [COMPLETED] * 3
     assert finished[0].started_at == finished[1].started_at < finished[2].started_at
 
 
@@ -329,6 +350,97 @@ def test_a_hung_worker_gives_back_the_batch_it_claimed_ahead(make_config):
         assert not original.is_alive()
         assert daemon.job(ahead.id).status == COMPLETED
         assert original.take_next() == []
+    finally:
+        HangsAfterItsLastStep.release.set()
+        daemon.stop()
+        HangsAfterItsLastStep.release.clear()
+
+
+class OutOfMemoryOnce(BackendBase):
+    """Runs every step, then runs out of memory on the first batch of two, where a decode
+    would (a real out-of-memory error cannot be made on purpose on a CPU)."""
+
+    failed = False
+
+    def __init__(self, settings):
+        pass
+
+    def generate(self, batch, on_step):
+        steps = batch[0].steps
+        for step in range(1, steps + 1):
+            on_step(step, steps)
+        if len(batch) > 1 and not OutOfMemoryOnce.failed:
+            OutOfMemoryOnce.failed = True
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return [Image.new("RGB", (r.width, r.height), "white") for r in batch]
+
+
+class OutOfMemoryPlugin:
+    @hookimpl
+    def imagineerd_register_backends(self, registry):
+        registry.add("oom-once", OutOfMemoryOnce)
+
+
+def test_an_out_of_memory_split_after_the_claim_ahead_claims_no_second_batch(make_config):
+    OutOfMemoryOnce.failed = False
+    config = make_config(
+        model={"backend": "oom-once"}, performance={"max_batch": 2, "look_ahead": True}
+    )
+    daemon = Daemon(config, plugin_manager=get_plugin_manager([OutOfMemoryPlugin()]))
+    ids = [daemon.submit({"prompt": f"p{i}", "seed": i}).id for i in range(6)]
+    daemon.start()
+    try:
+        jobs = [wait_finished(daemon, i, 60) for i in ids]
+    finally:
+        daemon.stop()
+    assert OutOfMemoryOnce.failed and [j.status for j in jobs] == [COMPLETED] * 6
+    # Claimed ahead: [3, 4] at the failed attempt's last step, then (batches capped at 1
+    # since) [5] and [6]; the halves run again claimed nothing over [3, 4].
+    assert daemon.workers[0].looked_ahead == 3
+
+
+def test_a_slow_claim_ahead_does_not_count_against_the_batch_in_hand(make_config):
+    config = make_config(
+        model={"backend": "hangs-after-last-step"},
+        performance={"max_batch": 1, "look_ahead": True, "job_timeout": 1.0},
+    )
+    daemon = Daemon(config, plugin_manager=get_plugin_manager([HangsPlugin()]))
+    real_claim = daemon.claim_batch
+
+    def slow_claim(limit, key):  # a store that takes its time, while a batch is in hand
+        if any(w.batch_started is not None for w in daemon.workers):
+            time.sleep(4)  # past the 1 s limit and its 2 s grace
+        return real_claim(limit, key)
+
+    daemon.claim_batch = slow_claim
+    first, second = (daemon.submit({"prompt": p}).id for p in ("first", "second"))
+    daemon.start()
+    original = daemon.workers[0]
+    try:
+        assert wait_finished(daemon, first, 30).status == COMPLETED
+        assert wait_finished(daemon, second, 30).status == COMPLETED
+        assert not original.abandoned and daemon.workers[0] is original
+    finally:
+        daemon.stop()
+
+
+def test_a_batch_claimed_ahead_by_a_stuck_worker_goes_back_to_the_queue(make_config, monkeypatch):
+    monkeypatch.setattr(worker_mod, "AHEAD_HOLD_SECONDS", 1.0)
+    config = make_config(
+        model={"backend": "hangs-after-last-step"},
+        performance={"max_batch": 1, "look_ahead": True},  # no job_timeout: none abandons
+    )
+    daemon = Daemon(config, plugin_manager=get_plugin_manager([HangsPlugin()]))
+    hung = daemon.submit({"prompt": "hang"})
+    ahead = daemon.submit({"prompt": "second"})
+    daemon.start()
+    try:
+        # Claimed at the hung job's last step, then given back for another device to take.
+        wait_for(lambda: daemon.workers[0].looked_ahead == 1, 30)
+        wait_for(lambda: daemon.job(ahead.id).status == QUEUED and not daemon.claimed_ahead())
+        HangsAfterItsLastStep.release.set()
+        assert wait_finished(daemon, hung.id, 30).status == COMPLETED
+        assert wait_finished(daemon, ahead.id, 30).status == COMPLETED
     finally:
         HangsAfterItsLastStep.release.set()
         daemon.stop()

@@ -27,12 +27,23 @@ log = logging.getLogger(__name__)
 #: ``[(request, pixels), ...]`` for the batch's images, ``pixels.image()`` giving a small
 #: PIL image (see :mod:`imagineerd.backends.previews`). It is called only on the steps a
 #: preview is wanted, so a backend pays for previews only then.
+#:
+#: With look-ahead (``performance.look_ahead``) it also carries ``look_ahead``: a function
+#: that claims the next batch (and hands it to :meth:`BackendBase.prepare`). The worker calls
+#: it at the last step; a backend that knows a better moment (when the batch's device work
+#: is all queued, before it waits for the images) says so with a true ``calls_look_ahead``
+#: attribute and calls it then, once (later calls do nothing).
 StepCallback = Callable[..., None]
 
 
 def wants_previews(on_step: StepCallback) -> bool:
     """Whether ``on_step`` takes ``preview=`` (a plain ``(step, total)`` function does not)."""
     return bool(getattr(on_step, "takes_preview", False))
+
+
+def calls_look_ahead(backend: Any) -> bool:
+    """Whether ``backend`` calls ``on_step.look_ahead()`` itself (see :data:`StepCallback`)."""
+    return bool(getattr(backend, "calls_look_ahead", False))
 
 
 #: One image to generate: prompt, negative_prompt, seed, steps, width, height,
@@ -107,11 +118,13 @@ class BackendBase:
         return False
 
     def prepare(self, batch: list[GenerationRequest]) -> None:
-        """Optional: the batch the worker will hand to :meth:`generate` next, claimed at the
-        current batch's last step (``performance.look_ahead``). Called on the worker thread
-        from inside the current ``generate``, so work queued here on the device runs behind
-        the current batch's; do what can be done ahead (the diffusers backend encodes the
-        prompts). It must not change the current batch's result, and may do nothing."""
+        """Optional: the batch the worker means to hand to :meth:`generate` next, claimed
+        at the current batch's end (``performance.look_ahead``). Called on the worker
+        thread from inside the current ``generate``, so work queued here on the device runs
+        behind the current batch's; do what can be done ahead (the diffusers backend encodes
+        the prompts). It must not change the current batch's result, and may do nothing.
+        Those requests may never reach ``generate`` (a stop puts them back in the queue):
+        keep nothing for them that must be freed."""
 
 
 class BackendRegistry:

@@ -107,6 +107,10 @@ class DiffusersBackend(BackendBase):
     backend that compiles the UNet's call instead of inductor: tests use cheap ones).
     """
 
+    #: The next batch is claimed once this batch's decode is queued, not at its last step:
+    #: the claim and the next prompts' encoding then overlap the decode (see ``runtime``).
+    calls_look_ahead = True
+
     def __init__(self, settings: dict[str, Any]) -> None:
         import torch
 
@@ -353,13 +357,16 @@ class DiffusersBackend(BackendBase):
                 "a batch must share model, LoRAs, VAE, clip skip, size, steps, scheduler "
                 "and guidance"
             )
+        # What was encoded ahead is for this batch or for none (a stop put it back): taken
+        # now, so nothing keeps a model's tensors once it is evicted.
+        prepared, self._prepared = self._prepared, {}
         first = batch[0]
         model = self.current = self._get_model(first.model)
         model.set_loras(first.active_loras(), lambda name: self._path_of("loras", name))
         # The whole batch holds the device's GPU lock: the compile threads' GPU work waits
         # for the batch to end instead of overlapping it.
         with self.gpu_lock:
-            return self._generate(model, batch, on_step)
+            return self._generate(model, batch, on_step, prepared)
 
     def prepare(self, batch: list[GenerationRequest]) -> None:
         """Encode the prompts of the next batch (see ``BackendBase.prepare``), queued on the
@@ -376,10 +383,10 @@ class DiffusersBackend(BackendBase):
             id(request): (request, model, loras, self._encode(model, request)) for request in batch
         }
 
-    def _encoded(self, model: LoadedModel, request: GenerationRequest) -> Any:
+    def _encoded(self, model: LoadedModel, request: GenerationRequest, prepared: dict) -> Any:
         """The request's conditioning: encoded ahead by :meth:`prepare` for this very model
         and these LoRAs, or now."""
-        ahead = self._prepared.pop(id(request), None)
+        ahead = prepared.get(id(request))
         if ahead is not None:
             same_request, same_model, loras, encoded = ahead
             if same_request is request and same_model is model and loras == model.active_loras:
@@ -387,13 +394,17 @@ class DiffusersBackend(BackendBase):
         return self._encode(model, request)
 
     def _generate(
-        self, model: LoadedModel, batch: list[GenerationRequest], on_step: StepCallback
+        self,
+        model: LoadedModel,
+        batch: list[GenerationRequest],
+        on_step: StepCallback,
+        prepared: dict,
     ) -> list[Image.Image]:
         first = batch[0]
         pipe = model.pipe
         pipe.vae = self._vae(model, first.vae)
         try:
-            encoded = [self._encoded(model, r) for r in batch]
+            encoded = [self._encoded(model, r, prepared) for r in batch]
             # Only images with conditioning of one length run together: a shorter prompt
             # padded to a longer one's chunks would differ from the same job run alone. The
             # claim does not tokenize to tell (it looks at many jobs); the rare mixed batch
@@ -481,6 +492,8 @@ class _OneBar:
             self.on_step(self.done + step, self.done + total + later, **preview)
 
         step.takes_preview = wants_previews(self.on_step)  # type: ignore[attr-defined]
+        if number == self.calls - 1:  # the batch's device work is queued at the last call's end
+            step.look_ahead = getattr(self.on_step, "look_ahead", None)  # type: ignore[attr-defined]
         return step
 
 

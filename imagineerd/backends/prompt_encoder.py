@@ -148,7 +148,7 @@ class PromptEncoder:
                 for row in rows:
                     first = row.index(self.end_id)
                     row[first + 1 :] = [pad] * (len(row) - first - 1)
-            ids = torch.tensor(rows, device=device or encoder.device)
+            ids = _on_device(torch, torch.tensor(rows), device or encoder.device)
             fixes = [
                 (row, offset + 1, embeddings[name][which])
                 for row, chunk in enumerate(chunks)
@@ -157,10 +157,9 @@ class PromptEncoder:
             with self._vectors(encoder, fixes):
                 out = encoder(ids, output_hidden_states=True)
             z = self._layer(encoder, out, clip_skip)
-            weights = torch.tensor(
-                [[1.0, *chunk.weights, 1.0] for chunk in chunks], device=z.device, dtype=z.dtype
-            )
-            z = _emphasise(z, weights)
+            weights = torch.tensor([[1.0, *chunk.weights, 1.0] for chunk in chunks], dtype=z.dtype)
+            if not bool((weights == 1.0).all()):  # looked at on the host: no wait for the GPU
+                z = _emphasise(z, _on_device(torch, weights, z.device))
             per_encoder.append(z.reshape(1, -1, z.shape[-1]))
             if which == 1:
                 pooled = out.text_embeds[:1]  # the first chunk's, as A1111 takes it
@@ -201,10 +200,19 @@ class PromptEncoder:
             handle.remove()
 
 
+def _on_device(torch: Any, tensor: Any, device: Any) -> Any:
+    """A small host tensor on ``device`` without the host waiting for the GPU: a copy from
+    pinned memory is queued like a kernel, while one from ordinary memory first waits for
+    the work queued before it (the worker encodes the next batch's prompts while the
+    current batch decodes)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _emphasise(z: Any, weights: Any) -> Any:
     """A1111's emphasis: scale each token's output, then restore the chunk's mean."""
-    if bool((weights == 1.0).all()):
-        return z
     original = z.mean(dim=(1, 2), keepdim=True)
     z = z * weights.unsqueeze(-1)
     return z * (original / z.mean(dim=(1, 2), keepdim=True))

@@ -457,8 +457,14 @@ class LoadedModel:
 
         count = len(batch) if real is None else real  # previews of real images only
         previews = wants_previews(on_step)
+        # The worker's claim of the next batch (performance.look_ahead), once this batch's
+        # device work is all queued: after its last step when the pipeline decodes, after
+        # queuing the decode when we do (so the claim and encoding overlap the decode).
+        look_ahead = getattr(on_step, "look_ahead", None)
+        final = False
 
         def step_end(pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
+            nonlocal final
             latents = tensors["latents"]
 
             def preview() -> list[tuple[GenerationRequest, PreviewPixels]]:
@@ -470,6 +476,10 @@ class LoadedModel:
                 on_step(step, total, preview=preview)
             else:
                 on_step(step, total)
+            if step >= total:
+                final = True
+                if look_ahead is not None and not own_decode:
+                    look_ahead()
             return tensors
 
         kwargs.setdefault("width", first.width)
@@ -492,7 +502,7 @@ class LoadedModel:
             pipe.unet = self.eager_unet
         self.last_timesteps = pipe.num_timesteps
         if own_decode:
-            return self._decode(result.images[:real])
+            return self._decode(result.images[:real], queued=look_ahead if final else None)
         return list(result.images) if output_type == "pil" else result.images
 
     def _hires(
@@ -544,11 +554,12 @@ class LoadedModel:
             height=height,
         )
 
-    def _decode(self, latents: Any) -> list[Image.Image]:
+    def _decode(self, latents: Any, queued: Callable[[], None] | None = None) -> list[Image.Image]:
         """Latents to images as diffusers makes them, with the conversion to 8 bits on the
         device (a quarter of the bytes cross to the host) and PNG encoding left to the
         saver threads. An fp16 decode that overflows (a VAE that is not fp16-safe) is done
-        again in fp32, and that VAE is upcast from then on."""
+        again in fp32, and that VAE is upcast from then on. ``queued`` is called once the
+        decode is queued on the device, before anything waits for it."""
         torch = self._torch
         vae = self.pipe.vae
         config = vae.config
@@ -564,6 +575,8 @@ class LoadedModel:
                 latents = latents / config.scaling_factor
             half = vae.dtype == torch.float16
             decoded = self._vae_decode(vae, latents, upcast=half and self._upcast(vae))
+            if queued is not None:
+                queued()
             if half and not self._upcast(vae) and not bool(torch.isfinite(decoded).all()):
                 log.warning("the VAE overflowed in fp16; decoding in fp32 from now on")
                 self._upcast_vaes.add(vae)

@@ -124,6 +124,8 @@ class Worker(threading.Thread):
         self._next: list[Job] = []
         self._next_since = 0.0
         self._next_lock = threading.Lock()
+        #: Jobs of the batch claimed ahead whose start is announced already.
+        self._announced: set[int] = set()
         #: Whether the worker waits for the store's claim of a batch claimed ahead: the
         #: supervisor does not count that against the batch in hand.
         self.claiming = False
@@ -274,6 +276,15 @@ class Worker(threading.Thread):
                 prepare([job.spec for job in batch])
             except Exception:
                 log.exception("%s: preparing the next batch failed", self.name)
+        # Their start is announced now too: the job views (queue position, ETA) are made
+        # while the device decodes, not between the batches (they are running already).
+        try:
+            for job in batch:
+                host.job_started(job)
+                with self._next_lock:
+                    self._announced.add(job.id)
+        except Exception:
+            log.exception("%s: announcing the next batch failed", self.name)
         self.looked_ahead += 1
         self.look_ahead_seconds += time.monotonic() - began
 
@@ -282,6 +293,8 @@ class Worker(threading.Thread):
         ``first`` (running jobs a stop put back), in one go so the order is kept. One that
         was interrupted meanwhile ends cancelled instead: the interrupt was answered."""
         host = self.host
+        with self._next_lock:  # claimed again later, they are announced again
+            self._announced.difference_update(job.id for job in jobs)
         stopped = [j for j in jobs if host.interrupt_reason(j.id) not in (None, SHUTDOWN)]
         again = (first or []) + [j for j in jobs if j not in stopped]
         try:
@@ -298,8 +311,11 @@ class Worker(threading.Thread):
     def process(self, jobs: list[Job]) -> None:
         """Run one batch to the end: every job completes, fails, is cancelled or requeued."""
         host = self.host
+        with self._next_lock:
+            announced, self._announced = self._announced, set()
         for job in jobs:
-            host.job_started(job)
+            if job.id not in announced:
+                host.job_started(job)
         active = self.active = {job.id: job for job in jobs}
         started = self.batch_started = time.monotonic()
         timeout = host.job_timeout()

@@ -29,7 +29,7 @@ from .conftest import wait_finished, wait_for
 
 class Timeline:
     """What the diffusers backend does, in order: each batch's start and end, every step the
-    worker is told of, every prompt encoded (and whether inside ``prepare``)."""
+    worker is told of, every prompt encoded, every decode, every start announced."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.events: list[tuple] = []
@@ -37,6 +37,7 @@ class Timeline:
         real_generate, real_prepare = DiffusersBackend.generate, DiffusersBackend.prepare
         real_encode = DiffusersBackend._encode
         real_decode = LoadedModel._vae_decode
+        real_started = Daemon.job_started
         timeline = self
 
         def generate(backend, batch, on_step):
@@ -71,7 +72,12 @@ class Timeline:
             timeline.events.append(("decode", len(latents)))
             return real_decode(model, vae, latents, upcast=upcast)
 
+        def job_started(daemon, job):
+            timeline.events.append(("started", job.spec.seed))
+            real_started(daemon, job)
+
         monkeypatch.setattr(DiffusersBackend, "_encode", encode)
+        monkeypatch.setattr(Daemon, "job_started", job_started)
         monkeypatch.setattr(LoadedModel, "_vae_decode", decode)
 
     def without_steps(self) -> list[tuple]:
@@ -103,16 +109,20 @@ def test_the_next_batch_is_claimed_and_encoded_at_the_last_step(make_config, mon
     finished = run(daemon, REQUESTS)
     assert [j.status for j in finished] == [COMPLETED] * 6
     assert timeline.without_steps() == [
+        ("started", 1),
+        ("started", 2),
         ("generate", [1, 2]),
         ("encode", 1),
         ("encode", 2),
         ("step", 3, 3),
         ("decode", 2),
-        # While the first batch's decode runs on the device: the next batch is claimed and
-        # its prompts encoded, so its own call encodes nothing.
+        # While the first batch's decode runs on the device: the next batch is claimed, its
+        # prompts encoded and its start announced, so its own call does none of that.
         ("prepare", [3, 4]),
         ("encode", 3),
         ("encode", 4),
+        ("started", 3),
+        ("started", 4),
         ("end", [1, 2]),
         ("generate", [3, 4]),
         ("step", 3, 3),
@@ -120,6 +130,8 @@ def test_the_next_batch_is_claimed_and_encoded_at_the_last_step(make_config, mon
         ("prepare", [5, 6]),
         ("encode", 5),
         ("encode", 6),
+        ("started", 5),
+        ("started", 6),
         ("end", [3, 4]),
         ("generate", [5, 6]),
         ("step", 3, 3),
@@ -155,12 +167,16 @@ def test_without_look_ahead_each_batch_is_claimed_and_encoded_when_it_starts(
     run(daemon, REQUESTS[:4])
     assert daemon.workers[0].look_ahead is False
     assert timeline.without_steps() == [
+        ("started", 1),
+        ("started", 2),
         ("generate", [1, 2]),
         ("encode", 1),
         ("encode", 2),
         ("step", 3, 3),
         ("decode", 2),
         ("end", [1, 2]),
+        ("started", 3),
+        ("started", 4),
         ("generate", [3, 4]),
         ("encode", 3),
         ("encode", 4),

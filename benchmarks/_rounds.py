@@ -7,6 +7,7 @@ image's steps."""
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import sys
@@ -109,8 +110,6 @@ def alternate(
 ) -> list[dict[str, Any]]:
     """A warm-up round (loading and first-call costs, not timed), then ``args.rounds`` rounds
     of each setting in turn; each round's result, printed as it comes."""
-    import json
-
     model = bench_model(args)
     rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="imagineerd-ab-") as tmp:
@@ -125,6 +124,19 @@ def alternate(
 
 def median(rounds: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in rounds)
+
+
+def finish(
+    args: argparse.Namespace, rounds: list, summary: list, header: list[str], cells: Callable
+) -> None:
+    """Print the summary as a Markdown table (``cells(row)``: a row's cells) and write
+    ``--out``."""
+    print("\n| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in summary:
+        print("| " + " | ".join(str(cell) for cell in cells(row)) + " |")
+    if args.out:
+        args.out.write_text(json.dumps(report(args, rounds, summary), indent=2))
 
 
 def report(args: argparse.Namespace, rounds: list, summary: list) -> dict[str, Any]:

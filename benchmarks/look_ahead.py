@@ -15,9 +15,8 @@ Markdown table and writes JSON (--out).
 from __future__ import annotations
 
 import argparse
-import json
 
-from _rounds import add_arguments, alternate, median, one_round, report
+from _rounds import add_arguments, alternate, finish, median, one_round
 
 
 def looked_ahead(daemon) -> dict:
@@ -63,17 +62,19 @@ def main() -> None:
                 else None,
             }
         )
-    print("\n| look_ahead | images/s (median) | vs off | spread | claim + encode ahead, ms |")
-    print("|---|---|---|---|---|")
-    for row in summary:
-        low, high = row["spread"]
-        ms = "—" if row["ms_per_claim_ahead"] is None else f"{row['ms_per_claim_ahead']:g}"
-        print(
-            f"| {'on' if row['look_ahead'] else 'off'} | {row['images_per_second']} "
-            f"| {row['vs_off']:.3f} | {low}–{high} | {ms} |"
-        )
-    if args.out:
-        args.out.write_text(json.dumps(report(args, rounds, summary), indent=2))
+    finish(
+        args,
+        rounds,
+        summary,
+        ["look_ahead", "images/s (median)", "vs off", "spread", "claim + encode ahead, ms"],
+        lambda row: [
+            "on" if row["look_ahead"] else "off",
+            row["images_per_second"],
+            f"{row['vs_off']:.3f}",
+            "–".join(str(v) for v in row["spread"]),
+            "—" if row["ms_per_claim_ahead"] is None else f"{row['ms_per_claim_ahead']:g}",
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -13,9 +13,8 @@ and writes JSON (--out).
 from __future__ import annotations
 
 import argparse
-import json
 
-from _rounds import add_arguments, alternate, median, one_round, report
+from _rounds import add_arguments, alternate, finish, median, one_round
 
 
 def main() -> None:
@@ -44,16 +43,18 @@ def main() -> None:
                 "previews_per_round": median(mine, "counted"),
             }
         )
-    print("\n| previews.every_steps | steps/s (median) | vs off | previews per round |")
-    print("|---|---|---|---|")
-    for row in summary:
-        label = "0 (off)" if row["every_steps"] == 0 else str(row["every_steps"])
-        print(
-            f"| {label} | {row['steps_per_second']} | {row['vs_off']:.3f} "
-            f"| {row['previews_per_round']:g} |"
-        )
-    if args.out:
-        args.out.write_text(json.dumps(report(args, rounds, summary), indent=2))
+    finish(
+        args,
+        rounds,
+        summary,
+        ["previews.every_steps", "steps/s (median)", "vs off", "previews per round"],
+        lambda row: [
+            "0 (off)" if row["every_steps"] == 0 else row["every_steps"],
+            row["steps_per_second"],
+            f"{row['vs_off']:.3f}",
+            f"{row['previews_per_round']:g}",
+        ],
+    )
 
 
 if __name__ == "__main__":

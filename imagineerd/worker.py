@@ -124,11 +124,6 @@ class Worker(threading.Thread):
         self._next: list[Job] = []
         self._next_since = 0.0
         self._next_lock = threading.Lock()
-        #: Jobs of the batch claimed ahead whose start is announced already.
-        self._announced: set[int] = set()
-        #: Whether the worker waits for the store's claim of a batch claimed ahead: the
-        #: supervisor does not count that against the batch in hand.
-        self.claiming = False
         #: Batches claimed ahead so far, and the seconds their claims and preparing took.
         self.looked_ahead = 0
         self.look_ahead_seconds = 0.0
@@ -193,13 +188,14 @@ class Worker(threading.Thread):
             log.error("backend not ready: %s", exc)
         while not host.stopping.is_set() and not self.abandoned:
             try:
-                batch = self.take_next() or host.claim_batch(self.batch_limit, self.batch_key)
+                ahead = self.take_next()  # its start was announced when it was claimed
+                batch = ahead or host.claim_batch(self.batch_limit, self.batch_key)
                 if not batch:
                     if self._backend is not None and self._backend.idle(host.has_queued_jobs):
                         continue  # the backend used the quiet time (e.g. to compile)
                     host.wait_for_work(timeout=1.0)
                     continue
-                self.process(batch)
+                self.process(batch, announced=bool(ahead))
             except Exception:
                 # The worker must outlive anything (a locked database, a full disk): the
                 # jobs it holds are finished or recovered; it tries again in a moment.
@@ -247,20 +243,20 @@ class Worker(threading.Thread):
         have the backend prepare it. Nothing here may fail the batch in hand; what is not
         prepared is done when the batch runs."""
         host = self.host
-        if host.stopping.is_set() or self.abandoned or self.claimed_ahead():
+        if host.stopping.is_set() or self.abandoned:
             return
         began = time.monotonic()
-        self.claiming = True
+        # The wait for the store is not the batch's time: while it lasts the supervisor sees
+        # no batch in hand, and then the batch's clock resumes where it was.
+        in_hand, self.batch_started = self.batch_started, None
         try:
             batch = host.claim_batch(self.batch_limit, self.batch_key)
         except Exception:
             log.exception("%s: claiming the next batch early failed", self.name)
             return
         finally:
-            self.claiming = False
-            # The wait for the store is not the batch's time (its time limit is its own).
-            if self.batch_started is not None:
-                self.batch_started += time.monotonic() - began
+            if in_hand is not None:
+                self.batch_started = in_hand + time.monotonic() - began
         if not batch:
             return
         with self._next_lock:
@@ -281,8 +277,6 @@ class Worker(threading.Thread):
         try:
             for job in batch:
                 host.job_started(job)
-                with self._next_lock:
-                    self._announced.add(job.id)
         except Exception:
             log.exception("%s: announcing the next batch failed", self.name)
         self.looked_ahead += 1
@@ -293,10 +287,10 @@ class Worker(threading.Thread):
         ``first`` (running jobs a stop put back), in one go so the order is kept. One that
         was interrupted meanwhile ends cancelled instead: the interrupt was answered."""
         host = self.host
-        with self._next_lock:  # claimed again later, they are announced again
-            self._announced.difference_update(job.id for job in jobs)
-        stopped = [j for j in jobs if host.interrupt_reason(j.id) not in (None, SHUTDOWN)]
-        again = (first or []) + [j for j in jobs if j not in stopped]
+        stopped: list[Job] = []
+        again = list(first or [])
+        for job in jobs:
+            (again if host.interrupt_reason(job.id) in (None, SHUTDOWN) else stopped).append(job)
         try:
             for job in stopped:
                 host.job_finished(job, CANCELLED, duration_seconds=0.0)
@@ -308,13 +302,12 @@ class Worker(threading.Thread):
             host.clear_interrupt(job.id)
 
     # -- a batch -------------------------------------------------------------------------
-    def process(self, jobs: list[Job]) -> None:
-        """Run one batch to the end: every job completes, fails, is cancelled or requeued."""
+    def process(self, jobs: list[Job], *, announced: bool = False) -> None:
+        """Run one batch to the end: every job completes, fails, is cancelled or requeued.
+        ``announced``: its start was published already (a batch claimed ahead)."""
         host = self.host
-        with self._next_lock:
-            announced, self._announced = self._announced, set()
-        for job in jobs:
-            if job.id not in announced:
+        if not announced:
+            for job in jobs:
                 host.job_started(job)
         active = self.active = {job.id: job for job in jobs}
         started = self.batch_started = time.monotonic()
@@ -535,7 +528,7 @@ class Supervisor:
         grace = max(2.0, timeout * 0.25)
         for index, worker in enumerate(list(self.workers)):
             started = worker.batch_started
-            if started is None or worker.abandoned or worker.claiming:
+            if started is None or worker.abandoned:
                 continue
             waited = time.monotonic() - started
             if waited < timeout + grace:

@@ -41,6 +41,15 @@ def wants_previews(on_step: StepCallback) -> bool:
     return bool(getattr(on_step, "takes_preview", False))
 
 
+def to_device(tensor: Any, device: Any) -> Any:
+    """A host tensor on ``device`` without the host waiting for the GPU: a copy from pinned
+    memory is queued like a kernel, while one from ordinary memory first waits for the work
+    queued before it (a tensor allocated pinned is not copied again)."""
+    if not str(device).startswith("cuda"):
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def calls_look_ahead(backend: Any) -> bool:
     """Whether ``backend`` calls ``on_step.look_ahead()`` itself (see :data:`StepCallback`)."""
     return bool(getattr(backend, "calls_look_ahead", False))

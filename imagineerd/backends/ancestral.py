@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from diffusers import EulerAncestralDiscreteScheduler
 
+from . import to_device
+
 
 class PrefetchedEulerAncestral(EulerAncestralDiscreteScheduler):
     """``EulerAncestralDiscreteScheduler`` with the per-step noise drawn ahead (see above)."""
@@ -38,7 +40,7 @@ class PrefetchedEulerAncestral(EulerAncestralDiscreteScheduler):
                 noise[step, item] = torch.randn(
                     shape, generator=generator[item], device="cpu", dtype=dtype
                 )[0]
-        return noise.to(device, non_blocking=pinned)
+        return to_device(noise, device)  # allocated pinned: queued, not copied again
 
     def step(
         self,

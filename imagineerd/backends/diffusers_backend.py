@@ -23,6 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,9 +137,8 @@ class DiffusersBackend(BackendBase):
         self.embeddings = EmbeddingCache()
         self.loading: str | None = None
         self._lock = threading.Lock()  # status() is read from other threads
-        #: Conditioning encoded ahead by :meth:`prepare`: id(request) -> (request, model,
-        #: LoRAs, encoded), one batch's at most.
-        self._prepared: dict[int, tuple[GenerationRequest, LoadedModel, Any, Any]] = {}
+        #: Conditioning encoded ahead by :meth:`prepare`, one batch's at most.
+        self._prepared: _Prepared | None = None
         #: One per device, shared by every model on it: the worker holds it for a batch and
         #: each model's compile thread for its GPU work (a forward, a CUDA-graph capture),
         #: so no two of them ever overlap on the device.
@@ -359,7 +359,7 @@ class DiffusersBackend(BackendBase):
             )
         # What was encoded ahead is for this batch or for none (a stop put it back): taken
         # now, so nothing keeps a model's tensors once it is evicted.
-        prepared, self._prepared = self._prepared, {}
+        prepared, self._prepared = self._prepared, None
         first = batch[0]
         model = self.current = self._get_model(first.model)
         model.set_loras(first.active_loras(), lambda name: self._path_of("loras", name))
@@ -376,20 +376,24 @@ class DiffusersBackend(BackendBase):
         first = batch[0]
         model = self._models.get(self._key(first.model))
         loras = first.active_loras()
-        self._prepared = {}
+        self._prepared = None
         if model is None or model is not self.current or model.active_loras != loras:
             return
-        self._prepared = {
-            id(request): (request, model, loras, self._encode(model, request)) for request in batch
-        }
+        encoded = {id(r): (r, self._encode(model, r)) for r in batch}
+        self._prepared = _Prepared(model, loras, encoded)
 
-    def _encoded(self, model: LoadedModel, request: GenerationRequest, prepared: dict) -> Any:
-        """The request's conditioning: encoded ahead by :meth:`prepare` for this very model
-        and these LoRAs, or now."""
-        ahead = prepared.get(id(request))
-        if ahead is not None:
-            same_request, same_model, loras, encoded = ahead
-            if same_request is request and same_model is model and loras == model.active_loras:
+    def _encoded(
+        self, model: LoadedModel, request: GenerationRequest, prepared: _Prepared | None
+    ) -> Any:
+        """The request's conditioning: encoded ahead by :meth:`prepare` for this very
+        request, model and LoRAs, or now."""
+        if (
+            prepared is not None
+            and prepared.model is model
+            and prepared.loras == model.active_loras
+        ):
+            same, encoded = prepared.encoded.get(id(request), (None, None))
+            if same is request:
                 return encoded
         return self._encode(model, request)
 
@@ -398,7 +402,7 @@ class DiffusersBackend(BackendBase):
         model: LoadedModel,
         batch: list[GenerationRequest],
         on_step: StepCallback,
-        prepared: dict,
+        prepared: _Prepared | None,
     ) -> list[Image.Image]:
         first = batch[0]
         pipe = model.pipe
@@ -470,6 +474,16 @@ class DiffusersBackend(BackendBase):
             return model.run(batch, encoded, on_step, inputs=inputs)
         # Compiled buckets where they are ready, eager for the rest (LoRAs: all eager).
         return model.run_txt2img(batch, encoded, on_step)
+
+
+@dataclass
+class _Prepared:
+    """What :meth:`DiffusersBackend.prepare` encoded: for this model with these LoRAs,
+    id(request) -> (request, conditioning)."""
+
+    model: LoadedModel
+    loras: tuple[tuple[str, float], ...]
+    encoded: dict[int, tuple[GenerationRequest, Any]]
 
 
 class _OneBar:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..prompt_syntax import Chunk, chunk_prompt, embedding_names, extract_networks
+from . import to_device
 
 #: Embedding name -> its vectors for each text encoder (``[n, width]`` tensors, in order).
 EmbeddingVectors = Mapping[str, Sequence[Any]]
@@ -148,7 +149,8 @@ class PromptEncoder:
                 for row in rows:
                     first = row.index(self.end_id)
                     row[first + 1 :] = [pad] * (len(row) - first - 1)
-            ids = _on_device(torch, torch.tensor(rows), device or encoder.device)
+            # Without a wait for the GPU: the next batch is encoded while one decodes.
+            ids = to_device(torch.tensor(rows), device or encoder.device)
             fixes = [
                 (row, offset + 1, embeddings[name][which])
                 for row, chunk in enumerate(chunks)
@@ -159,7 +161,7 @@ class PromptEncoder:
             z = self._layer(encoder, out, clip_skip)
             weights = torch.tensor([[1.0, *chunk.weights, 1.0] for chunk in chunks], dtype=z.dtype)
             if not bool((weights == 1.0).all()):  # looked at on the host: no wait for the GPU
-                z = _emphasise(z, _on_device(torch, weights, z.device))
+                z = _emphasise(z, to_device(weights, z.device))
             per_encoder.append(z.reshape(1, -1, z.shape[-1]))
             if which == 1:
                 pooled = out.text_embeds[:1]  # the first chunk's, as A1111 takes it
@@ -198,17 +200,6 @@ class PromptEncoder:
             yield
         finally:
             handle.remove()
-
-
-def _on_device(torch: Any, tensor: Any, device: Any) -> Any:
-    """A small host tensor on ``device`` without the host waiting for the GPU: a copy from
-    pinned memory is queued like a kernel, while one from ordinary memory first waits for
-    the work queued before it (the worker encodes the next batch's prompts while the
-    current batch decodes)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _emphasise(z: Any, weights: Any) -> Any:
